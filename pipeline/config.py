@@ -1,0 +1,141 @@
+"""Typed schemas for every config group.
+
+Plain dataclasses with no Hydra import, so stages can take them as arguments without depending on Hydra.
+`pipeline.config_store` registers them in Hydra's ConfigStore; composing a YAML key or a command-line
+override that is not declared here then fails with Hydra's message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out to keep Hydra out of stages
+
+STAGE_ORDER = ("ingest", "generate", "validate", "export")
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    force: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class IngestConfig:
+    format: str = "jsonl"
+    path: str = MISSING
+    columns: dict[str, str] = field(default_factory=dict)
+    answer_schema_file: str | None = None
+    limit: int | None = None
+
+
+@dataclass
+class LimitsConfig:
+    concurrency: int = 8
+    requests_per_minute: float | None = None
+    input_tokens_per_minute: float | None = None
+    output_tokens_per_minute: float | None = None
+    burst_seconds: float = 2.0
+    reserve_max_tokens: bool = False
+    limit_group: str | None = None
+
+
+@dataclass
+class PricesConfig:
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
+
+
+@dataclass
+class FakeServeConfig:
+    latency_ms: float = 20.0
+    latency_jitter_ms: float = 0.0
+    error_rate: float = 0.0
+    rate_429: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "${hydra:runtime.choices.model}"
+    name: str = MISSING
+    api_base: str | None = None
+    api_key_env: str | None = None
+    serve: str | None = None
+    identity: str | None = None
+    response_format: str = "json_schema"
+    max_tokens: int | None = None
+    timeout_s: float = 60.0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    prices: PricesConfig = field(default_factory=PricesConfig)
+    fallbacks: list[str] = field(default_factory=list)
+    fake: FakeServeConfig = field(default_factory=FakeServeConfig)
+
+
+@dataclass
+class FewShotExample:
+    user: str = MISSING
+    assistant: str = MISSING
+
+
+@dataclass
+class PromptConfig:
+    system: str = ""
+    template: str = "{{ question }}"
+    few_shot: list[FewShotExample] = field(default_factory=list)
+    schema_in_system: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    samples: int = 1
+    temperature: float = 0.0
+    max_tokens: int | None = 512
+    use_schema: bool = True
+    max_attempts: int = 4
+    fail_fast_after: int = 20
+
+
+@dataclass
+class ValidateConfig:
+    scorer: str = "numeric"
+    answer_field: str = "answer"
+    tolerance: float = 1e-6
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["openai_chat"])
+    require_valid: bool = True
+    require_match: bool = False
+    include_system: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def as_plain(obj: Any) -> Any:
+    """Dataclass tree → JSON-able dicts, for fingerprints and the manifest."""
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj

@@ -1,0 +1,184 @@
+"""One HTTP attempt through litellm, turned into a plain `Attempt` with a classified outcome.
+
+litellm's own retries are off (`num_retries=0` on every call): the engine is the one retry owner, so a
+logical call never fans out into 3-6 hidden requests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.llm.litellm_env import litellm
+
+# Outcome classes, and what the engine does with each.
+RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
+FAILOVER = {"context_window", "auth", "not_found"}
+FATAL = {"quota_exhausted"}
+# The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
+
+
+@dataclass
+class Attempt:
+    model: str
+    started_at: str
+    latency_ms: float
+    error_type: str | None = None
+    error_message: str | None = None
+    status_code: int | None = None
+    retry_after_s: float | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    finish_reason: str | None = None
+    provider_model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to call one model preset."""
+
+    preset: str
+    model: str
+    api_base: str | None
+    api_key_env: str | None
+    timeout_s: float
+    response_format: str  # json_schema | json_object_schema | json_object | none
+    max_tokens: int | None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def response_format_for(kind: str, schema_json: str | None) -> dict[str, Any] | None:
+    """The `response_format` the preset says its server understands."""
+    import json
+
+    if not schema_json or kind == "none":
+        return None
+    schema = json.loads(schema_json)
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": False}}
+    if kind == "json_object_schema":  # llama.cpp's server: rejects OpenAI's json_schema type
+        return {"type": "json_object", "schema": schema}
+    if kind == "json_object":
+        return {"type": "json_object"}
+    raise ValueError(f"unknown response_format kind {kind!r}")
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers: Any = getattr(exc, "litellm_response_headers", None)
+    if headers is None:
+        response = getattr(exc, "response", None)
+        headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def classify(exc: BaseException) -> tuple[str, int | None]:
+    """Map a litellm exception to an outcome class. Order matters: subclasses before their parents."""
+    lm = litellm()
+    status = getattr(exc, "status_code", None)
+    text = str(exc).lower()
+    if isinstance(exc, lm.ContextWindowExceededError):
+        return "context_window", status
+    if isinstance(exc, lm.ContentPolicyViolationError):
+        return "content_policy", status
+    if isinstance(exc, lm.RateLimitError):
+        return ("quota_exhausted" if "insufficient_quota" in text else "rate_limited"), status
+    if isinstance(exc, lm.Timeout):
+        return "timeout", status
+    if isinstance(exc, lm.AuthenticationError | lm.PermissionDeniedError):
+        return "auth", status
+    if isinstance(exc, lm.NotFoundError):
+        return "not_found", status
+    if isinstance(exc, lm.BadRequestError):
+        if "context length" in text or "context_length_exceeded" in text:
+            return "context_window", status
+        return "bad_request", status
+    if isinstance(exc, lm.APIConnectionError):
+        if "json" in text or "decode" in text or "expecting value" in text:
+            return "malformed_response", status
+        return "connection", status
+    if isinstance(status, int):
+        if status == 429:
+            return "rate_limited", status
+        if status == 408:
+            return "timeout", status
+        if status >= 500:
+            return "server_error", status
+        if status in (401, 403):
+            return "auth", status
+        if status == 404:
+            return "not_found", status
+        if 400 <= status < 500:
+            return "bad_request", status
+    if isinstance(exc, TimeoutError):
+        return "timeout", None
+    if "json" in text or "decode" in text:
+        return "malformed_response", status
+    return "connection", status
+
+
+def _usage_detail(usage: Any, details: str, name: str) -> int | None:
+    value = getattr(getattr(usage, details, None), name, None)
+    return int(value) if isinstance(value, int) else None
+
+
+async def attempt(endpoint: Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]) -> Attempt:
+    """Send one request; never raises for provider errors (they come back classified)."""
+    lm = litellm()
+    started = time.time()
+    t0 = time.perf_counter()
+    base = Attempt(
+        model=endpoint.preset,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        latency_ms=0.0,
+    )
+    try:
+        response = await lm.acompletion(
+            model=endpoint.model,
+            messages=messages,
+            api_base=endpoint.api_base,
+            api_key=endpoint.api_key() or ("not-needed" if endpoint.api_base else None),
+            num_retries=0,
+            timeout=endpoint.timeout_s,
+            **params,
+        )
+    except Exception as exc:  # every provider failure is classified, none escapes as a crash
+        base.latency_ms = (time.perf_counter() - t0) * 1000
+        base.error_type, base.status_code = classify(exc)
+        base.error_message = f"{type(exc).__name__}: {str(exc)[:500]}"
+        base.retry_after_s = _retry_after(exc)
+        return base
+    base.latency_ms = (time.perf_counter() - t0) * 1000
+    choice = response.choices[0]
+    message = choice.message
+    usage = getattr(response, "usage", None)
+    base.content = message.content
+    base.reasoning_content = getattr(message, "reasoning_content", None)
+    base.finish_reason = choice.finish_reason
+    base.provider_model = getattr(response, "model", None)
+    base.prompt_tokens = getattr(usage, "prompt_tokens", None)
+    base.completion_tokens = getattr(usage, "completion_tokens", None)
+    base.reasoning_tokens = _usage_detail(usage, "completion_tokens_details", "reasoning_tokens")
+    base.cached_tokens = _usage_detail(usage, "prompt_tokens_details", "cached_tokens")
+    hidden = getattr(response, "_hidden_params", None) or {}
+    base.headers = {str(k).lower(): str(v) for k, v in (hidden.get("additional_headers") or {}).items()}
+    base.status_code = 200
+    return base

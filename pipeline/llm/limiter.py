@@ -1,0 +1,214 @@
+"""Per-endpoint limits that wait instead of failing: a concurrency cap, token buckets, 429 back-off.
+
+Every wait is computed from the bucket's level and rate (no polling loops). Buckets start nearly empty
+and hold only `burst_seconds` of rate, because a full minute of burst trips real providers. The clock is
+injected so the arithmetic is unit-tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.config import LimitsConfig
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """A reservation bucket: taking more than is there is allowed, and the caller waits off the debt.
+
+    `reserve(n)` returns how long to wait before sending. Reservations queue up in order, so waiting
+    callers are served first come, first served, and the wait is exact rather than polled.
+    """
+
+    def __init__(self, rate_per_s: float, burst_s: float, clock: Clock, initial_s: float = 0.25) -> None:
+        if rate_per_s <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate_per_s
+        self.capacity = max(1.0, rate_per_s * burst_s)
+        self._clock = clock
+        self._level = min(self.capacity, rate_per_s * initial_s)
+        self._stamp = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    @property
+    def level(self) -> float:
+        self._refill()
+        return self._level
+
+    def reserve(self, amount: float) -> float:
+        self._refill()
+        self._level -= amount
+        return 0.0 if self._level >= 0 else -self._level / self.rate
+
+    def credit(self, amount: float) -> None:
+        """Give back (or, negative, take) tokens after the real usage is known."""
+        self._refill()
+        self._level = min(self.capacity, self._level + amount)
+
+    def cap_level(self, remaining: float) -> None:
+        """Never believe we have more than the provider says remains (x-ratelimit-remaining-*)."""
+        self._refill()
+        self._level = min(self._level, remaining)
+
+    def drain(self) -> None:
+        self._refill()
+        self._level = min(self._level, 0.0)
+
+
+@dataclass
+class Reservation:
+    input_tokens: float
+    output_tokens: float
+
+
+class AdaptiveCap:
+    """A concurrency cap that halves on a 429 and grows back by one per cap's worth of successes (AIMD)."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = max(1, maximum)
+        self.limit = float(self.maximum)
+        self.in_use = 0
+        self._waiters: asyncio.Condition | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self._waiters is None:
+            self._waiters = asyncio.Condition()
+        return self._waiters
+
+    async def acquire(self) -> None:
+        cond = self._cond()
+        async with cond:
+            await cond.wait_for(lambda: self.in_use < int(self.limit))
+            self.in_use += 1
+
+    async def release(self) -> None:
+        cond = self._cond()
+        async with cond:
+            self.in_use -= 1
+            cond.notify(1)
+
+    def on_success(self) -> None:
+        if self.limit < self.maximum:
+            self.limit = min(float(self.maximum), self.limit + 1.0 / max(1.0, self.limit))
+            if self._waiters is not None:
+                asyncio.get_running_loop().create_task(self._notify_all())
+
+    def on_throttle(self) -> None:
+        self.limit = max(1.0, self.limit / 2)
+
+    async def _notify_all(self) -> None:
+        cond = self._cond()
+        async with cond:
+            cond.notify_all()
+
+
+class EndpointLimiter:
+    """All limits of one endpoint: concurrency (AIMD), requests/min, input and output tokens/min, 429 pause."""
+
+    def __init__(self, limits: LimitsConfig, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.cap = AdaptiveCap(limits.concurrency)
+        burst = limits.burst_seconds
+        self.requests = (
+            TokenBucket(limits.requests_per_minute / 60, burst, clock) if limits.requests_per_minute else None
+        )
+        self.input_tokens = (
+            TokenBucket(limits.input_tokens_per_minute / 60, burst, clock) if limits.input_tokens_per_minute else None
+        )
+        self.output_tokens = (
+            TokenBucket(limits.output_tokens_per_minute / 60, burst, clock) if limits.output_tokens_per_minute else None
+        )
+        self.reserve_max_tokens = limits.reserve_max_tokens
+        self.paused_until = 0.0
+        self.throttled = 0
+
+    def pause_wait(self) -> float:
+        return max(0.0, self.paused_until - self._clock())
+
+    def reserve(self, input_tokens: float, max_output_tokens: float) -> tuple[float, Reservation]:
+        """Take what one call needs from every bucket; returns the wait before sending and the reservation."""
+        output = max_output_tokens if self.reserve_max_tokens else 0.0
+        wait = self.pause_wait()
+        if self.requests is not None:
+            wait = max(wait, self.requests.reserve(1))
+        if self.input_tokens is not None:
+            wait = max(wait, self.input_tokens.reserve(input_tokens))
+        if self.output_tokens is not None and output:
+            wait = max(wait, self.output_tokens.reserve(output))
+        return wait, Reservation(input_tokens, output)
+
+    def settle(self, reservation: Reservation, input_tokens: int | None, output_tokens: int | None) -> None:
+        """Reconcile the estimate with the provider's `usage` once the call is back."""
+        if self.input_tokens is not None and input_tokens is not None:
+            self.input_tokens.credit(reservation.input_tokens - input_tokens)
+        if self.output_tokens is not None and output_tokens is not None:
+            self.output_tokens.credit(reservation.output_tokens - output_tokens)
+
+    def observe_headers(self, headers: dict[str, str]) -> None:
+        for bucket, key in (
+            (self.requests, "x-ratelimit-remaining-requests"),
+            (self.input_tokens, "x-ratelimit-remaining-tokens"),
+        ):
+            if bucket is not None and key in headers:
+                try:
+                    bucket.cap_level(float(headers[key]))
+                except ValueError:
+                    continue
+
+    def on_throttle(self, retry_after_s: float | None, backoff_s: float) -> None:
+        """A 429: every worker on this endpoint waits until Retry-After (or a back-off), then ramps back."""
+        self.throttled += 1
+        self.paused_until = max(self.paused_until, self._clock() + (retry_after_s or backoff_s))
+        self.cap.on_throttle()
+        for bucket in (self.requests, self.input_tokens):
+            if bucket is not None:
+                bucket.drain()
+
+    def on_success(self) -> None:
+        self.cap.on_success()
+
+
+class CircuitBreaker:
+    """After `threshold` consecutive failures the endpoint is left alone for `cooldown_s`, then probed once."""
+
+    def __init__(self, threshold: int, cooldown_s: float, clock: Clock = time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "open" if self._clock() - self.opened_at < self.cooldown_s else "half-open"
+
+    def wait(self) -> float:
+        """Seconds until a call may go; in half-open state only one probe at a time goes."""
+        if self.opened_at is None:
+            return 0.0
+        remaining = self.cooldown_s - (self._clock() - self.opened_at)
+        if remaining > 0:
+            return remaining
+        if self._probing:
+            return min(1.0, self.cooldown_s)
+        self._probing = True
+        return 0.0
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures, self.opened_at, self._probing = 0, None, False
+            return
+        self.failures += 1
+        if self._probing or self.failures >= self.threshold:
+            self.opened_at, self._probing = self._clock(), False

@@ -1,0 +1,31 @@
+"""The one place litellm is imported: lazily, offline, quiet, and with its own retries off.
+
+Importing litellm costs seconds, so nothing imports it at module level (`--help` and `--cfg job` stay
+fast). Before the import we pin the settings that otherwise reach the network or the working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+_litellm: ModuleType | None = None
+
+
+def litellm() -> ModuleType:
+    global _litellm
+    if _litellm is None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list fetch
+        os.environ.setdefault("LITELLM_MODE", "PRODUCTION")  # no loading of ./.env
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no tokenizer downloads
+        import litellm as module
+
+        module.disable_hf_tokenizer_download = True
+        module.telemetry = False
+        module.suppress_debug_info = True
+        module.drop_params = False
+        for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        _litellm = module
+    return _litellm

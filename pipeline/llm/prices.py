@@ -1,0 +1,50 @@
+"""Prices per token, looked up once per model (never per call). Unknown stays unknown (None), never 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ModelConfig
+from pipeline.llm.litellm_env import litellm
+
+
+@dataclass(frozen=True)
+class Price:
+    input_per_token: float | None
+    output_per_token: float | None
+
+    @property
+    def known(self) -> bool:
+        return self.input_per_token is not None and self.output_per_token is not None
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+        if not self.known or (prompt_tokens is None and completion_tokens is None):
+            return None if not self.known else 0.0
+        assert self.input_per_token is not None and self.output_per_token is not None
+        return (prompt_tokens or 0) * self.input_per_token + (completion_tokens or 0) * self.output_per_token
+
+
+def _map_entry(name: str) -> dict[str, object]:
+    cost_map = litellm().model_cost
+    for key in (name, name.split("/", 1)[-1]):
+        entry = cost_map.get(key)
+        if isinstance(entry, dict):
+            return entry
+    return {}
+
+
+def price_for(model: ModelConfig) -> Price:
+    """The preset's own prices win; otherwise litellm's bundled price map; otherwise unknown."""
+    entry = _map_entry(model.name)
+    per_in = model.prices.input_per_mtok
+    per_out = model.prices.output_per_mtok
+    map_in = entry.get("input_cost_per_token")
+    map_out = entry.get("output_cost_per_token")
+    return Price(
+        input_per_token=per_in / 1e6
+        if per_in is not None
+        else (float(map_in) if isinstance(map_in, int | float) else None),
+        output_per_token=per_out / 1e6
+        if per_out is not None
+        else (float(map_out) if isinstance(map_out, int | float) else None),
+    )

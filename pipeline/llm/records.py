@@ -1,0 +1,97 @@
+"""Shapes of what goes into and comes out of the engine: request rows, result records, keys.
+
+A request's hash is the content hash the cache and the journal key on: model identity (never the
+endpoint URL or port), messages, generation params, response format, sample index and a format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("question_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("round", pa.int32()),
+        ("parent_response_id", pa.string()),
+        ("messages", pa.string()),  # JSON list of {role, content}
+        ("temperature", pa.float64()),
+        ("max_tokens", pa.int32()),
+        ("response_schema", pa.string()),  # JSON Schema text, or null
+    ]
+)
+
+# Columns of the `responses` table, in order, with their DuckDB types (used to read journals).
+RESPONSE_COLUMNS: dict[str, str] = {
+    "response_id": "VARCHAR",
+    "question_id": "VARCHAR",
+    "sample_index": "INTEGER",
+    "round": "INTEGER",
+    "parent_response_id": "VARCHAR",
+    "model_requested": "VARCHAR",
+    "model_used": "VARCHAR",
+    "provider_model": "VARCHAR",
+    "request_hash": "VARCHAR",
+    "status": "VARCHAR",
+    "error_type": "VARCHAR",
+    "error_message": "VARCHAR",
+    "attempts": "INTEGER",
+    "content": "VARCHAR",
+    "reasoning_content": "VARCHAR",
+    "finish_reason": "VARCHAR",
+    "prompt_tokens": "BIGINT",
+    "completion_tokens": "BIGINT",
+    "reasoning_tokens": "BIGINT",
+    "cached_tokens": "BIGINT",
+    "cost_usd": "DOUBLE",
+    "latency_ms": "DOUBLE",
+    "temperature": "DOUBLE",
+    "created_at": "VARCHAR",
+}
+
+# Journal-only columns: whether the record settles its request, and the per-attempt log.
+JOURNAL_COLUMNS: dict[str, str] = {
+    **RESPONSE_COLUMNS,
+    "final": "BOOLEAN",
+    "attempt_log": "JSON",
+}
+
+ATTEMPT_FIELDS: dict[str, str] = {
+    "attempt": "INTEGER",
+    "model": "VARCHAR",
+    "started_at": "VARCHAR",
+    "status_code": "INTEGER",
+    "error_type": "VARCHAR",
+    "error_message": "VARCHAR",
+    "latency_ms": "DOUBLE",
+    "prompt_tokens": "BIGINT",
+    "completion_tokens": "BIGINT",
+    "cost_usd": "DOUBLE",
+}
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_hash(identity: str, messages_json: str, params: dict[str, Any], sample_index: int) -> str:
+    payload = canonical_json(
+        {
+            "v": FORMAT_VERSION,
+            "model": identity,
+            "messages": json.loads(messages_json),
+            "params": params,
+            "sample_index": sample_index,
+        }
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def response_id(req_hash: str, round_: int) -> str:
+    return hashlib.sha256(f"{req_hash}:{round_}".encode()).hexdigest()[:24]

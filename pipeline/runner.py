@@ -1,0 +1,389 @@
+"""Runs the listed stages in order inside one run folder, skipping those whose fingerprint still matches.
+
+A stage's fingerprint is a hash of its config sections and of its input tables' bytes (for ingest: the
+input files' sha256), so a changed option reruns that stage and, when its output changes, everything
+after it. The manifest is rewritten atomically after every stage, so a crash leaves a truthful record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+
+from pipeline import exit_codes
+from pipeline.config import STAGE_ORDER, Config, ModelConfig
+from pipeline.errors import UserError
+from pipeline.llm.engine import Engine, Target, journal_folder, target_for
+from pipeline.llm.journal import Journal
+from pipeline.llm.servers import serving
+from pipeline.manifest import environment, fingerprint, git_state
+from pipeline.progress import Progress
+from pipeline.secrets import MASK, SECRET_NAME, RedactingFilter, Redactor
+from pipeline.sources import open_source
+from pipeline.stage_api import Stage, StageContext, StageResult
+from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.summary import print_summary
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class RunPaths:
+    run_dir: Path
+    conf_dir: Path
+    root_dir: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.run_dir / "manifest.json"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        import json
+
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data.setdefault("stages", {})
+        return cls(path=path, data=data)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        stages: dict[str, Any] = self.data["stages"]
+        return stages.setdefault(name, {})
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def typed_config(cfg: DictConfig) -> Config:
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"config key {key or '?'}: {reason}; set it in the config or on the command line") from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+def _redacted_config_yaml(cfg: DictConfig, redact: Redactor) -> str:
+    container = OmegaConf.to_container(cfg, resolve=True)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (
+                    MASK
+                    if SECRET_NAME.search(str(k)) and not str(k).endswith("_env") and isinstance(v, str) and v
+                    else scrub(v)
+                )
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return redact(OmegaConf.to_yaml(OmegaConf.create(scrub(container))))
+
+
+def load_preset(conf_dir: Path, name: str, cfg: Config) -> ModelConfig:
+    """A fallback preset from `conf/model/<name>.yaml`, typed and resolved like the main one."""
+    path = conf_dir / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"model.fallbacks: no preset {name!r} (no {path}); use a file name from {path.parent}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), {"preset": name})
+        root = OmegaConf.create({"seed": cfg.seed, "name": cfg.name, "paths": asdict(cfg.paths), "model": node})
+        model = OmegaConf.to_object(root.model)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(model, ModelConfig)
+    return model
+
+
+def check_api_key(model: ModelConfig) -> None:
+    if model.api_key_env and not os.environ.get(model.api_key_env):
+        raise UserError(
+            f"model {model.preset!r} needs the environment variable {model.api_key_env}, which is not set; "
+            f"export {model.api_key_env}=<your key> (keys are read from the environment only)"
+        )
+
+
+class Runner:
+    def __init__(self, cfg: Config, raw: DictConfig, paths: RunPaths, console: Console, redact: Redactor) -> None:
+        self.cfg = cfg
+        self.raw = raw
+        self.paths = paths
+        self.console = console
+        self.redact = redact
+        self.store = TableStore(paths.run_dir)
+        self.manifest = Manifest.load(paths.manifest)
+        self.ran: dict[str, str] = {}
+
+    def _stages(self) -> list[Stage]:
+        from stages import STAGES
+
+        unknown = [s for s in self.cfg.pipeline.stages if s not in STAGES]
+        if unknown:
+            raise UserError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGES)}")
+        wanted = set(self.cfg.pipeline.stages)
+        return [STAGES[name] for name in STAGE_ORDER if name in wanted]
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(config={"memory_limit": "2GB", "threads": max(1, os.cpu_count() or 1)})
+        spill = self.paths.run_dir / ".duckdb_tmp"
+        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+        return con
+
+    def _begin(self) -> None:
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.paths.run_dir / "config.resolved.yaml", _redacted_config_yaml(self.raw, self.redact))
+        hydra_cfg = HydraConfig.get()
+        runs: list[Any] = self.manifest.data.setdefault("invocations", [])
+        runs.append(
+            {
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join([Path(sys.argv[0]).name, *map(self.redact, sys.argv[1:])]),
+                "overrides": [self.redact(o) for o in hydra_cfg.overrides.task],
+                "git": git_state(self.paths.root_dir),
+            }
+        )
+        self.manifest.data.update(
+            {
+                "name": self.cfg.name,
+                "seed": self.cfg.seed,
+                "run_dir": str(self.paths.run_dir),
+                "git": runs[-1]["git"],
+                "environment": environment(),
+                "model": {"preset": self.cfg.model.preset, "name": self.cfg.model.name},
+                "rerun": f"python run.py --config-dir {self.paths.run_dir / '.hydra'} --config-name config "
+                f"hydra.run.dir={self.paths.run_dir}",
+            }
+        )
+        self.manifest.save()
+
+    async def run(self) -> None:
+        stages = self._stages()
+        self._begin()
+        targets = self._targets() if any(s.needs_engine for s in stages) else []
+        con = self._connection()
+        started = time.monotonic()
+        try:
+            with serving(self.cfg.model) as model:
+                if targets:
+                    targets[0] = target_for(model)
+                for stage in stages:
+                    await self._run_stage(stage, con, targets)
+        finally:
+            con.close()
+            await _close_litellm_clients()
+        self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
+        self.manifest.data["totals"] = self._totals(time.monotonic() - started)
+        self.manifest.save()
+        print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
+
+    def _targets(self) -> list[Target]:
+        models = [self.cfg.model] + [load_preset(self.paths.conf_dir, n, self.cfg) for n in self.cfg.model.fallbacks]
+        for model in models:
+            check_api_key(model)
+            if model.serve is not None and model is not self.cfg.model:
+                raise UserError(
+                    f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"
+                )
+        return [target_for(m) for m in models]
+
+    def _inputs(
+        self, stage: Stage, con: duckdb.DuckDBPyConnection
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None]]:
+        """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
+        if stage.name == "ingest":
+            source = open_source(con, self.cfg.ingest)
+            digests = {str(p): sha256_file(p) for p in source.files}
+            if self.cfg.ingest.answer_schema_file:
+                digests["answer_schema"] = sha256_file(Path(self.cfg.ingest.answer_schema_file))
+            self.manifest.data["inputs"] = {p: d for p, d in digests.items() if p != "answer_schema"}
+            texts = {"answer_schema": source.answer_schema, "source_name": source.files[0].name}
+            return {"source": source.relation}, digests, texts
+        relations, digests = {}, {}
+        for name in stage.inputs:
+            if not self.store.exists(name):
+                raise UserError(
+                    f"stage {stage.name} needs the table {name!r}, which {self.paths.run_dir} does not have yet; "
+                    "run the stages before it first (e.g. drop pipeline.stages to run them all)"
+                )
+            relations[name] = self.store.relation(con, name)
+            digests[name] = self.store.digest(name)
+        return relations, digests, {}
+
+    def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
+        sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
+        if "model" in sections:
+            sections["model"].pop("api_base", None) if self.cfg.model.serve else None
+        return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})
+
+    def _is_current(self, stage: Stage, fp: str) -> bool:
+        prev = self.manifest.data["stages"].get(stage.name, {})
+        outputs_exist = all(self.store.exists(t) for t in stage.outputs) and (
+            stage.files_dir is None or (self.paths.run_dir / stage.files_dir).is_dir()
+        )
+        return prev.get("status") == "done" and prev.get("fingerprint") == fp and outputs_exist
+
+    async def _run_stage(self, stage: Stage, con: duckdb.DuckDBPyConnection, targets: list[Target]) -> None:
+        relations, digests, texts = self._inputs(stage, con)
+        fp = self._fingerprint(stage, digests)
+        if self._is_current(stage, fp) and stage.name not in self.cfg.pipeline.force:
+            log.info("stage %s: fingerprint %s unchanged, skipped", stage.name, fp)
+            self.ran[stage.name] = "skipped"
+            return
+        record = self.manifest.stage(stage.name)
+        record.update(
+            {
+                "status": "running",
+                "fingerprint": fp,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        self.manifest.save()
+        files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
+        writer = StagedWriter(self.store, files_dir)
+        progress = Progress(self.console)
+        engine = (
+            Engine(
+                con,
+                targets,
+                self.cfg.generate,
+                Journal(journal_folder(self.paths.run_dir)),
+                self.redact,
+                progress,
+                self.cfg.seed,
+            )
+            if stage.needs_engine
+            else None
+        )
+        ctx = StageContext(
+            cfg=self.cfg,
+            con=con,
+            inputs=relations,
+            writer=writer,
+            log=logging.getLogger(f"stages.{stage.name}"),
+            texts=texts,
+            engine=engine,
+        )
+        started = time.monotonic()
+        log.info("stage %s: running (fingerprint %s)", stage.name, fp)
+        try:
+            result = stage.run(ctx)
+            if inspect.isawaitable(result):
+                result = await result
+            assert isinstance(result, StageResult)
+            writer.commit()
+        except BaseException as exc:
+            writer.abort()
+            record.update(
+                {
+                    "status": "interrupted" if _is_interrupt(exc) else "failed",
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            )
+            if engine is not None:
+                record["metrics"] = engine.summary()
+            self.manifest.save()
+            raise
+        record.update(
+            {
+                "status": "done" if result.complete else "incomplete",
+                "seconds": round(time.monotonic() - started, 3),
+                "rows": writer.rows,
+                "files": writer.files,
+                "metrics": result.metrics,
+            }
+        )
+        self.manifest.save()
+        self.ran[stage.name] = "ran"
+        log.info("stage %s: %s in %.2fs, rows %s", stage.name, record["status"], record["seconds"], writer.rows)
+
+    def _totals(self, seconds: float) -> dict[str, Any]:
+        gen = self.manifest.data["stages"].get("generate", {}).get("metrics", {})
+        return {
+            "calls": gen.get("calls", 0),
+            "attempts": gen.get("attempts", 0),
+            "cache_hits": gen.get("reused", 0),
+            "prompt_tokens": gen.get("prompt_tokens", 0),
+            "completion_tokens": gen.get("completion_tokens", 0),
+            "cost_usd": gen.get("cost_usd", 0.0),
+            "seconds": round(seconds, 3),
+        }
+
+
+def _plain(obj: Any) -> Any:
+    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+
+
+async def _close_litellm_clients() -> None:
+    """litellm caches async HTTP clients per event loop; close them before this job's loop ends."""
+    if "litellm" not in sys.modules:
+        return
+    import litellm
+
+    closer = getattr(litellm, "close_litellm_async_clients", None)
+    if closer is not None:
+        try:
+            await closer()
+        except Exception as exc:  # closing must never mask the job's own outcome
+            log.debug("closing litellm clients: %s", exc)
+
+
+def _paths(cfg: Config) -> RunPaths:
+    hydra_cfg = HydraConfig.get()
+    conf_dir = next(
+        (Path(s.path) for s in hydra_cfg.runtime.config_sources if s.provider == "main" and s.schema == "file"),
+        Path(cfg.paths.root_dir) / "conf",
+    )
+    return RunPaths(run_dir=Path(hydra_cfg.runtime.output_dir), conf_dir=conf_dir, root_dir=Path(cfg.paths.root_dir))
+
+
+def run_job(raw: DictConfig) -> None:
+    """The Hydra job: one event loop, one line for user errors (exit 2), resumable on Ctrl+C (exit 130)."""
+    redact = Redactor()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter(redact))
+    console = Console(stderr=True)
+    try:
+        cfg = typed_config(raw)
+        paths = _paths(cfg)
+        asyncio.run(Runner(cfg, raw, paths, console, redact).run())
+    except UserError as exc:
+        message = redact(str(exc))
+        log.error("%s", message)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(exit_codes.USAGE)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        console.print(
+            "[yellow]interrupted:[/] finished calls are kept in the journal; rerun the same command with "
+            f"hydra.run.dir={HydraConfig.get().runtime.output_dir} to resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(exit_codes.INTERRUPTED)

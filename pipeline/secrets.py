@@ -1,0 +1,50 @@
+"""Keep API keys out of everything we write: run folder files, logs, error messages.
+
+Keys live only in the environment. Any env value whose name looks secret is masked wherever text
+leaves the process, so even a provider error that echoes a key does not reach disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+MASK = "***redacted***"
+_MIN_SECRET_LEN = 6
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)  # longest first: a key containing another is masked whole
+
+
+class Redactor:
+    """Masks the secret values present in the environment when it was built."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        values = secret_values(environ)
+        self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is None or not text:
+            return text
+        return self._pattern.sub(MASK, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Logging filter that masks secrets in every record before any handler formats it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redact = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self._redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True

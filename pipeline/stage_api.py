@@ -1,0 +1,78 @@
+"""The contract between the runner and a stage (kedro's habit: named inputs in, named outputs out).
+
+A stage is a function of a `StageContext`. It reads its named input tables as DuckDB relations, writes
+its named outputs through the `Writer` it is handed, and gets everything else injected (the LLM engine,
+texts the pipeline read for it). Stages never import Hydra and never open files: an import-linter
+contract in the tests keeps it so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.config import Config
+
+
+class Writer(Protocol):
+    def write_relation(self, name: str, rel: duckdb.DuckDBPyRelation) -> int: ...
+
+    def write_batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int: ...
+
+    def open_file(self, relpath: str) -> AbstractContextManager[IO[str]]: ...
+
+
+class Engine(Protocol):
+    """The generate engine (pipeline.llm.engine): runs requests, journals results, yields tables."""
+
+    async def execute(self, requests: Iterable[pa.RecordBatch]) -> Mapping[str, Any]: ...
+
+    def responses(self) -> duckdb.DuckDBPyRelation: ...
+
+    def attempts(self) -> duckdb.DuckDBPyRelation: ...
+
+    def request_schema(self) -> pa.Schema: ...
+
+
+@dataclass
+class StageResult:
+    """What a stage reports back: figures for the manifest and summary, and whether it is complete.
+
+    An incomplete stage (e.g. calls that failed transiently) is rerun on the next run of the folder.
+    """
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    con: duckdb.DuckDBPyConnection
+    inputs: Mapping[str, duckdb.DuckDBPyRelation]
+    writer: Writer
+    log: logging.Logger
+    texts: Mapping[str, str | None] = field(default_factory=dict)
+    engine: Engine | None = None
+
+
+StageFn = Callable[[StageContext], "StageResult | Awaitable[StageResult]"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's declaration: what it reads, what it writes, which config sections it depends on."""
+
+    name: str
+    run: StageFn
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    config_sections: tuple[str, ...]
+    files_dir: str | None = None
+    needs_engine: bool = False

@@ -1,0 +1,55 @@
+"""The short end-of-run summary: what each stage did, quality, calls, money, time, where the files are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import STAGE_ORDER
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _cost(value: Any) -> str:
+    return "unknown" if value is None else f"${value:.4f}"
+
+
+def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str], run_dir: Path) -> None:
+    table = Table(title=f"run {manifest.get('name', '')}", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("this run")
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    table.add_column("seconds", justify="right")
+    stages = manifest.get("stages", {})
+    for name in sorted(stages, key=lambda n: STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER)):
+        record = stages[name]
+        rows = record.get("rows") or {}
+        rows_text = ", ".join(f"{t} {n}" for t, n in rows.items()) or str(
+            record.get("metrics", {}).get("exported", "-")
+        )
+        table.add_row(name, ran.get(name, "-"), record.get("status", "-"), rows_text, f"{record.get('seconds', 0):.2f}")
+    console.print(table)
+    validate = manifest.get("stages", {}).get("validate", {}).get("metrics", {})
+    totals = manifest.get("totals", {})
+    console.print(
+        f"valid {_pct(validate.get('valid_pct'))}   accuracy vs golden {_pct(validate.get('accuracy_pct'))}   "
+        f"calls {totals.get('calls', 0)} (+{totals.get('cache_hits', 0)} reused)   "
+        f"tokens {totals.get('prompt_tokens', 0)} in / {totals.get('completion_tokens', 0)} out   "
+        f"cost {_cost(totals.get('cost_usd'))}   time {totals.get('seconds', 0):.1f}s",
+        highlight=False,
+    )
+    export = manifest.get("stages", {}).get("export", {})
+    if export.get("files"):
+        for name in export["files"]:
+            console.print(f"export: {run_dir / 'export' / name}", highlight=False, soft_wrap=True)
+    console.print(
+        f"run folder: {run_dir}   (query it: duckdb {run_dir / 'run.duckdb'})",
+        highlight=False,
+        soft_wrap=True,
+    )

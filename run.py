@@ -1,0 +1,28 @@
+"""Entry point: `python run.py +experiment=math`. Composes the Hydra config and hands it to the runner."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config_store import register
+from pipeline.exit_codes import exit_code_for_hydra_failure
+
+register()
+_job_started = False
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
+    from pipeline.runner import run_job  # imported here so --help and --cfg stay fast
+
+    run_job(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SystemExit as exc:
+        sys.exit(exit_code_for_hydra_failure(exc.code, _job_started))

@@ -1,0 +1,6 @@
+"""The pipeline's stages, in the order they run. Each module declares one `STAGE`."""
+
+from pipeline.stage_api import Stage
+from stages import export, generate, ingest, validate
+
+STAGES: dict[str, Stage] = {s.name: s for s in (ingest.STAGE, generate.STAGE, validate.STAGE, export.STAGE)}

@@ -1,0 +1,67 @@
+"""Shared fixtures: subprocess runs of run.py into tmp_path, and the fake server over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CANARY_KEY = "sk-canary-0123456789abcdef-never-write-me"
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / "manifest.json").read_text())
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC", "GEMINI", "HYDRA_"))}
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_MODE": "PRODUCTION",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "COLUMNS": "200",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_pipeline(
+    run_dir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 180, cwd: Path = ROOT
+) -> RunResult:
+    """`python run.py ...` in a subprocess, writing into `run_dir`, with the cache next to it."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        f"hydra.run.dir={run_dir}",
+        f"paths.output_dir={run_dir.parent / 'outputs'}",
+        *overrides,
+    ]
+    done = subprocess.run(cmd, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    return RunResult(done.returncode, done.stdout, done.stderr, run_dir)
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    with FakeServer(FakeServerConfig()) as server:
+        yield server
