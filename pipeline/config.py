@@ -103,6 +103,11 @@ class GenerateConfig:
     use_schema: bool = True
     max_attempts: int = 4
     fail_fast_after: int = 20
+    fail_on_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
+    fail_on_empty: bool = True
+    cache: str = "on"
+    max_cost_usd: float | None = None
+    dry_run: bool = False
 
 
 @dataclass

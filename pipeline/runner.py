@@ -26,8 +26,8 @@ from rich.console import Console
 from pipeline import exit_codes
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import UserError
-from pipeline.llm.engine import Engine, Target, journal_folder, target_for
-from pipeline.llm.journal import Journal
+from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, target_for
+from pipeline.llm.journal import ResultLog
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
 from pipeline.progress import Progress
@@ -190,7 +190,8 @@ class Runner:
                 if targets:
                     targets[0] = target_for(model)
                 for stage in stages:
-                    await self._run_stage(stage, con, targets)
+                    if not await self._run_stage(stage, con, targets):
+                        break
         finally:
             con.close()
             await _close_litellm_clients()
@@ -245,13 +246,14 @@ class Runner:
         )
         return prev.get("status") == "done" and prev.get("fingerprint") == fp and outputs_exist
 
-    async def _run_stage(self, stage: Stage, con: duckdb.DuckDBPyConnection, targets: list[Target]) -> None:
+    async def _run_stage(self, stage: Stage, con: duckdb.DuckDBPyConnection, targets: list[Target]) -> bool:
+        """Runs (or skips) one stage; returns whether the stages after it should run."""
         relations, digests, texts = self._inputs(stage, con)
         fp = self._fingerprint(stage, digests)
         if self._is_current(stage, fp) and stage.name not in self.cfg.pipeline.force:
             log.info("stage %s: fingerprint %s unchanged, skipped", stage.name, fp)
             self.ran[stage.name] = "skipped"
-            return
+            return True
         record = self.manifest.stage(stage.name)
         record.update(
             {
@@ -269,10 +271,11 @@ class Runner:
                 con,
                 targets,
                 self.cfg.generate,
-                Journal(journal_folder(self.paths.run_dir)),
-                self.redact,
-                progress,
-                self.cfg.seed,
+                journal=ResultLog(journal_folder(self.paths.run_dir)),
+                cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
+                redact=self.redact,
+                progress=progress,
+                seed=self.cfg.seed,
             )
             if stage.needs_engine
             else None
@@ -308,7 +311,7 @@ class Runner:
             raise
         record.update(
             {
-                "status": "done" if result.complete else "incomplete",
+                "status": "dry_run" if result.metrics.get("dry_run") else "done" if result.complete else "incomplete",
                 "seconds": round(time.monotonic() - started, 3),
                 "rows": writer.rows,
                 "files": writer.files,
@@ -318,13 +321,15 @@ class Runner:
         self.manifest.save()
         self.ran[stage.name] = "ran"
         log.info("stage %s: %s in %.2fs, rows %s", stage.name, record["status"], record["seconds"], writer.rows)
+        return not result.stop_pipeline
 
     def _totals(self, seconds: float) -> dict[str, Any]:
         gen = self.manifest.data["stages"].get("generate", {}).get("metrics", {})
         return {
             "calls": gen.get("calls", 0),
             "attempts": gen.get("attempts", 0),
-            "cache_hits": gen.get("reused", 0),
+            "cache_hits": gen.get("cache_hits", 0),
+            "reused_from_journal": gen.get("reused_journal", 0),
             "prompt_tokens": gen.get("prompt_tokens", 0),
             "completion_tokens": gen.get("completion_tokens", 0),
             "cost_usd": gen.get("cost_usd", 0.0),

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.llm.records import RequestSpec
 
 
 class Writer(Protocol):
@@ -29,15 +30,22 @@ class Writer(Protocol):
 
 
 class Engine(Protocol):
-    """The generate engine (pipeline.llm.engine): runs requests, journals results, yields tables."""
+    """The generate engine (pipeline.llm.engine): plans, calls, journals, and yields the result tables.
 
-    async def execute(self, requests: Iterable[pa.RecordBatch]) -> Mapping[str, Any]: ...
+    `units` has one row per unit of work with `question_id`, `sample_index`, `round`, `parent_response_id`
+    and `unit_key` (a hash of everything that shapes the request, so a rerun can tell what is done without
+    rendering anything); `build` renders one pending unit's request.
+    """
+
+    async def execute(
+        self, units: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+    ) -> Mapping[str, Any]: ...
 
     def responses(self) -> duckdb.DuckDBPyRelation: ...
 
     def attempts(self) -> duckdb.DuckDBPyRelation: ...
 
-    def request_schema(self) -> pa.Schema: ...
+    def unsettled(self) -> int: ...
 
 
 @dataclass
@@ -49,6 +57,7 @@ class StageResult:
 
     metrics: dict[str, Any] = field(default_factory=dict)
     complete: bool = True
+    stop_pipeline: bool = False  # e.g. a dry run: later stages have nothing to work on
 
 
 @dataclass

@@ -1,60 +1,87 @@
-"""Generate: render each question into chat messages and hand them to the engine.
+"""Generate: decide what to ask each teacher — prompt, samples, schema — and hand it to the engine.
 
-The stage decides *what* to ask (prompt, samples, schema); the injected engine decides *how* (limits,
-retries, journal, cache). Requests stream to the engine in batches, never as a whole table.
+The stage describes units of work (question x sample) and how to render one; the injected engine decides
+how to call (limits, retries, journal, cache). Each unit carries a `unit_key`, a hash of the question row
+and of every option that shapes its request, computed in DuckDB so a rerun can skip settled units without
+rendering their prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
-
-import pyarrow as pa
+from dataclasses import asdict
+from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.llm.records import RequestSpec
 from pipeline.prompts import PromptBuilder
 from pipeline.stage_api import Stage, StageContext, StageResult
 
-BATCH_ROWS = 2048
+OVERRIDE_COLUMNS = ("temperature", "max_tokens")  # per-row generation params, used when a question has them
 
 
-def _requests(ctx: StageContext, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    questions = ctx.inputs["questions"]
-    builder = PromptBuilder(ctx.cfg.prompt, questions.columns)
+def _request_key(ctx: StageContext) -> str:
     gen = ctx.cfg.generate
-    for batch in questions.fetch_record_batch(BATCH_ROWS):
-        rows = batch.to_pylist()
-        out: dict[str, list[object]] = {name: [] for name in schema.names}
-        for row in rows:
-            answer_schema = row.get("answer_schema") if gen.use_schema else None
-            messages = json.dumps(builder.messages(row, answer_schema), ensure_ascii=False)
-            for sample in range(gen.samples):
-                out["question_id"].append(row["question_id"])
-                out["sample_index"].append(sample)
-                out["round"].append(0)
-                out["parent_response_id"].append(None)
-                out["messages"].append(messages)
-                out["temperature"].append(gen.temperature)
-                out["max_tokens"].append(gen.max_tokens)
-                out["response_schema"].append(answer_schema)
-        yield pa.RecordBatch.from_pydict(out, schema=schema)
+    shaping = {
+        "prompt": asdict(ctx.cfg.prompt),
+        "temperature": gen.temperature,
+        "max_tokens": gen.max_tokens,
+        "use_schema": gen.use_schema,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def _spec_builder(ctx: StageContext, columns: list[str]) -> Any:
+    builder = PromptBuilder(ctx.cfg.prompt, columns)  # fails on a bad template before any call
+    gen = ctx.cfg.generate
+    overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
+
+    def build(row: dict[str, Any]) -> RequestSpec:
+        schema = row.get("answer_schema") if gen.use_schema else None
+        temperature = row["temperature"] if "temperature" in overrides and row["temperature"] is not None else None
+        max_tokens = row["max_tokens"] if "max_tokens" in overrides and row["max_tokens"] is not None else None
+        return RequestSpec(
+            messages=builder.messages(row, schema),
+            temperature=float(gen.temperature if temperature is None else temperature),
+            max_tokens=gen.max_tokens if max_tokens is None else int(max_tokens),
+            response_schema=schema,
+        )
+
+    return build
 
 
 async def run(ctx: StageContext) -> StageResult:
     engine = ctx.engine
     if engine is None:
         raise RuntimeError("the generate stage needs an engine")
-    if ctx.cfg.generate.samples < 1:
-        raise UserError(f"generate.samples={ctx.cfg.generate.samples}: must be at least 1")
-    summary = dict(await engine.execute(_requests(ctx, engine.request_schema())))
+    samples = ctx.cfg.generate.samples
+    if samples < 1:
+        raise UserError(f"generate.samples={samples}: must be at least 1")
+    questions = ctx.inputs["questions"]
+    build = _spec_builder(ctx, list(questions.columns))
+    ctx.con.register("g_questions", questions)
+    units = ctx.con.sql(
+        f"""
+        SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,
+               CAST(NULL AS VARCHAR) AS parent_response_id,
+               sha256('{_request_key(ctx)}' || md5(to_json(q)) || ':' || s.sample_index || ':0') AS unit_key
+        FROM g_questions q CROSS JOIN range({samples}) s(sample_index)
+        """
+    )
+    summary = dict(await engine.execute(units, build))
+    if summary.get("dry_run"):
+        return StageResult(metrics=summary, complete=False, stop_pipeline=True)
     responses = engine.responses()
     rows = ctx.writer.write_relation("responses", responses)
     ctx.writer.write_relation("attempts", engine.attempts())
     counts = responses.aggregate("count(*) FILTER (status = 'ok'), count(*) FILTER (status <> 'ok')").fetchall()
     ok, failed = (int(counts[0][0]), int(counts[0][1])) if counts else (0, 0)
-    unsettled = summary.pop("unsettled", 0)
-    summary.update({"responses": rows, "responses_ok": ok, "responses_failed": failed})
-    return StageResult(metrics=summary, complete=not unsettled)
+    unsettled = engine.unsettled()
+    summary.update({"responses": rows, "responses_ok": ok, "responses_failed": failed, "unsettled": unsettled})
+    if summary.get("stopped"):
+        ctx.log.warning("generate stopped early: %s", summary["stopped"])
+    return StageResult(metrics=summary, complete=not unsettled and not summary.get("stopped"))
 
 
 STAGE = Stage(

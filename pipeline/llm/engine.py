@@ -1,9 +1,11 @@
-"""The generate engine: fans requests out at each endpoint's limits, journals every result, owns retries.
+"""The generate engine: fans calls out at each endpoint's limits, journals every result, owns retries.
 
-Flow: request rows go into a DuckDB table; the pending set is that table anti-joined with the journal's
-settled results (so a rerun of the folder resumes); pending rows stream out in batches and become tasks,
-never more than a window of them alive, so memory is bounded by concurrency, not by the question count.
-A finished call is appended to the journal before it counts as done.
+Planning is pure DuckDB: every unit of work (question x sample x round) gets a plan key, a hash of the
+unit's row and of everything that shapes its request; the pending set is the units anti-joined with the
+run journal's settled plan keys, so a rerun of a million questions starts calling within seconds, without
+rendering a single prompt it has already answered. Only pending units are rendered (by the stage's
+`build`), hashed into a request hash (the cache key) and looked up in the shared cache; the rest become
+tasks, never more than a window of them alive, so memory follows concurrency, not the question count.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,10 @@ from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm import client
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
-from pipeline.llm.journal import Journal
+from pipeline.llm.journal import ResultLog
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
 from pipeline.llm.prices import Price, price_for
-from pipeline.llm.records import ATTEMPT_FIELDS, REQUEST_SCHEMA, RESPONSE_COLUMNS, request_hash, response_id
+from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec, request_hash, response_id
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,10 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 CHARS_PER_TOKEN = 4.0
-TOKEN_SAFETY = 1.15  # estimates are pessimistic: buckets must not be overdrawn
+TOKEN_SAFETY = 1.2  # offline estimates err high: a bucket must not be overdrawn
+CACHEABLE_FAILURES = ("length", "content_filter", "empty")  # paid for, and the same request gives the same
+STREAM_BATCH = 4096
+CACHE_MODES = ("on", "read_only", "off")
 
 
 @dataclass
@@ -52,25 +57,57 @@ class Target:
 
 @dataclass
 class Totals:
+    units: int = 0
     calls: int = 0
     ok: int = 0
     failed: int = 0
     attempts: int = 0
-    throttled: int = 0
+    reused_journal: int = 0
+    reused_cache: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = 0.0
-    reused: int = 0
+    stopped: str | None = None
     first_errors: list[str] = field(default_factory=list)
 
     def add_cost(self, cost: float | None) -> None:
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
 
 
+class Budget:
+    """Stops dispatching before `max_cost_usd` could be crossed: every call reserves its worst case."""
+
+    def __init__(self, max_cost_usd: float | None, price: Price) -> None:
+        self.limit = max_cost_usd
+        self.price = price
+        self.spent = 0.0
+        self.reserved = 0.0
+
+    def reserve(self, input_tokens: float, max_tokens: int | None) -> float | None:
+        """The reservation, or None when this call could cross the budget."""
+        if self.limit is None:
+            return 0.0
+        worst = self.price.cost(int(input_tokens), max_tokens or 0) or 0.0
+        if self.spent + self.reserved + worst > self.limit:
+            return None
+        self.reserved += worst
+        return worst
+
+    def settle(self, reservation: float, actual: float | None) -> None:
+        self.reserved -= reservation
+        self.spent += actual or 0.0
+
+
 def backoff_s(attempt_no: int, retry_after_s: float | None, rng: random.Random) -> float:
     """Exponential back-off with full jitter, never shorter than the server's Retry-After."""
     jittered = rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt_no))
     return max(retry_after_s or 0.0, jittered)
+
+
+def estimate_tokens(spec: RequestSpec) -> int:
+    """Offline, pessimistic input-token estimate (characters / 4 with a safety factor)."""
+    chars = sum(len(m.get("content") or "") + 8 for m in spec.messages) + len(spec.response_schema or "")
+    return int(chars / CHARS_PER_TOKEN * TOKEN_SAFETY) + 4
 
 
 def target_for(model: ModelConfig) -> Target:
@@ -92,6 +129,21 @@ def target_for(model: ModelConfig) -> Target:
     )
 
 
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass
+class Unit:
+    """One pending unit of work with its rendered request."""
+
+    row: dict[str, Any]
+    spec: RequestSpec
+    request_hash: str
+    response_id: str
+    est_tokens: int
+
+
 class Engine:
     """Implements `pipeline.stage_api.Engine` for the generate stage."""
 
@@ -100,134 +152,225 @@ class Engine:
         con: duckdb.DuckDBPyConnection,
         targets: list[Target],
         cfg: GenerateConfig,
-        journal: Journal,
+        journal: ResultLog,
+        cache: ResultLog | None,
         redact: Callable[[str], str],
         progress: Progress,
         seed: int = 0,
     ) -> None:
-        self.con = con.cursor()  # its own connection: the stage may still be streaming on `con`
+        if cfg.cache not in CACHE_MODES:
+            raise UserError(f"generate.cache={cfg.cache!r}: use one of {', '.join(CACHE_MODES)}")
+        self.con = con  # streams the pending units
+        self.side = con.cursor()  # lookups while the stream is open
         self.targets = targets
         self.cfg = cfg
         self.journal = journal
+        self.cache = cache if cfg.cache != "off" else None
         self.redact = redact
         self.progress = progress
         self.totals = Totals()
+        self.budget = Budget(cfg.max_cost_usd, targets[0].price)
         self._rng = random.Random(seed)
-
-    def request_schema(self) -> pa.Schema:
-        return REQUEST_SCHEMA
+        self._stop_dispatch = False
+        if cfg.max_cost_usd is not None and not targets[0].price.known:
+            raise UserError(
+                f"generate.max_cost_usd is set but the price of {targets[0].endpoint.model!r} is unknown; "
+                "set model.prices.input_per_mtok and model.prices.output_per_mtok"
+            )
 
     # -- planning -------------------------------------------------------------------------------------
 
-    def _load_requests(self, batches: Iterable[pa.RecordBatch]) -> None:
-        """Key every request (content hash) into the `engine_requests` table."""
-        identity = self.targets[0].identity
-        kind = self.targets[0].endpoint.response_format
-        self.con.execute("DROP TABLE IF EXISTS engine_requests")
+    def _plan(self, units: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+        identity = _sql_str(f"{self.targets[0].identity}|{self.targets[0].endpoint.response_format}|")
+        self.con.register("engine_units_src", units)
         self.con.execute(
-            "CREATE TEMP TABLE engine_requests (ordinal BIGINT, response_id VARCHAR, request_hash VARCHAR, "
-            "question_id VARCHAR, sample_index INTEGER, round INTEGER, parent_response_id VARCHAR, "
-            "messages VARCHAR, temperature DOUBLE, max_tokens INTEGER, response_schema VARCHAR)"
+            f"CREATE OR REPLACE TABLE engine_units AS SELECT sha256({identity} || unit_key) AS plan_key "
+            "FROM engine_units_src"
         )
-        ordinal = 0
-        for batch in batches:
-            rows = batch.to_pylist()
-            hashes = [
-                request_hash(
-                    identity,
-                    r["messages"],
-                    {
-                        "temperature": r["temperature"],
-                        "max_tokens": r["max_tokens"],
-                        "response_format": kind if r["response_schema"] else None,
-                        "schema": json.loads(r["response_schema"]) if r["response_schema"] else None,
-                    },
-                    r["sample_index"],
-                )
-                for r in rows
-            ]
-            keyed = batch.append_column("request_hash", pa.array(hashes, pa.string()))
-            keyed = keyed.append_column(
-                "response_id",
-                pa.array([response_id(h, r["round"]) for h, r in zip(hashes, rows, strict=True)], pa.string()),
-            )
-            keyed = keyed.append_column("ordinal", pa.array(range(ordinal, ordinal + len(rows)), pa.int64()))
-            ordinal += len(rows)
-            self.con.register("engine_batch", keyed)
-            self.con.execute(
-                "INSERT INTO engine_requests SELECT ordinal, response_id, request_hash, question_id, sample_index, "
-                "round, parent_response_id, messages, temperature, max_tokens, response_schema FROM engine_batch"
-            )
-            self.con.unregister("engine_batch")
-
-    def _journal_view(self) -> None:
-        self.con.register("engine_journal", self.journal.relation(self.con))
-
-    def _pending(self) -> duckdb.DuckDBPyRelation:
+        self.con.register("engine_done", self.journal.relation(self.con, ("plan_key", "final")))
+        self.con.execute(
+            "CREATE OR REPLACE TABLE engine_settled AS SELECT DISTINCT plan_key FROM engine_done WHERE final "
+            "AND plan_key IN (SELECT plan_key FROM engine_units)"
+        )
+        self.totals.units = self._count("SELECT count(*) FROM engine_units")
+        self.totals.reused_journal = self._count("SELECT count(*) FROM engine_settled")
         return self.con.sql(
-            f"""
-            SELECT r.*, CAST(ceil(length(r.messages) / {CHARS_PER_TOKEN} * {TOKEN_SAFETY}) AS BIGINT) AS est_tokens
-            FROM engine_requests r
-            ANTI JOIN (SELECT response_id FROM engine_journal WHERE final) d USING (response_id)
-            ORDER BY r.ordinal
-            """
+            f"SELECT *, sha256({identity} || unit_key) AS plan_key FROM engine_units_src "
+            f"WHERE sha256({identity} || unit_key) NOT IN (SELECT plan_key FROM engine_settled)"
         )
-
-    # -- running --------------------------------------------------------------------------------------
-
-    async def execute(self, requests: Iterable[pa.RecordBatch]) -> Mapping[str, Any]:
-        self._load_requests(requests)
-        self._journal_view()
-        total = self._count("SELECT count(*) FROM engine_requests")
-        pending = self._pending()
-        todo = self._count_rel(pending)
-        self.totals.reused = total - todo
-        window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
-        self.progress.start(total=total, done=total - todo, label=self.targets[0].endpoint.preset)
-        try:
-            async with asyncio.TaskGroup() as group:
-                reader = pending.fetch_record_batch(1024)
-                for batch in reader:
-                    for row in batch.to_pylist():
-                        await window.acquire()
-                        group.create_task(self._run_one(row, window))
-        except BaseExceptionGroup as group_exc:
-            raise _first_user_error(group_exc) from None
-        finally:
-            self.progress.stop()
-            self.journal.close()
-        self._journal_view()
-        summary = self.summary()
-        summary["unsettled"] = self._count(f"SELECT count(*) FROM ({self._latest()}) WHERE NOT final")
-        return summary
-
-    def summary(self) -> dict[str, Any]:
-        t = self.totals
-        return {
-            "calls": t.calls,
-            "ok": t.ok,
-            "failed": t.failed,
-            "attempts": t.attempts,
-            "throttled": t.throttled,
-            "prompt_tokens": t.prompt_tokens,
-            "completion_tokens": t.completion_tokens,
-            "cost_usd": t.cost_usd,
-            "reused": t.reused,
-        }
 
     def _count(self, sql: str) -> int:
         rows = self.con.execute(sql).fetchall()
         return int(rows[0][0]) if rows else 0
 
-    def _count_rel(self, rel: duckdb.DuckDBPyRelation) -> int:
-        rows = rel.aggregate("count(*)").fetchall()
-        row = rows[0] if rows else None
-        return int(row[0]) if row else 0
+    def _pending_units(
+        self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+    ) -> Iterator[list[Unit]]:
+        target = self.targets[0]
+        kind = target.endpoint.response_format
+        for batch in pending.fetch_record_batch(STREAM_BATCH):
+            units = []
+            for row in batch.to_pylist():
+                spec = build(row)
+                digest = request_hash(target.identity, spec, kind, row["sample_index"])
+                units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
+            yield units
 
-    async def _run_one(self, row: dict[str, Any], window: asyncio.Semaphore) -> None:
+    def _cached(self, units: list[Unit]) -> dict[str, dict[str, Any]]:
+        """Records in the shared cache for these units' request hashes."""
+        if self.cache is None or not (self.cache.part_files() or self.cache.journal_files()):
+            return {}
+        keys = pa.table({"request_hash": [u.request_hash for u in units]})
+        self.side.register("engine_lookup", keys)
+        cache_rel = self.cache.relation(self.side)
+        self.side.register("engine_cache", cache_rel)
+        rows = self.side.execute(
+            "SELECT c.* FROM engine_cache c SEMI JOIN engine_lookup USING (request_hash) "
+            "QUALIFY row_number() OVER (PARTITION BY request_hash ORDER BY created_at) = 1"
+        )
+        names = [d[0] for d in rows.description or []]
+        found = [dict(zip(names, values, strict=True)) for values in rows.fetchall()]
+        self.side.unregister("engine_lookup")
+        self.side.unregister("engine_cache")
+        return {r["request_hash"]: r for r in found}
+
+    # -- running --------------------------------------------------------------------------------------
+
+    async def execute(
+        self, units: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+    ) -> Mapping[str, Any]:
+        pending = self._plan(units)
+        todo = self.totals.units - self.totals.reused_journal
+        if self.cfg.dry_run:
+            return self._dry_run(pending, build)
+        window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
+        self.progress.start(
+            total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
+        )
+        log.info(
+            "generate: %d units, %d settled in the journal, %d to do",
+            self.totals.units,
+            self.totals.reused_journal,
+            todo,
+        )
         try:
-            record = await self._call(row)
+            async with asyncio.TaskGroup() as group:
+                for batch in self._pending_units(pending, build):
+                    cached = self._cached(batch)
+                    for unit in batch:
+                        hit = cached.get(unit.request_hash)
+                        if hit is not None:
+                            self._reuse(unit, hit)
+                            continue
+                        if self._stop_dispatch:
+                            break
+                        await window.acquire()
+                        group.create_task(self._run_one(unit, window))
+                    if self._stop_dispatch:
+                        break
+        except BaseExceptionGroup as group_exc:
+            raise _first_user_error(group_exc) from None
+        finally:
+            self.progress.stop()
+            self.journal.close()
+            if self.cache is not None:
+                self.cache.close()
+        self._compact()
+        return self.summary()
+
+    def _compact(self) -> None:
+        self.journal.compact(self.side)
+        if self.cache is not None and self.cfg.cache == "on":
+            self.cache.compact(self.side)
+
+    def _reuse(self, unit: Unit, cached: dict[str, Any]) -> None:
+        record = dict(cached)
+        if isinstance(record.get("attempt_log"), str):  # JSON columns come back from DuckDB as text
+            record["attempt_log"] = json.loads(record["attempt_log"])
+        record.update(self._identity_fields(unit))
+        record["source"] = "cache"
+        self.journal.append(record)
+        self.totals.reused_cache += 1
+        self.progress.advance(ok=record["status"] == "ok", cost=0.0, throttled=self._throttled())
+
+    def _identity_fields(self, unit: Unit) -> dict[str, Any]:
+        return {
+            "response_id": unit.response_id,
+            "question_id": unit.row["question_id"],
+            "sample_index": unit.row["sample_index"],
+            "round": unit.row["round"],
+            "parent_response_id": unit.row["parent_response_id"],
+            "request_hash": unit.request_hash,
+            "plan_key": unit.row["plan_key"],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        t = self.totals
+        return {
+            "units": t.units,
+            "calls": t.calls,
+            "ok": t.ok,
+            "failed": t.failed,
+            "attempts": t.attempts,
+            "throttled": self._throttled(),
+            "reused": t.reused_journal + t.reused_cache,
+            "reused_journal": t.reused_journal,
+            "cache_hits": t.reused_cache,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "cost_usd": t.cost_usd,
+            "stopped": t.stopped,
+        }
+
+    def _dry_run(
+        self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+    ) -> dict[str, Any]:
+        target = self.targets[0]
+        calls = cached = input_tokens = output_tokens = 0
+        for batch in self._pending_units(pending, build):
+            hits = self._cached(batch)
+            for unit in batch:
+                if unit.request_hash in hits:
+                    cached += 1
+                    continue
+                calls += 1
+                input_tokens += unit.est_tokens
+                output_tokens += unit.spec.max_tokens or 0
+        cost = target.price.cost(input_tokens, output_tokens)
+        limits = target.limiter
+        per_s = [limits.cap.maximum / 1.0]  # at most `concurrency` calls per second of latency
+        if limits.requests is not None:
+            per_s.append(limits.requests.rate)
+        if limits.input_tokens is not None and calls:
+            per_s.append(limits.input_tokens.rate / max(1.0, input_tokens / calls))
+        seconds = calls / min(per_s) if calls else 0.0
+        return {
+            "dry_run": True,
+            "units": self.totals.units,
+            "reused_journal": self.totals.reused_journal,
+            "cache_hits": cached,
+            "calls": calls,
+            "estimated_input_tokens": input_tokens,
+            "max_output_tokens": output_tokens,
+            "estimated_max_cost_usd": cost,
+            "estimated_seconds": round(seconds, 1),
+        }
+
+    async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
+        reservation = self.budget.reserve(unit.est_tokens, unit.spec.max_tokens)
+        try:
+            if reservation is None:
+                self._stop_dispatch = True
+                self.totals.stopped = (
+                    f"budget: generate.max_cost_usd={self.cfg.max_cost_usd} would be crossed; "
+                    "raise it and rerun the same folder to continue"
+                )
+                return
+            record = await self._call(unit)
             self.journal.append(record)  # on disk before it counts as done
+            if self.cache is not None and self.cfg.cache == "on" and _cacheable(record):
+                self.cache.append(record)
+            self.budget.settle(reservation, record["cost_usd"])
             self._count_result(record)
         finally:
             window.release()
@@ -248,53 +391,51 @@ class Engine:
         self.progress.advance(ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self._throttled())
         if t.ok == 0 and t.failed >= self.cfg.fail_fast_after:
             raise UserError(
-                f"the first {t.failed} calls all failed (last: {t.first_errors[-1] if t.first_errors else '?'}); "
+                f"the first {t.failed} calls all failed (first: {t.first_errors[0] if t.first_errors else '?'}); "
                 "stopping early: check the model preset, its api_base and key"
             )
 
     def _throttled(self) -> int:
         return sum(t.limiter.throttled for t in self.targets)
 
-    async def _call(self, row: dict[str, Any]) -> dict[str, Any]:
-        messages = json.loads(row["messages"])
+    async def _call(self, unit: Unit) -> dict[str, Any]:
         log_entries: list[dict[str, Any]] = []
         last: Attempt | None = None
         final = True
         for index, target in enumerate(self.targets):
             is_last_target = index == len(self.targets) - 1
-            outcome, last = await self._try_target(target, row, messages, log_entries)
+            outcome, last = await self._try_target(target, unit, log_entries)
             if outcome == "done":
-                return self._record(row, target, last, log_entries, final=True)
-            if outcome == "exhausted":
-                final = False  # transient: a rerun tries again
-            if outcome == "failover" and is_last_target:
+                return self._record(unit, target, last, log_entries, final=True)
+            if outcome == "exhausted" or (outcome == "failover" and last.error_type in RETRYABLE):
+                final = False  # transient: a rerun of the folder tries again
+            elif outcome == "failover" and is_last_target:
                 if last.error_type in ("auth", "not_found"):
-                    raise UserError(
-                        f"model {target.endpoint.model!r} ({target.endpoint.preset}) answered "
-                        f"{last.status_code} {last.error_type}: {self.redact(last.error_message or '')[:200]}; "
-                        + (
-                            f"check {target.endpoint.api_key_env}"
-                            if last.error_type == "auth" and target.endpoint.api_key_env
-                            else "check model.name and model.api_base"
-                        )
-                    )
-                final = last.error_type == "context_window"
+                    raise UserError(self._endpoint_error(target, last))
+                final = True  # e.g. context window exceeded on every preset
         assert last is not None
-        return self._record(row, self.targets[-1], last, log_entries, final=final)
+        return self._record(unit, self.targets[-1], last, log_entries, final=final)
 
-    async def _try_target(
-        self,
-        target: Target,
-        row: dict[str, Any],
-        messages: list[dict[str, Any]],
-        log_entries: list[dict[str, Any]],
-    ) -> tuple[str, Attempt]:
+    def _endpoint_error(self, target: Target, attempt: Attempt) -> str:
+        hint = (
+            f"check the key in {target.endpoint.api_key_env}"
+            if attempt.error_type == "auth" and target.endpoint.api_key_env
+            else "check model.name and model.api_base"
+        )
+        message = self.redact(attempt.error_message or "")[:200]
+        return (
+            f"model {target.endpoint.model!r} ({target.endpoint.preset}) answered {attempt.status_code} "
+            f"{attempt.error_type}: {message}; {hint}"
+        )
+
+    async def _try_target(self, target: Target, unit: Unit, log_entries: list[dict[str, Any]]) -> tuple[str, Attempt]:
         """Attempts against one preset until success, a final failure, failover, or retries run out."""
-        max_tokens = _min_opt(row["max_tokens"], target.endpoint.max_tokens)
-        params: dict[str, Any] = {"temperature": row["temperature"]}
+        spec = unit.spec
+        max_tokens = _min_opt(spec.max_tokens, target.endpoint.max_tokens)
+        params: dict[str, Any] = {"temperature": spec.temperature}
         if max_tokens is not None:
             params["max_tokens"] = max_tokens
-        response_format = client.response_format_for(target.endpoint.response_format, row["response_schema"])
+        response_format = client.response_format_for(target.endpoint.response_format, spec.response_schema)
         if response_format is not None:
             params["response_format"] = response_format
         limiter = target.limiter
@@ -302,7 +443,7 @@ class Engine:
         for attempt_no in range(self.cfg.max_attempts):
             while (wait := target.breaker.wait()) > 0:
                 await asyncio.sleep(wait)
-            wait, reservation = limiter.reserve(float(row["est_tokens"]), float(max_tokens or 0))
+            wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
             if wait > 0:
                 await asyncio.sleep(wait)
             while (pause := limiter.pause_wait()) > 0:
@@ -310,7 +451,7 @@ class Engine:
             await limiter.cap.acquire()
             self.progress.in_flight(+1)
             try:
-                attempt = await client.attempt(target.endpoint, messages, params)
+                attempt = await client.attempt(target.endpoint, spec.messages, params)
             finally:
                 self.progress.in_flight(-1)
                 await limiter.cap.release()
@@ -330,11 +471,11 @@ class Engine:
             if kind in FAILOVER:
                 return "failover", attempt
             if kind not in RETRYABLE:
-                return "done", attempt  # paid or refused for good: recorded as failed, not retried
+                return "done", attempt  # refused for good: recorded as failed, never retried
             pause = backoff_s(attempt_no, attempt.retry_after_s, self._rng)
             if kind == "rate_limited":
                 limiter.on_throttle(attempt.retry_after_s, pause)
-                continue  # the limiter's pause is the wait
+                continue  # the limiter's endpoint-wide pause is the wait
             if attempt_no + 1 < self.cfg.max_attempts:
                 await asyncio.sleep(pause)
         assert attempt is not None
@@ -347,7 +488,7 @@ class Engine:
             "started_at": attempt.started_at,
             "status_code": attempt.status_code,
             "error_type": attempt.error_type,
-            "error_message": self.redact(attempt.error_message) if attempt.error_message else None,
+            "error_message": self.redact(attempt.error_message)[:1000] if attempt.error_message else None,
             "latency_ms": round(attempt.latency_ms, 3),
             "prompt_tokens": attempt.prompt_tokens,
             "completion_tokens": attempt.completion_tokens,
@@ -357,32 +498,27 @@ class Engine:
         return entry
 
     def _record(
-        self,
-        row: dict[str, Any],
-        target: Target,
-        attempt: Attempt,
-        log_entries: list[dict[str, Any]],
-        final: bool,
+        self, unit: Unit, target: Target, attempt: Attempt, log_entries: list[dict[str, Any]], final: bool
     ) -> dict[str, Any]:
         status, error_type, error_message = "ok", None, None
         if not attempt.ok:
             status, error_type, error_message = "failed", attempt.error_type, attempt.error_message
-        elif attempt.finish_reason in ("length", "content_filter"):
+        elif attempt.finish_reason in self.cfg.fail_on_finish_reasons:
             status, error_type = "failed", attempt.finish_reason
             error_message = f"finish_reason={attempt.finish_reason}: the answer was cut off or filtered"
-        elif not (attempt.content or "").strip():
+        elif self.cfg.fail_on_empty and not (attempt.content or "").strip():
             status, error_type, error_message = "failed", "empty", "the model returned no content"
         costs = [e["cost_usd"] for e in log_entries]
         record: dict[str, Any] = {
-            "response_id": row["response_id"],
-            "question_id": row["question_id"],
-            "sample_index": row["sample_index"],
-            "round": row["round"],
-            "parent_response_id": row["parent_response_id"],
+            "response_id": unit.response_id,
+            "question_id": unit.row["question_id"],
+            "sample_index": unit.row["sample_index"],
+            "round": unit.row["round"],
+            "parent_response_id": unit.row["parent_response_id"],
             "model_requested": self.targets[0].endpoint.preset,
             "model_used": target.endpoint.preset if attempt.ok else None,
             "provider_model": attempt.provider_model,
-            "request_hash": row["request_hash"],
+            "request_hash": unit.request_hash,
             "status": status,
             "error_type": error_type,
             "error_message": self.redact(error_message)[:1000] if error_message else None,
@@ -396,24 +532,31 @@ class Engine:
             "cached_tokens": attempt.cached_tokens,
             "cost_usd": None if any(c is None for c in costs) else round(sum(costs), 10),
             "latency_ms": round(sum(e["latency_ms"] for e in log_entries), 3),
-            "temperature": row["temperature"],
+            "temperature": unit.spec.temperature,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "plan_key": unit.row["plan_key"],
             "final": final,
+            "source": "call",
             "attempt_log": log_entries,
         }
-        assert list(record)[: len(RESPONSE_COLUMNS)] == list(RESPONSE_COLUMNS)
         return record
 
     # -- results --------------------------------------------------------------------------------------
 
     def _latest(self) -> str:
-        """The settling record per response: ok wins, then the latest; only for the current requests."""
+        """The settling record per unit of this run: ok wins, then settled, then the latest."""
+        self.con.register("engine_records", self.journal.relation(self.con))
         return """
-            SELECT j.* FROM engine_journal j SEMI JOIN engine_requests r USING (response_id)
+            SELECT j.* FROM engine_records j SEMI JOIN engine_units u USING (plan_key)
             QUALIFY row_number() OVER (
-                PARTITION BY j.response_id ORDER BY (j.status = 'ok') DESC, j.final DESC, j.created_at DESC
+                PARTITION BY j.plan_key ORDER BY (j.status = 'ok') DESC, j.final DESC, j.created_at DESC
             ) = 1
         """
+
+    def unsettled(self) -> int:
+        return self._count(f"SELECT count(*) FROM ({self._latest()}) WHERE NOT final") + (
+            self.totals.units - self._count(f"SELECT count(*) FROM ({self._latest()})")
+        )
 
     def responses(self) -> duckdb.DuckDBPyRelation:
         columns = ", ".join(RESPONSE_COLUMNS)
@@ -433,6 +576,10 @@ class Engine:
         )
 
 
+def _cacheable(record: dict[str, Any]) -> bool:
+    return bool(record["final"]) and (record["status"] == "ok" or record["error_type"] in CACHEABLE_FAILURES)
+
+
 def _min_opt(a: int | None, b: int | None) -> int | None:
     values = [v for v in (a, b) if v is not None]
     return min(values) if values else None
@@ -449,3 +596,7 @@ def _first_user_error(group: BaseExceptionGroup) -> BaseException:
 
 def journal_folder(run_dir: Path) -> Path:
     return run_dir / "journal"
+
+
+def cache_folder(cache_dir: Path) -> Path:
+    return cache_dir / "responses"

@@ -1,16 +1,24 @@
-"""Append-only result journals: a paid call is on disk before it counts as done.
+"""Append-only result logs: the run's journal (resume) and the shared response cache (reuse across runs).
 
-Each process appends to its own JSON Lines file with one `write()` per record on an O_APPEND descriptor:
-once `write()` returns the bytes are in the kernel, so `kill -9` of the process loses only calls still in
-flight (no fsync per record: that would cap throughput at the disk's sync rate; a power cut may lose the
-last records, which a rerun then pays again). A torn last line is skipped when reading.
+Both are a folder of per-process JSON Lines files plus compacted Parquet parts. A writer appends one
+record per `write()` on an O_APPEND descriptor: once `write()` returns the bytes are in the kernel, so
+`kill -9` loses only calls still in flight. There is no fsync per record (that would cap throughput at
+the disk's sync rate); a power cut may lose the last records, which a rerun then pays again. A torn last
+line is skipped when reading.
+
+Each writer holds an exclusive `flock` on its own file while it lives, so the compactor (which folds
+finished files into a Parquet part under a folder lock) never touches a file another process is still
+writing — several sweep jobs can share one cache folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,47 +27,118 @@ import duckdb
 from pipeline.llm.records import JOURNAL_COLUMNS
 
 
-class Journal:
+def _sql_list(paths: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+class ResultLog:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._fd: int | None = None
+        self._path: Path | None = None
+
+    # -- writing --------------------------------------------------------------------------------------
 
     def _open(self) -> int:
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            name = f"results-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-            self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self._path = self.folder / f"results-{stamp}-{os.getpid()}-{id(self):x}.jsonl"
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd = fd
         return self._fd
 
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         fd = self._open()
         written = os.write(fd, line)
-        while written < len(line):  # only for records larger than a pipe buffer; rare
+        while written < len(line):  # a short write only happens for very large records
             written += os.write(fd, line[written:])
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            os.close(self._fd)  # also releases the flock
             self._fd = None
 
-    def files(self) -> list[Path]:
+    # -- reading --------------------------------------------------------------------------------------
+
+    def journal_files(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob("*.jsonl") if p.stat().st_size > 0)
+        return sorted(p for p in self.folder.glob("results-*.jsonl") if p.stat().st_size > 0)
 
-    def relation(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyRelation:
-        """Every journalled record (all processes, all runs of this folder), typed."""
-        return read_records(con, self.files())
+    def part_files(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
 
+    def relation(
+        self, con: duckdb.DuckDBPyConnection, columns: tuple[str, ...] | None = None
+    ) -> duckdb.DuckDBPyRelation:
+        """Every record in the folder (compacted parts and live journals), typed; duplicates possible."""
+        wanted = columns or tuple(JOURNAL_COLUMNS)
+        select = ", ".join(wanted)
+        pieces = []
+        parts = self.part_files()
+        if parts:
+            pieces.append(f"SELECT {select} FROM read_parquet({_sql_list(parts)})")
+        journals = self.journal_files()
+        if journals:
+            spec = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
+            pieces.append(
+                f"SELECT {select} FROM read_json({_sql_list(journals)}, format='newline_delimited', "
+                f"columns={{{spec}}}, ignore_errors=true, maximum_object_size=67108864)"
+            )
+        if not pieces:
+            empty = ", ".join(f"CAST(NULL AS {JOURNAL_COLUMNS[name]}) AS {name}" for name in wanted)
+            return con.sql(f"SELECT {empty} WHERE false")
+        return con.sql(" UNION ALL ".join(pieces))
 
-def read_records(con: duckdb.DuckDBPyConnection, files: list[Path]) -> duckdb.DuckDBPyRelation:
-    columns = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
-    if not files:
-        empty = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in JOURNAL_COLUMNS.items())
-        return con.sql(f"SELECT {empty} WHERE false")
-    paths = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "]"
-    return con.sql(
-        f"SELECT * FROM read_json({paths}, format='newline_delimited', columns={{{columns}}}, "
-        "ignore_errors=true, maximum_object_size=67108864)"
-    )
+    # -- compaction -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _finished_journals(self) -> list[Path]:
+        """Journal files no live writer holds (a killed writer's lock is gone with it)."""
+        done = []
+        for path in self.journal_files():
+            if self._path is not None and path == self._path and self._fd is not None:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            else:
+                done.append(path)
+            finally:
+                os.close(fd)
+        return done
+
+    def compact(self, con: duckdb.DuckDBPyConnection, min_files: int = 1) -> int:
+        """Fold finished journal files into one new Parquet part; returns how many files were folded."""
+        with self._folder_lock():
+            files = self._finished_journals()
+            if len(files) < min_files:
+                return 0
+            spec = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
+            part = (
+                self.folder
+                / f"part-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{len(self.part_files()):05d}.parquet"
+            )
+            tmp = part.with_name(f".{part.name}.tmp")
+            con.sql(
+                f"SELECT * FROM read_json({_sql_list(files)}, format='newline_delimited', columns={{{spec}}}, "
+                "ignore_errors=true, maximum_object_size=67108864)"
+            ).write_parquet(str(tmp), compression="zstd")
+            os.replace(tmp, part)
+            for path in files:  # a crash here leaves records in both places: readers deduplicate
+                path.unlink(missing_ok=True)
+            return len(files)

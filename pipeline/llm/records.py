@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
-
-import pyarrow as pa
 
 FORMAT_VERSION = 1
 
-REQUEST_SCHEMA = pa.schema(
-    [
-        ("question_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("parent_response_id", pa.string()),
-        ("messages", pa.string()),  # JSON list of {role, content}
-        ("temperature", pa.float64()),
-        ("max_tokens", pa.int32()),
-        ("response_schema", pa.string()),  # JSON Schema text, or null
-    ]
-)
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What one call sends, built by the stage for a pending unit only."""
+
+    messages: list[dict[str, str]]
+    temperature: float
+    max_tokens: int | None
+    response_schema: str | None  # JSON Schema text, or None
+
 
 # Columns of the `responses` table, in order, with their DuckDB types (used to read journals).
 RESPONSE_COLUMNS: dict[str, str] = {
@@ -55,10 +52,13 @@ RESPONSE_COLUMNS: dict[str, str] = {
     "created_at": "VARCHAR",
 }
 
-# Journal-only columns: whether the record settles its request, and the per-attempt log.
+# Journal-only columns: the unit's plan key (resume), whether the record settles its unit, where it came
+# from (a call or the cache), and the per-attempt log.
 JOURNAL_COLUMNS: dict[str, str] = {
     **RESPONSE_COLUMNS,
+    "plan_key": "VARCHAR",
     "final": "BOOLEAN",
+    "source": "VARCHAR",
     "attempt_log": "JSON",
 }
 
@@ -80,13 +80,15 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def request_hash(identity: str, messages_json: str, params: dict[str, Any], sample_index: int) -> str:
+def request_hash(identity: str, spec: RequestSpec, response_format: str | None, sample_index: int) -> str:
     payload = canonical_json(
         {
             "v": FORMAT_VERSION,
             "model": identity,
-            "messages": json.loads(messages_json),
-            "params": params,
+            "messages": spec.messages,
+            "params": {"temperature": spec.temperature, "max_tokens": spec.max_tokens},
+            "response_format": response_format if spec.response_schema else None,
+            "schema": json.loads(spec.response_schema) if spec.response_schema else None,
             "sample_index": sample_index,
         }
     )
