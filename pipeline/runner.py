@@ -325,6 +325,8 @@ class Runner:
 
     def _totals(self, seconds: float) -> dict[str, Any]:
         gen = self.manifest.data["stages"].get("generate", {}).get("metrics", {})
+        if gen.get("dry_run"):
+            gen = {}
         return {
             "calls": gen.get("calls", 0),
             "attempts": gen.get("attempts", 0),

@@ -44,6 +44,7 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
         f"cost {_cost(totals.get('cost_usd'))}   time {totals.get('seconds', 0):.1f}s",
         highlight=False,
     )
+    _notes(console, manifest, run_dir)
     export = manifest.get("stages", {}).get("export", {})
     if export.get("files"):
         for name in export["files"]:
@@ -53,3 +54,26 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _notes(console: Console, manifest: dict[str, Any], run_dir: Path) -> None:
+    """What the user should know or do next about generate: a dry run's estimate, a stop, retries left."""
+    generate = manifest.get("stages", {}).get("generate", {})
+    metrics = generate.get("metrics", {})
+    resume = f"rerun with hydra.run.dir={run_dir} to continue"
+    if generate.get("status") == "dry_run":
+        console.print(
+            f"dry run: {metrics.get('calls', 0)} calls to make ({metrics.get('cache_hits', 0)} answered by the cache, "
+            f"{metrics.get('reused_journal', 0)} already in this run), ~{metrics.get('estimated_input_tokens', 0)} "
+            f"input tokens, at most {metrics.get('max_output_tokens', 0)} output tokens, at most "
+            f"{_cost(metrics.get('estimated_max_cost_usd'))}, ~{metrics.get('estimated_seconds', 0)}s at the "
+            "preset's limits; nothing was called",
+            highlight=False,
+        )
+    if metrics.get("stopped"):
+        console.print(f"[yellow]generate stopped early:[/] {metrics['stopped']}", highlight=False)
+    elif metrics.get("unsettled"):
+        console.print(
+            f"[yellow]{metrics['unsettled']} calls failed transiently (retries used up):[/] {resume} to retry them",
+            highlight=False,
+        )

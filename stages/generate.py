@@ -51,6 +51,19 @@ def _spec_builder(ctx: StageContext, columns: list[str]) -> Any:
     return build
 
 
+def units_relation(ctx: StageContext) -> Any:
+    """One row per question x sample, with the question's columns and the unit key (all in DuckDB)."""
+    ctx.con.register("g_questions", ctx.inputs["questions"])
+    return ctx.con.sql(
+        f"""
+        SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,
+               CAST(NULL AS VARCHAR) AS parent_response_id,
+               sha256('{_request_key(ctx)}' || md5(to_json(q)) || ':' || s.sample_index || ':0') AS unit_key
+        FROM g_questions q CROSS JOIN range({ctx.cfg.generate.samples}) s(sample_index)
+        """
+    )
+
+
 async def run(ctx: StageContext) -> StageResult:
     engine = ctx.engine
     if engine is None:
@@ -58,17 +71,8 @@ async def run(ctx: StageContext) -> StageResult:
     samples = ctx.cfg.generate.samples
     if samples < 1:
         raise UserError(f"generate.samples={samples}: must be at least 1")
-    questions = ctx.inputs["questions"]
-    build = _spec_builder(ctx, list(questions.columns))
-    ctx.con.register("g_questions", questions)
-    units = ctx.con.sql(
-        f"""
-        SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,
-               CAST(NULL AS VARCHAR) AS parent_response_id,
-               sha256('{_request_key(ctx)}' || md5(to_json(q)) || ':' || s.sample_index || ':0') AS unit_key
-        FROM g_questions q CROSS JOIN range({samples}) s(sample_index)
-        """
-    )
+    build = _spec_builder(ctx, list(ctx.inputs["questions"].columns))
+    units = units_relation(ctx)
     summary = dict(await engine.execute(units, build))
     if summary.get("dry_run"):
         return StageResult(metrics=summary, complete=False, stop_pipeline=True)

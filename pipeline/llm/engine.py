@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,27 +75,47 @@ class Totals:
 
 
 class Budget:
-    """Stops dispatching before `max_cost_usd` could be crossed: every call reserves its worst case."""
+    """Stops dispatching before `max_cost_usd` could be crossed: every call reserves its worst case.
+
+    A call that does not fit waits while others are in flight (their real cost is usually far below the
+    worst case), and the run stops only when nothing is in flight and it still does not fit.
+    """
 
     def __init__(self, max_cost_usd: float | None, price: Price) -> None:
         self.limit = max_cost_usd
         self.price = price
         self.spent = 0.0
         self.reserved = 0.0
+        self.in_flight = 0
+        self._settled: asyncio.Condition | None = None
 
-    def reserve(self, input_tokens: float, max_tokens: int | None) -> float | None:
-        """The reservation, or None when this call could cross the budget."""
+    def worst_case(self, input_tokens: float, max_tokens: int | None) -> float:
+        return self.price.cost(int(input_tokens), max_tokens or 0) or 0.0
+
+    async def reserve(self, worst: float) -> float | None:
+        """The reservation, or None when this call could cross the budget even with nothing in flight."""
         if self.limit is None:
             return 0.0
-        worst = self.price.cost(int(input_tokens), max_tokens or 0) or 0.0
-        if self.spent + self.reserved + worst > self.limit:
-            return None
-        self.reserved += worst
-        return worst
+        if self._settled is None:
+            self._settled = asyncio.Condition()
+        async with self._settled:
+            while self.spent + self.reserved + worst > self.limit:
+                if self.in_flight == 0:
+                    return None
+                await self._settled.wait()
+            self.reserved += worst
+            self.in_flight += 1
+            return worst
 
-    def settle(self, reservation: float, actual: float | None) -> None:
-        self.reserved -= reservation
-        self.spent += actual or 0.0
+    async def settle(self, reservation: float, actual: float | None) -> None:
+        if self.limit is None or self._settled is None:
+            self.spent += actual or 0.0
+            return
+        async with self._settled:
+            self.reserved -= reservation
+            self.in_flight -= 1
+            self.spent += actual or 0.0
+            self._settled.notify_all()
 
 
 def backoff_s(attempt_no: int, retry_after_s: float | None, rng: random.Random) -> float:
@@ -180,13 +200,15 @@ class Engine:
 
     # -- planning -------------------------------------------------------------------------------------
 
-    def _plan(self, units: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    def plan_key_sql(self, unit_key_column: str = "unit_key") -> str:
+        """SQL for a unit's plan key: its unit key bound to this engine's model identity and response format."""
         identity = _sql_str(f"{self.targets[0].identity}|{self.targets[0].endpoint.response_format}|")
+        return f"sha256({identity} || {unit_key_column})"
+
+    def _plan(self, units: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+        key = self.plan_key_sql()
         self.con.register("engine_units_src", units)
-        self.con.execute(
-            f"CREATE OR REPLACE TABLE engine_units AS SELECT sha256({identity} || unit_key) AS plan_key "
-            "FROM engine_units_src"
-        )
+        self.con.execute(f"CREATE OR REPLACE TABLE engine_units AS SELECT {key} AS plan_key FROM engine_units_src")
         self.con.register("engine_done", self.journal.relation(self.con, ("plan_key", "final")))
         self.con.execute(
             "CREATE OR REPLACE TABLE engine_settled AS SELECT DISTINCT plan_key FROM engine_done WHERE final "
@@ -195,8 +217,8 @@ class Engine:
         self.totals.units = self._count("SELECT count(*) FROM engine_units")
         self.totals.reused_journal = self._count("SELECT count(*) FROM engine_settled")
         return self.con.sql(
-            f"SELECT *, sha256({identity} || unit_key) AS plan_key FROM engine_units_src "
-            f"WHERE sha256({identity} || unit_key) NOT IN (SELECT plan_key FROM engine_settled)"
+            f"SELECT *, {key} AS plan_key FROM engine_units_src "
+            f"WHERE {key} NOT IN (SELECT plan_key FROM engine_settled)"
         )
 
     def _count(self, sql: str) -> int:
@@ -205,16 +227,26 @@ class Engine:
 
     def _pending_units(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
-    ) -> Iterator[list[Unit]]:
+    ) -> Generator[list[Unit], None, None]:
         target = self.targets[0]
         kind = target.endpoint.response_format
-        for batch in pending.fetch_record_batch(STREAM_BATCH):
-            units = []
-            for row in batch.to_pylist():
-                spec = build(row)
-                digest = request_hash(target.identity, spec, kind, row["sample_index"])
-                units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
-            yield units
+        reader = pending.fetch_record_batch(STREAM_BATCH)
+        try:
+            for batch in reader:
+                units = []
+                for row in batch.to_pylist():
+                    spec = build(row)
+                    digest = request_hash(target.identity, spec, kind, row["sample_index"])
+                    units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
+                yield units
+        finally:
+            reader.close()  # a stopped dispatch must not leave the connection with an open result
+
+    def _pending_batches(
+        self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+    ) -> Generator[tuple[list[Unit], dict[str, dict[str, Any]]], None, None]:
+        for batch in self._pending_units(pending, build):
+            yield batch, self._cached(batch)
 
     def _cached(self, units: list[Unit]) -> dict[str, dict[str, Any]]:
         """Records in the shared cache for these units' request hashes."""
@@ -244,6 +276,7 @@ class Engine:
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
         window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
+        batches = self._pending_batches(pending, build)
         self.progress.start(
             total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
         )
@@ -255,8 +288,9 @@ class Engine:
         )
         try:
             async with asyncio.TaskGroup() as group:
-                for batch in self._pending_units(pending, build):
-                    cached = self._cached(batch)
+                # Rendering, hashing and cache look-ups run in a worker thread, off the event loop.
+                while (item := await asyncio.to_thread(next, batches, None)) is not None:
+                    batch, cached = item
                     for unit in batch:
                         hit = cached.get(unit.request_hash)
                         if hit is not None:
@@ -271,6 +305,7 @@ class Engine:
         except BaseExceptionGroup as group_exc:
             raise _first_user_error(group_exc) from None
         finally:
+            batches.close()
             self.progress.stop()
             self.journal.close()
             if self.cache is not None:
@@ -357,8 +392,9 @@ class Engine:
         }
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
-        reservation = self.budget.reserve(unit.est_tokens, unit.spec.max_tokens)
         try:
+            max_tokens = _min_opt(unit.spec.max_tokens, self.targets[0].endpoint.max_tokens)
+            reservation = await self.budget.reserve(self.budget.worst_case(unit.est_tokens, max_tokens))
             if reservation is None:
                 self._stop_dispatch = True
                 self.totals.stopped = (
@@ -366,11 +402,15 @@ class Engine:
                     "raise it and rerun the same folder to continue"
                 )
                 return
-            record = await self._call(unit)
-            self.journal.append(record)  # on disk before it counts as done
-            if self.cache is not None and self.cfg.cache == "on" and _cacheable(record):
-                self.cache.append(record)
-            self.budget.settle(reservation, record["cost_usd"])
+            cost: float | None = None
+            try:
+                record = await self._call(unit)
+                cost = record["cost_usd"]
+                self.journal.append(record)  # on disk before it counts as done
+                if self.cache is not None and self.cfg.cache == "on" and _cacheable(record):
+                    self.cache.append(record)
+            finally:
+                await self.budget.settle(reservation, cost)
             self._count_result(record)
         finally:
             window.release()
