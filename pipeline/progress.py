@@ -20,6 +20,7 @@ class Progress:
         self.live = sys.stderr.isatty() if live is None else live
         self.total = self.done = self.ok = self.failed = self.running = self.throttled = 0
         self.cost: float | None = 0.0
+        self.tokens = 0
         self.label = ""
         self._bar: RichProgress | None = None
         self._task: int | None = None
@@ -48,8 +49,10 @@ class Progress:
         self.running += delta
 
     def rate(self) -> float:
-        elapsed = max(1e-9, time.monotonic() - self._started)
-        return (self.done - self._done_at_start) / elapsed
+        return (self.done - self._done_at_start) / self._elapsed()
+
+    def _elapsed(self) -> float:
+        return max(1e-9, time.monotonic() - self._started)
 
     def stats(self) -> str:
         cost = "unknown" if self.cost is None else f"${self.cost:.4f}"
@@ -58,12 +61,13 @@ class Progress:
         if self.cost is not None and fresh:
             projected = f" → ~${self.cost / fresh * (self.total - self._done_at_start):.4f}"
         return (
-            f"{self.rate():.1f}/s  in flight {self.running}  failed {self.failed}  429s {self.throttled}  "
-            f"cost {cost}{projected}"
+            f"{self.rate():.1f} calls/s  {self.tokens / self._elapsed():.0f} tok/s  in flight {self.running}  "
+            f"failed {self.failed}  429s {self.throttled}  cost {cost}{projected}"
         )
 
-    def advance(self, ok: bool, cost: float | None, throttled: int) -> None:
+    def advance(self, ok: bool, cost: float | None, throttled: int, tokens: int = 0) -> None:
         self.done += 1
+        self.tokens += tokens
         self.ok += ok
         self.failed += not ok
         self.throttled = throttled

@@ -8,17 +8,20 @@ after it. The manifest is rewritten atomically after every stage, so a crash lea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
@@ -26,7 +29,7 @@ from rich.console import Console
 from pipeline import exit_codes
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import UserError
-from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, target_for
+from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
@@ -182,33 +185,45 @@ class Runner:
     async def run(self) -> None:
         stages = self._stages()
         self._begin()
-        targets = self._targets() if any(s.needs_engine for s in stages) else []
+        fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
         con = self._connection()
         started = time.monotonic()
-        try:
-            with serving(self.cfg.model) as model:
-                if targets:
-                    targets[0] = target_for(model)
+        with contextlib.ExitStack() as servers:
+            targets: list[Target] = []
+
+            def start_targets() -> list[Target]:
+                """Start the model's server (if it has one) only when a stage really calls the model."""
+                if not targets:
+                    model = servers.enter_context(serving(self.cfg.model))
+                    targets.extend(target_for(m, self._limits_dir()) for m in [model, *fallbacks])
+                return targets
+
+            try:
                 for stage in stages:
-                    if not await self._run_stage(stage, con, targets):
+                    if not await self._run_stage(stage, con, start_targets):
                         break
-        finally:
-            con.close()
-            await _close_litellm_clients()
+            finally:
+                con.close()
+                await _close_litellm_clients()
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)
         self.manifest.save()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
 
-    def _targets(self) -> list[Target]:
-        models = [self.cfg.model] + [load_preset(self.paths.conf_dir, n, self.cfg) for n in self.cfg.model.fallbacks]
+    def _fallbacks(self) -> list[ModelConfig]:
+        """Fallback presets, checked (and their keys looked up) before any work starts."""
+        check_api_key(self.cfg.model)
+        models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in self.cfg.model.fallbacks]
         for model in models:
             check_api_key(model)
-            if model.serve is not None and model is not self.cfg.model:
+            if model.serve is not None:
                 raise UserError(
                     f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"
                 )
-        return [target_for(m) for m in models]
+        return models
+
+    def _limits_dir(self) -> Path:
+        return limits_folder(Path(self.cfg.paths.cache_dir))
 
     def _inputs(
         self, stage: Stage, con: duckdb.DuckDBPyConnection
@@ -246,7 +261,9 @@ class Runner:
         )
         return prev.get("status") == "done" and prev.get("fingerprint") == fp and outputs_exist
 
-    async def _run_stage(self, stage: Stage, con: duckdb.DuckDBPyConnection, targets: list[Target]) -> bool:
+    async def _run_stage(
+        self, stage: Stage, con: duckdb.DuckDBPyConnection, start_targets: Callable[[], list[Target]]
+    ) -> bool:
         """Runs (or skips) one stage; returns whether the stages after it should run."""
         relations, digests, texts = self._inputs(stage, con)
         fp = self._fingerprint(stage, digests)
@@ -269,7 +286,7 @@ class Runner:
         engine = (
             Engine(
                 con,
-                targets,
+                start_targets(),
                 self.cfg.generate,
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
@@ -370,12 +387,26 @@ def _paths(cfg: Config) -> RunPaths:
     return RunPaths(run_dir=Path(hydra_cfg.runtime.output_dir), conf_dir=conf_dir, root_dir=Path(cfg.paths.root_dir))
 
 
+def _record_failure(run_dir: Path, message: str) -> None:
+    """A sweep job's failure goes into its manifest, where the sweep summary finds it."""
+    manifest = Manifest.load(run_dir / "manifest.json")
+    manifest.data["failure"] = message
+    manifest.save()
+
+
 def run_job(raw: DictConfig) -> None:
-    """The Hydra job: one event loop, one line for user errors (exit 2), resumable on Ctrl+C (exit 130)."""
+    """The Hydra job: one event loop, one line for user errors (exit 2), resumable on Ctrl+C (exit 130).
+
+    In a sweep, a failed job records its error in its manifest and returns normally, so the other jobs
+    run and the sweep summary lists it; the summary then makes the sweep exit non-zero.
+    """
     redact = Redactor()
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter(redact))
     console = Console(stderr=True)
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = typed_config(raw)
         paths = _paths(cfg)
@@ -384,13 +415,23 @@ def run_job(raw: DictConfig) -> None:
         message = redact(str(exc))
         log.error("%s", message)
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        if in_sweep:
+            _record_failure(run_dir, message)
+            return
         sys.exit(exit_codes.USAGE)
     except KeyboardInterrupt:
         log.warning("interrupted")
         console.print(
             "[yellow]interrupted:[/] finished calls are kept in the journal; rerun the same command with "
-            f"hydra.run.dir={HydraConfig.get().runtime.output_dir} to resume",
+            f"hydra.run.dir={run_dir} to resume",
             highlight=False,
             soft_wrap=True,
         )
         sys.exit(exit_codes.INTERRUPTED)
+    except Exception as exc:
+        if not in_sweep:
+            raise
+        log.exception("job failed")
+        message = redact(f"{type(exc).__name__}: {exc}")
+        console.print(f"[bold red]job failed:[/] {message} (traceback in {run_dir / 'run.log'})", highlight=False)
+        _record_failure(run_dir, message)

@@ -94,18 +94,22 @@ def classify(exc: BaseException) -> tuple[str, int | None]:
     """Map a litellm exception to an outcome class. Order matters: subclasses before their parents."""
     lm = litellm()
     status = getattr(exc, "status_code", None)
+    body = getattr(exc, "body", None)
+    codes = {str(body.get(k, "")).lower() for k in ("code", "type")} if isinstance(body, dict) else set()
     text = str(exc).lower()
     if isinstance(exc, lm.ContextWindowExceededError):
         return "context_window", status
     if isinstance(exc, lm.ContentPolicyViolationError):
         return "content_policy", status
-    if isinstance(exc, lm.RateLimitError):
-        return ("quota_exhausted" if "insufficient_quota" in text else "rate_limited"), status
+    if isinstance(exc, lm.RateLimitError) or status == 429:
+        quota = "insufficient_quota" in codes or "insufficient_quota" in text or "exceeded your current quota" in text
+        return ("quota_exhausted" if quota else "rate_limited"), status
     if isinstance(exc, lm.Timeout):
         return "timeout", status
-    if isinstance(exc, lm.AuthenticationError | lm.PermissionDeniedError):
+    # Status before class: litellm raises BadRequestError for a 403 whose body says invalid_request_error.
+    if isinstance(exc, lm.AuthenticationError | lm.PermissionDeniedError) or status in (401, 403):
         return "auth", status
-    if isinstance(exc, lm.NotFoundError):
+    if isinstance(exc, lm.NotFoundError) or status == 404:
         return "not_found", status
     if isinstance(exc, lm.BadRequestError):
         if "context length" in text or "context_length_exceeded" in text:

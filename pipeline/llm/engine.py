@@ -11,6 +11,7 @@ tasks, never more than a window of them alive, so memory follows concurrency, no
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -130,7 +131,15 @@ def estimate_tokens(spec: RequestSpec) -> int:
     return int(chars / CHARS_PER_TOKEN * TOKEN_SAFETY) + 4
 
 
-def target_for(model: ModelConfig) -> Target:
+def limits_key(model: ModelConfig) -> str:
+    """Limits belong to the endpoint: (api_base, model id), unless the preset names a `limit_group`."""
+    raw = model.limits.limit_group or f"{model.api_base or 'default'}|{model.name}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
+    """A preset ready to call. With `limits_dir`, its rate limits are shared by every process on the machine."""
+    state_path = limits_dir / f"{limits_key(model)}.state" if limits_dir is not None else None
     endpoint = Endpoint(
         preset=model.preset,
         model=model.name,
@@ -143,7 +152,7 @@ def target_for(model: ModelConfig) -> Target:
     return Target(
         endpoint=endpoint,
         identity=model.identity or model.name,
-        limiter=EndpointLimiter(model.limits),
+        limiter=EndpointLimiter(model.limits, state_path=state_path),
         breaker=CircuitBreaker(threshold=max(5, model.limits.concurrency), cooldown_s=10.0),
         price=price_for(model),
     )
@@ -428,7 +437,10 @@ class Engine:
             t.failed += 1
             if len(t.first_errors) < 3:
                 t.first_errors.append(f"{record['error_type']}: {record['error_message']}")
-        self.progress.advance(ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self._throttled())
+        tokens = (record["prompt_tokens"] or 0) + (record["completion_tokens"] or 0)
+        self.progress.advance(
+            ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self._throttled(), tokens=tokens
+        )
         if t.ok == 0 and t.failed >= self.cfg.fail_fast_after:
             raise UserError(
                 f"the first {t.failed} calls all failed (first: {t.first_errors[0] if t.first_errors else '?'}); "
@@ -640,3 +652,7 @@ def journal_folder(run_dir: Path) -> Path:
 
 def cache_folder(cache_dir: Path) -> Path:
     return cache_dir / "responses"
+
+
+def limits_folder(cache_dir: Path) -> Path:
+    return cache_dir / "limits"

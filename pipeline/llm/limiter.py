@@ -3,18 +3,78 @@
 Every wait is computed from the bucket's level and rate (no polling loops). Buckets start nearly empty
 and hold only `burst_seconds` of rate, because a full minute of burst trips real providers. The clock is
 injected so the arithmetic is unit-tested with a fake clock.
+
+The buckets' state (levels, time stamps, the 429 pause) lives in a `State`: in this process's memory, or
+in a small file under the cache folder, updated under `flock`, so that parallel sweep jobs and worker
+processes on one machine share one endpoint's limit. The arithmetic is the same for both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import math
+import os
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import LimitsConfig
 
 Clock = Callable[[], float]
+SLOTS = 7  # requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until
+
+
+class MemoryState:
+    """Limiter state held by this process alone."""
+
+    def __init__(self, size: int = SLOTS) -> None:
+        self._values = [math.nan] * size
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[list[float]]:
+        yield self._values
+
+
+class FileState:
+    """Limiter state in a file shared by every process on this machine, read and written under `flock`.
+
+    A process killed while holding the lock releases it with its descriptor, so nobody waits on a dead
+    process. The clock must be system-wide (`time.monotonic` is, on Linux).
+    """
+
+    def __init__(self, path: Path, size: int = SLOTS) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._format = f"<{size}d"
+        self._size = struct.calcsize(self._format)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with self._flock():
+            if os.fstat(self._fd).st_size < self._size:
+                os.pwrite(self._fd, struct.pack(self._format, *([math.nan] * size)), 0)
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[list[float]]:
+        with self._flock():
+            values = list(struct.unpack(self._format, os.pread(self._fd, self._size, 0)))
+            yield values
+            os.pwrite(self._fd, struct.pack(self._format, *values), 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+State = MemoryState | FileState
 
 
 class TokenBucket:
@@ -24,43 +84,61 @@ class TokenBucket:
     callers are served first come, first served, and the wait is exact rather than polled.
     """
 
-    def __init__(self, rate_per_s: float, burst_s: float, clock: Clock, initial_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst_s: float,
+        clock: Clock,
+        initial_s: float = 0.25,
+        state: State | None = None,
+        slot: int = 0,
+    ) -> None:
         if rate_per_s <= 0:
             raise ValueError("rate must be positive")
         self.rate = rate_per_s
         self.capacity = max(1.0, rate_per_s * burst_s)
         self._clock = clock
-        self._level = min(self.capacity, rate_per_s * initial_s)
-        self._stamp = clock()
+        self._initial = min(self.capacity, rate_per_s * initial_s)
+        self._state = state or MemoryState(2)
+        self._slot = slot
+        with self._bucket():
+            pass
 
-    def _refill(self) -> None:
-        now = self._clock()
-        self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
-        self._stamp = now
+    @contextlib.contextmanager
+    def _bucket(self) -> Iterator[list[float]]:
+        """The state's [level, stamp] pair, refilled to now; changes to index 0 are written back."""
+        with self._state.locked() as values:
+            now = self._clock()
+            level, stamp = values[self._slot], values[self._slot + 1]
+            if math.isnan(level) or math.isnan(stamp):
+                level, stamp = self._initial, now
+            pair = [min(self.capacity, level + max(0.0, now - stamp) * self.rate), now]
+            yield pair
+            values[self._slot], values[self._slot + 1] = pair
 
     @property
     def level(self) -> float:
-        self._refill()
-        return self._level
+        with self._bucket() as pair:
+            return pair[0]
 
     def reserve(self, amount: float) -> float:
-        self._refill()
-        self._level -= amount
-        return 0.0 if self._level >= 0 else -self._level / self.rate
+        with self._bucket() as pair:
+            pair[0] -= amount
+            return 0.0 if pair[0] >= 0 else -pair[0] / self.rate
 
     def credit(self, amount: float) -> None:
         """Give back (or, negative, take) tokens after the real usage is known."""
-        self._refill()
-        self._level = min(self.capacity, self._level + amount)
+        with self._bucket() as pair:
+            pair[0] = min(self.capacity, pair[0] + amount)
 
     def cap_level(self, remaining: float) -> None:
         """Never believe we have more than the provider says remains (x-ratelimit-remaining-*)."""
-        self._refill()
-        self._level = min(self._level, remaining)
+        with self._bucket() as pair:
+            pair[0] = min(pair[0], remaining)
 
     def drain(self) -> None:
-        self._refill()
-        self._level = min(self._level, 0.0)
+        with self._bucket() as pair:
+            pair[0] = min(pair[0], 0.0)
 
 
 @dataclass
@@ -111,24 +189,33 @@ class AdaptiveCap:
 
 
 class EndpointLimiter:
-    """All limits of one endpoint: concurrency (AIMD), requests/min, input and output tokens/min, 429 pause."""
+    """All limits of one endpoint: concurrency (AIMD), requests/min, input and output tokens/min, 429 pause.
 
-    def __init__(self, limits: LimitsConfig, clock: Clock = time.monotonic) -> None:
+    With a `state_path`, the buckets and the 429 pause are shared with every process using the same file;
+    the concurrency cap stays per process.
+    """
+
+    def __init__(self, limits: LimitsConfig, clock: Clock = time.monotonic, state_path: Path | None = None) -> None:
         self._clock = clock
+        self._state: State = FileState(state_path) if state_path is not None else MemoryState()
         self.cap = AdaptiveCap(limits.concurrency)
         burst = limits.burst_seconds
-        self.requests = (
-            TokenBucket(limits.requests_per_minute / 60, burst, clock) if limits.requests_per_minute else None
-        )
-        self.input_tokens = (
-            TokenBucket(limits.input_tokens_per_minute / 60, burst, clock) if limits.input_tokens_per_minute else None
-        )
-        self.output_tokens = (
-            TokenBucket(limits.output_tokens_per_minute / 60, burst, clock) if limits.output_tokens_per_minute else None
-        )
+
+        def bucket(per_minute: float | None, slot: int) -> TokenBucket | None:
+            if not per_minute:
+                return None
+            return TokenBucket(per_minute / 60, burst, clock, state=self._state, slot=slot)
+
+        self.requests = bucket(limits.requests_per_minute, 0)
+        self.input_tokens = bucket(limits.input_tokens_per_minute, 2)
+        self.output_tokens = bucket(limits.output_tokens_per_minute, 4)
         self.reserve_max_tokens = limits.reserve_max_tokens
-        self.paused_until = 0.0
         self.throttled = 0
+
+    @property
+    def paused_until(self) -> float:
+        with self._state.locked() as values:
+            return 0.0 if math.isnan(values[6]) else values[6]
 
     def pause_wait(self) -> float:
         return max(0.0, self.paused_until - self._clock())
@@ -166,7 +253,9 @@ class EndpointLimiter:
     def on_throttle(self, retry_after_s: float | None, backoff_s: float) -> None:
         """A 429: every worker on this endpoint waits until Retry-After (or a back-off), then ramps back."""
         self.throttled += 1
-        self.paused_until = max(self.paused_until, self._clock() + (retry_after_s or backoff_s))
+        with self._state.locked() as values:
+            until = self._clock() + (retry_after_s or backoff_s)
+            values[6] = until if math.isnan(values[6]) else max(values[6], until)
         self.cap.on_throttle()
         for bucket in (self.requests, self.input_tokens):
             if bucket is not None:

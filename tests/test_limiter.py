@@ -1,0 +1,663 @@
+"""Fake-clock unit tests of the limiter arithmetic (buckets, AIMD cap, circuit breaker) and engine helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+
+import pytest
+
+from pipeline.config import LimitsConfig
+from pipeline.llm.engine import BACKOFF_BASE_S, BACKOFF_CAP_S, Budget, backoff_s, estimate_tokens
+from pipeline.llm.limiter import AdaptiveCap, CircuitBreaker, EndpointLimiter, Reservation, TokenBucket
+from pipeline.llm.prices import Price
+from pipeline.llm.records import RequestSpec
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+# --------------------------------------------------------------------------- TokenBucket
+
+
+def test_bucket_starts_nearly_empty_with_burst_capacity() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, burst_s=2.0, clock=clock)
+    assert bucket.capacity == pytest.approx(20.0)
+    assert bucket.level == pytest.approx(10.0 * 0.25)
+
+
+def test_bucket_capacity_is_at_least_one_token() -> None:
+    bucket = TokenBucket(0.1, burst_s=2.0, clock=FakeClock())  # 0.2 tokens of burst would never admit a call
+    assert bucket.capacity == 1.0
+
+
+def test_bucket_rejects_non_positive_rate() -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(0.0, 2.0, FakeClock())
+
+
+def test_reserve_within_level_is_free() -> None:
+    bucket = TokenBucket(10.0, 2.0, FakeClock())
+    assert bucket.reserve(1) == 0.0
+    assert bucket.level == pytest.approx(1.5)
+
+
+def test_reserve_waits_exactly_off_the_debt() -> None:
+    bucket = TokenBucket(10.0, 2.0, FakeClock())
+    level = bucket.level
+    n = 5
+    assert bucket.reserve(n) == pytest.approx((n - level) / 10.0)  # (5 - 2.5) / 10 = 0.25 s
+
+
+def test_successive_reservations_queue_by_one_over_rate() -> None:
+    bucket = TokenBucket(10.0, 2.0, FakeClock())
+    bucket.reserve(bucket.level)  # empty it exactly
+    waits = [bucket.reserve(1) for _ in range(5)]
+    assert waits[0] == pytest.approx(0.1)
+    for earlier, later in itertools.pairwise(waits):
+        assert later - earlier == pytest.approx(1 / 10.0)
+
+
+def test_wait_is_paid_off_by_the_clock() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    wait = bucket.reserve(7.5)  # 2.5 - 7.5 = -5 tokens -> 0.5 s
+    assert wait == pytest.approx(0.5)
+    clock.advance(wait)
+    assert bucket.level == pytest.approx(0.0, abs=1e-9)
+    assert bucket.reserve(1) == pytest.approx(0.1)
+
+
+def test_refill_never_exceeds_capacity() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    clock.advance(3600)
+    assert bucket.level == pytest.approx(bucket.capacity)
+    # A burst of `capacity` goes at once, the next one waits a full 1/rate.
+    assert bucket.reserve(bucket.capacity) == 0.0
+    assert bucket.reserve(1) == pytest.approx(0.1)
+
+
+def test_credit_gives_back_the_overestimate() -> None:
+    bucket = TokenBucket(100.0, 2.0, FakeClock())  # level 25
+    before = bucket.level
+    bucket.reserve(100)  # estimated
+    assert bucket.level == pytest.approx(before - 100)
+    bucket.credit(100 - 40)  # actually used 40
+    assert bucket.level == pytest.approx(before - 40)
+
+
+def test_negative_credit_takes_the_underestimate() -> None:
+    bucket = TokenBucket(100.0, 2.0, FakeClock())
+    before = bucket.level
+    bucket.reserve(10)
+    bucket.credit(10 - 30)  # used 30, not 10
+    assert bucket.level == pytest.approx(before - 30)
+
+
+def test_credit_never_exceeds_capacity() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    clock.advance(100)
+    bucket.credit(1000)
+    assert bucket.level == pytest.approx(bucket.capacity)
+
+
+def test_cap_level_tightens_but_never_loosens() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    clock.advance(100)  # full: 20
+    bucket.cap_level(3)
+    assert bucket.level == pytest.approx(3)
+    bucket.cap_level(50)  # the provider saying more remains does not add tokens
+    assert bucket.level == pytest.approx(3)
+
+
+def test_drain_empties_but_keeps_debt() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    clock.advance(100)
+    bucket.drain()
+    assert bucket.level == 0.0
+    assert bucket.reserve(1) == pytest.approx(0.1)
+    bucket.drain()  # already in debt: stays in debt
+    assert bucket.level == pytest.approx(-1.0)
+
+
+# --------------------------------------------------------------------------- TokenBucket, simulated load
+
+
+def _max_in_window(sends: list[float], width: float = 1.0, start_after: float = 0.0) -> int:
+    """The most sends in any half-open window [t, t + width) that starts at a send at or after `start_after`."""
+    best = 0
+    for i, t in enumerate(sends):
+        if t < start_after:
+            continue
+        best = max(best, bisect.bisect_left(sends, t + width - 1e-9) - i)
+    return best
+
+
+def _simulate(arrivals: list[float], rate: float, burst_s: float) -> list[float]:
+    clock = FakeClock(0.0)
+    bucket = TokenBucket(rate, burst_s, clock)
+    sends = []
+    for at in arrivals:
+        clock.advance(at - clock.now)
+        sends.append(clock.now + bucket.reserve(1))
+    return sorted(sends)
+
+
+@pytest.mark.parametrize("pattern", ["backlog", "random", "idle-then-burst"])
+def test_bucket_keeps_the_rate_under_load(pattern: str) -> None:
+    rate, burst_s, n = 50.0, 2.0, 1000
+    capacity = rate * burst_s
+    rng = random.Random(0)
+    if pattern == "backlog":  # everyone at once
+        arrivals = [0.0] * n
+    elif pattern == "random":  # demand 2x the rate, arriving at random
+        arrivals = sorted(rng.uniform(0, n / (2 * rate)) for _ in range(n))
+    else:  # a trickle, a long idle that fills the bucket, then a stampede
+        arrivals = [i * 0.1 for i in range(20)] + [10.0] * (n - 20)
+    sends = _simulate(arrivals, rate, burst_s)
+    assert len(sends) == n
+    assert sends == sorted(sends)
+    # Never more than one second of rate plus a full burst in any one second.
+    assert _max_in_window(sends, start_after=1.0) <= rate + capacity
+    assert _max_in_window(sends) <= rate + capacity
+    # Over 20 simulated seconds of saturated demand the bucket delivers (nearly) its rate.
+    start = arrivals[0] if pattern != "idle-then-burst" else 10.0
+    sent = sum(1 for t in sends if start <= t < start + 20.0)
+    expected = n - 20 if pattern == "idle-then-burst" else n
+    assert sent >= min(expected, 0.97 * rate * 20)
+
+
+def test_bucket_idle_burst_is_bounded_by_capacity() -> None:
+    sends = _simulate([0.0] + [100.0] * 300, 50.0, 2.0)
+    at_once = sum(1 for t in sends if t == 100.0)
+    assert at_once == 100  # exactly capacity goes immediately after a long idle
+    assert _max_in_window(sends, start_after=1.0) <= 150
+
+
+# --------------------------------------------------------------------------- EndpointLimiter
+
+
+def _limiter(clock: FakeClock, **limits: object) -> EndpointLimiter:
+    return EndpointLimiter(LimitsConfig(**limits), clock=clock)  # type: ignore[arg-type]
+
+
+COMBINED = {
+    "concurrency": 8,
+    "requests_per_minute": 60,  # 1/s: level 0.25, capacity 2
+    "input_tokens_per_minute": 6000,  # 100/s: level 25, capacity 200
+    "output_tokens_per_minute": 600,  # 10/s: level 2.5, capacity 20
+    "burst_seconds": 2.0,
+    "reserve_max_tokens": True,
+}
+
+
+def test_limiter_without_limits_never_waits() -> None:
+    limiter = _limiter(FakeClock())
+    for _ in range(1000):
+        wait, _ = limiter.reserve(10_000, 10_000)
+        assert wait == 0.0
+
+
+@pytest.mark.parametrize(
+    ("input_tokens", "max_output", "expected"),
+    [
+        (10, 5, 0.75),  # requests dominate: (1 - 0.25) / 1
+        (125, 0, 1.0),  # input tokens dominate: (125 - 25) / 100 (and requests 0.75)
+        (10, 20, 1.75),  # output tokens dominate: (20 - 2.5) / 10
+    ],
+)
+def test_limiter_wait_is_the_max_of_its_buckets(input_tokens: float, max_output: float, expected: float) -> None:
+    limiter = _limiter(FakeClock(), **COMBINED)
+    wait, reservation = limiter.reserve(input_tokens, max_output)
+    assert wait == pytest.approx(expected)
+    assert reservation == Reservation(input_tokens, max_output)
+
+
+def test_limiter_without_reserve_max_tokens_leaves_output_bucket_alone() -> None:
+    limiter = _limiter(FakeClock(), **{**COMBINED, "reserve_max_tokens": False})
+    assert limiter.output_tokens is not None
+    before = limiter.output_tokens.level
+    wait, reservation = limiter.reserve(10, 10_000)
+    assert wait == pytest.approx(0.75)  # only the request bucket
+    assert reservation.output_tokens == 0.0
+    assert limiter.output_tokens.level == pytest.approx(before)
+    limiter.settle(reservation, 10, 7)  # output is paid after the fact
+    assert limiter.output_tokens.level == pytest.approx(before - 7)
+
+
+def test_settle_returns_the_unused_reservation() -> None:
+    limiter = _limiter(FakeClock(), **COMBINED)
+    assert limiter.input_tokens is not None and limiter.output_tokens is not None
+    in_before, out_before = limiter.input_tokens.level, limiter.output_tokens.level
+    _, reservation = limiter.reserve(100, 20)
+    assert limiter.input_tokens.level == pytest.approx(in_before - 100)
+    assert limiter.output_tokens.level == pytest.approx(out_before - 20)
+    limiter.settle(reservation, input_tokens=40, output_tokens=5)
+    assert limiter.input_tokens.level == pytest.approx(in_before - 40)
+    assert limiter.output_tokens.level == pytest.approx(out_before - 5)
+
+
+def test_settle_without_usage_keeps_the_estimate() -> None:
+    limiter = _limiter(FakeClock(), **COMBINED)
+    assert limiter.input_tokens is not None and limiter.output_tokens is not None
+    _, reservation = limiter.reserve(100, 20)
+    in_level, out_level = limiter.input_tokens.level, limiter.output_tokens.level
+    limiter.settle(reservation, None, None)  # a failed call reports no usage
+    assert limiter.input_tokens.level == pytest.approx(in_level)
+    assert limiter.output_tokens.level == pytest.approx(out_level)
+
+
+def test_throttle_pauses_the_endpoint_until_retry_after() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, concurrency=8)
+    assert limiter.pause_wait() == 0.0
+    limiter.on_throttle(retry_after_s=3, backoff_s=0.5)
+    assert limiter.throttled == 1
+    assert limiter.pause_wait() == pytest.approx(3.0)
+    wait, _ = limiter.reserve(1, 1)  # the pause is part of every reservation's wait
+    assert wait == pytest.approx(3.0)
+    clock.advance(1.0)
+    assert limiter.pause_wait() == pytest.approx(2.0)
+    clock.advance(2.0)
+    assert limiter.pause_wait() == 0.0
+    clock.advance(5.0)
+    assert limiter.pause_wait() == 0.0
+
+
+def test_throttle_without_retry_after_uses_the_backoff() -> None:
+    limiter = _limiter(FakeClock(), concurrency=8)
+    limiter.on_throttle(retry_after_s=None, backoff_s=0.5)
+    assert limiter.pause_wait() == pytest.approx(0.5)
+
+
+def test_throttle_never_shortens_an_existing_pause() -> None:
+    limiter = _limiter(FakeClock(), concurrency=8)
+    limiter.on_throttle(retry_after_s=10, backoff_s=0.5)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5)
+    assert limiter.pause_wait() == pytest.approx(10.0)
+
+
+def test_throttle_drains_request_and_input_buckets() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, **COMBINED)
+    clock.advance(100)  # all full
+    limiter.on_throttle(retry_after_s=0.0, backoff_s=0.0)
+    assert limiter.requests is not None and limiter.input_tokens is not None
+    assert limiter.requests.level == 0.0
+    assert limiter.input_tokens.level == 0.0
+
+
+def test_throttle_halves_the_cap_and_successes_grow_it_back() -> None:
+    limiter = _limiter(FakeClock(), concurrency=8)
+    cap = limiter.cap
+    assert cap.limit == 8.0
+    halvings = []
+    for _ in range(5):
+        limiter.on_throttle(retry_after_s=1, backoff_s=0.5)
+        halvings.append(cap.limit)
+    assert halvings == [4.0, 2.0, 1.0, 1.0, 1.0]  # never below one
+    previous = cap.limit
+    for _ in range(3):
+        limiter.on_success()
+        assert cap.limit == pytest.approx(previous + 1 / previous)  # additive: +1 per limit's worth
+        previous = cap.limit
+    for _ in range(200):
+        limiter.on_success()
+        assert cap.limit <= cap.maximum
+    assert cap.limit == cap.maximum
+
+
+def test_cap_maximum_is_at_least_one() -> None:
+    cap = AdaptiveCap(0)
+    assert cap.maximum == 1 and cap.limit == 1.0
+
+
+def test_remaining_requests_header_drains_the_request_bucket() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, requests_per_minute=600)  # 10/s, capacity 20
+    clock.advance(100)
+    assert limiter.reserve(1, 0)[0] == 0.0
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "0"})
+    wait, _ = limiter.reserve(1, 0)
+    assert wait == pytest.approx(0.1)
+
+
+def test_remaining_tokens_header_caps_the_input_bucket() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, input_tokens_per_minute=6000)  # 100/s
+    clock.advance(100)
+    limiter.observe_headers({"x-ratelimit-remaining-tokens": "30"})
+    assert limiter.input_tokens is not None
+    assert limiter.input_tokens.level == pytest.approx(30)
+    assert limiter.reserve(50, 0)[0] == pytest.approx(0.2)
+
+
+def test_unparseable_or_absent_headers_are_ignored() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, requests_per_minute=600, input_tokens_per_minute=6000)
+    clock.advance(100)
+    limiter.observe_headers({"x-ratelimit-remaining-requests": "soon", "x-ratelimit-remaining-tokens": "30"})
+    assert limiter.requests is not None and limiter.input_tokens is not None
+    assert limiter.requests.level == pytest.approx(limiter.requests.capacity)
+    assert limiter.input_tokens.level == pytest.approx(30)  # the parseable one still applies
+    _limiter(clock).observe_headers({"x-ratelimit-remaining-requests": "0"})  # no bucket: nothing to do
+
+
+# --------------------------------------------------------------------------- AdaptiveCap under asyncio
+
+
+async def _run_holders(cap: AdaptiveCap, count: int, hold_s: float = 0.001) -> int:
+    """`count` tasks take the cap, hold it briefly and release; returns the most holding it at once."""
+    holding = 0
+    most = 0
+
+    async def worker() -> None:
+        nonlocal holding, most
+        await cap.acquire()
+        try:
+            holding += 1
+            most = max(most, holding)
+            await asyncio.sleep(hold_s)
+        finally:
+            holding -= 1
+            await cap.release()
+
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(count))), timeout=5)
+    return most
+
+
+def test_cap_admits_at_most_maximum() -> None:
+    async def main() -> None:
+        cap = AdaptiveCap(3)
+        gate = asyncio.Event()
+        holding: list[int] = []
+
+        async def worker(i: int) -> None:
+            await cap.acquire()
+            holding.append(i)
+            await gate.wait()
+            holding.remove(i)
+            await cap.release()
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(5)]
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(holding) == 3
+        assert cap.in_use == 3
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+        assert cap.in_use == 0
+        assert await _run_holders(cap, 5) == 3
+
+    asyncio.run(main())
+
+
+def test_cap_admits_fewer_after_throttle_and_more_after_successes() -> None:
+    async def main() -> None:
+        cap = AdaptiveCap(3)
+        cap.on_throttle()  # 3 -> 1.5: one at a time
+        assert await _run_holders(cap, 4) == 1
+        cap.on_success()  # 1.5 + 1/1.5 = 2.17: two at a time
+        assert await _run_holders(cap, 4) == 2
+        for _ in range(10):
+            cap.on_success()
+        assert await _run_holders(cap, 5) == 3
+
+    asyncio.run(main())
+
+
+def test_cap_throttle_while_full_holds_back_new_acquirers() -> None:
+    async def main() -> None:
+        cap = AdaptiveCap(4)
+        for _ in range(4):
+            await cap.acquire()
+        cap.on_throttle()  # limit 2 while 4 are in flight
+        waiter = asyncio.create_task(cap.acquire())
+        for expected_done in (False, False, True):  # 4 -> 3 -> 2 -> 1 in use: it goes once fewer than 2 are
+            await cap.release()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert waiter.done() == expected_done
+        assert cap.in_use == 2
+
+    asyncio.run(main())
+
+
+def test_cap_growth_wakes_a_waiter_without_a_release() -> None:
+    async def main() -> None:
+        cap = AdaptiveCap(2)
+        cap.on_throttle()  # limit 1
+        await cap.acquire()
+        waiter = asyncio.create_task(cap.acquire())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        cap.on_success()  # limit 2: room for the waiter, nobody released
+        await asyncio.wait_for(waiter, timeout=1)
+        assert cap.in_use == 2
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- CircuitBreaker
+
+
+def test_breaker_opens_after_threshold_consecutive_failures() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=3, cooldown_s=10.0, clock=clock)
+    assert breaker.state == "closed" and breaker.wait() == 0.0
+    breaker.record(False)
+    breaker.record(False)
+    assert breaker.state == "closed" and breaker.wait() == 0.0
+    breaker.record(False)
+    assert breaker.state == "open"
+    assert breaker.wait() == pytest.approx(10.0)
+    clock.advance(4.0)
+    assert breaker.state == "open"
+    assert breaker.wait() == pytest.approx(6.0)
+
+
+def test_breaker_counts_only_consecutive_failures() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown_s=10.0, clock=FakeClock())
+    for ok in (False, False, True, False, False, True, False, False):
+        breaker.record(ok)
+    assert breaker.state == "closed"
+    assert breaker.failures == 2
+
+
+def _open_breaker(clock: FakeClock) -> CircuitBreaker:
+    breaker = CircuitBreaker(threshold=2, cooldown_s=10.0, clock=clock)
+    breaker.record(False)
+    breaker.record(False)
+    assert breaker.state == "open"
+    return breaker
+
+
+def test_breaker_half_open_admits_exactly_one_probe() -> None:
+    clock = FakeClock()
+    breaker = _open_breaker(clock)
+    clock.advance(10.5)
+    assert breaker.state == "half-open"
+    assert breaker.wait() == 0.0  # the probe
+    assert breaker.wait() > 0  # a concurrent caller waits
+    assert breaker.wait() > 0
+
+
+def test_breaker_failed_probe_reopens() -> None:
+    clock = FakeClock()
+    breaker = _open_breaker(clock)
+    clock.advance(10.5)
+    assert breaker.wait() == 0.0
+    breaker.record(False)
+    assert breaker.state == "open"
+    assert breaker.wait() == pytest.approx(10.0)  # a full cooldown from the failed probe
+    clock.advance(10.0)
+    assert breaker.state == "half-open"
+    assert breaker.wait() == 0.0  # a new probe is admitted
+
+
+def test_breaker_successful_probe_closes_and_resets() -> None:
+    clock = FakeClock()
+    breaker = _open_breaker(clock)
+    clock.advance(10.5)
+    assert breaker.wait() == 0.0
+    breaker.record(True)
+    assert breaker.state == "closed"
+    assert breaker.failures == 0
+    assert breaker.wait() == 0.0
+    assert breaker.wait() == 0.0  # everyone goes again
+    breaker.record(False)  # one failure after closing does not reopen it
+    assert breaker.state == "closed"
+
+
+# --------------------------------------------------------------------------- engine helpers
+
+
+@pytest.mark.parametrize("attempt_no", range(12))
+def test_backoff_is_full_jitter_within_the_cap(attempt_no: int) -> None:
+    rng = random.Random(0)
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt_no)
+    draws = [backoff_s(attempt_no, None, rng) for _ in range(500)]
+    assert all(0.0 <= d <= ceiling for d in draws)
+    assert max(draws) > 0.5 * ceiling  # jitter spans the range rather than sitting at zero
+
+
+@pytest.mark.parametrize("retry_after", [0.0, 0.1, 2.0, 45.0])
+def test_backoff_is_never_below_retry_after(retry_after: float) -> None:
+    rng = random.Random(0)
+    for attempt_no in range(10):
+        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt_no)
+        for _ in range(100):
+            delay = backoff_s(attempt_no, retry_after, rng)
+            assert retry_after <= delay <= max(retry_after, ceiling)
+
+
+def test_backoff_is_reproducible_with_a_seed() -> None:
+    a, b = random.Random(0), random.Random(0)
+    assert [backoff_s(n, None, a) for n in range(8)] == [backoff_s(n, None, b) for n in range(8)]
+
+
+PRICE = Price(input_per_token=0.25, output_per_token=0.5)  # binary fractions: sums are exact
+
+
+def test_budget_worst_case_prices_input_and_max_tokens() -> None:
+    budget = Budget(max_cost_usd=10.0, price=PRICE)
+    assert budget.worst_case(4, 4) == 3.0
+    assert budget.worst_case(4, None) == 1.0  # no max_tokens: output counted as zero
+    assert Budget(10.0, Price(None, None)).worst_case(4, 4) == 0.0
+
+
+def test_budget_refuses_the_call_that_could_cross_with_nothing_in_flight() -> None:
+    async def main() -> None:
+        budget = Budget(max_cost_usd=10.0, price=PRICE)
+        assert await budget.reserve(10.5) is None  # alone it would cross
+        assert budget.reserved == 0.0 and budget.in_flight == 0  # a refusal reserves nothing
+        first = await budget.reserve(3.0)
+        assert first == 3.0
+        await budget.settle(first, 8.0)
+        assert await budget.reserve(3.0) is None  # 8 spent + 3 > 10
+        assert await budget.reserve(2.0) == 2.0  # a smaller call still fits: exactly at the limit
+
+    asyncio.run(main())
+
+
+def test_budget_settle_moves_reserved_to_spent() -> None:
+    async def main() -> None:
+        budget = Budget(max_cost_usd=10.0, price=PRICE)
+        a = await budget.reserve(3.0)
+        b = await budget.reserve(3.0)
+        assert a == b == 3.0
+        assert budget.reserved == 6.0 and budget.in_flight == 2 and budget.spent == 0.0
+        assert a is not None and b is not None
+        await budget.settle(a, 1.25)
+        assert budget.reserved == 3.0 and budget.in_flight == 1 and budget.spent == 1.25
+        await budget.settle(b, None)  # unknown actual cost counts as nothing spent
+        assert budget.reserved == 0.0 and budget.in_flight == 0 and budget.spent == 1.25
+
+    asyncio.run(main())
+
+
+def test_budget_call_that_does_not_fit_waits_for_in_flight_calls() -> None:
+    async def main() -> None:
+        budget = Budget(max_cost_usd=10.0, price=PRICE)
+        held = [await budget.reserve(3.0) for _ in range(3)]
+        assert held == [3.0, 3.0, 3.0] and budget.reserved == 9.0
+        fourth = asyncio.create_task(budget.reserve(3.0))  # 9 + 3 > 10, but calls are in flight
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not fourth.done()
+        await budget.settle(3.0, 1.25)  # 1.25 + 6 + 3 > 10: still waits
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not fourth.done()
+        await budget.settle(3.0, 0.5)  # 1.75 + 3 + 3 <= 10: goes
+        assert await asyncio.wait_for(fourth, timeout=1) == 3.0
+        assert budget.reserved == 6.0 and budget.in_flight == 2
+        assert budget.spent + budget.reserved <= budget.limit  # type: ignore[operator]
+
+    asyncio.run(main())
+
+
+def test_budget_waiter_is_refused_when_the_last_call_settles_and_it_still_does_not_fit() -> None:
+    async def main() -> None:
+        budget = Budget(max_cost_usd=10.0, price=PRICE)
+        held = await budget.reserve(6.0)
+        assert held == 6.0
+        waiter = asyncio.create_task(budget.reserve(6.0))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiter.done()
+        await budget.settle(held, 5.0)  # 5 + 6 > 10 and nothing left in flight
+        assert await asyncio.wait_for(waiter, timeout=1) is None
+        assert budget.reserved == 0.0 and budget.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_budget_without_limit_never_refuses() -> None:
+    async def main() -> None:
+        budget = Budget(max_cost_usd=None, price=PRICE)
+        for _ in range(100):
+            reservation = await budget.reserve(1e9)
+            assert reservation == 0.0
+            await budget.settle(reservation, 1.0)
+        assert budget.spent == 100.0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("messages", "schema"),
+    [
+        ([{"role": "user", "content": ""}], None),
+        ([{"role": "user", "content": "What is 2 + 2?"}], None),
+        ([{"role": "system", "content": "s" * 1000}, {"role": "user", "content": "u" * 3001}], None),
+        ([{"role": "user", "content": "x" * 40_000}], '{"type": "object", "properties": {"answer": {}}}'),
+        ([{"role": "assistant", "content": None}, {"role": "user", "content": "é" * 999}], None),
+    ],
+)
+def test_estimate_tokens_is_at_least_chars_over_four(messages: list[dict[str, str]], schema: str | None) -> None:
+    spec = RequestSpec(messages=messages, temperature=0.0, max_tokens=16, response_schema=schema)
+    chars = sum(len(m.get("content") or "") for m in messages)
+    estimate = estimate_tokens(spec)
+    assert estimate >= chars / 4
+    assert estimate >= (chars + len(schema or "")) / 4
+    assert estimate > 0
