@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -121,6 +122,15 @@ def load_preset(conf_dir: Path, name: str, cfg: Config) -> ModelConfig:
     return model
 
 
+def rerun_command(overrides: Any, run_dir: Path, redact: Redactor) -> str:
+    """The command that reproduces this run folder (resumes it; with the cache it makes no new calls).
+
+    Swap the run dir for a new folder to rebuild the same tables and exports elsewhere.
+    """
+    kept = [redact(str(o)) for o in overrides if not str(o).startswith("hydra.run.dir=")]
+    return shlex.join(["python", "run.py", *kept, f"hydra.run.dir={run_dir}"])
+
+
 def check_api_key(model: ModelConfig) -> None:
     if model.api_key_env and not os.environ.get(model.api_key_env):
         raise UserError(
@@ -176,8 +186,7 @@ class Runner:
                 "git": runs[-1]["git"],
                 "environment": environment(),
                 "model": {"preset": self.cfg.model.preset, "name": self.cfg.model.name},
-                "rerun": f"python run.py --config-dir {self.paths.run_dir / '.hydra'} --config-name config "
-                f"hydra.run.dir={self.paths.run_dir}",
+                "rerun": rerun_command(hydra_cfg.overrides.task, self.paths.run_dir, self.redact),
             }
         )
         self.manifest.save()

@@ -28,7 +28,7 @@ from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm import client
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
-from pipeline.llm.journal import ResultLog
+from pipeline.llm.journal import Claims, ResultLog
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
 from pipeline.llm.prices import Price, price_for
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec, request_hash, response_id
@@ -195,6 +195,8 @@ class Engine:
         self.cfg = cfg
         self.journal = journal
         self.cache = cache if cfg.cache != "off" else None
+        self.claims = Claims(cache.folder.parent / "claims") if cache is not None and cfg.cache == "on" else None
+        self.peer_con = con.cursor()  # looks up a peer process's answer while the other cursors are busy
         self.redact = redact
         self.progress = progress
         self.totals = Totals()
@@ -257,22 +259,23 @@ class Engine:
         for batch in self._pending_units(pending, build):
             yield batch, self._cached(batch)
 
-    def _cached(self, units: list[Unit]) -> dict[str, dict[str, Any]]:
+    def _cached(self, units: list[Unit], con: duckdb.DuckDBPyConnection | None = None) -> dict[str, dict[str, Any]]:
         """Records in the shared cache for these units' request hashes."""
         if self.cache is None or not (self.cache.part_files() or self.cache.journal_files()):
             return {}
+        con = con or self.side
         keys = pa.table({"request_hash": [u.request_hash for u in units]})
-        self.side.register("engine_lookup", keys)
-        cache_rel = self.cache.relation(self.side)
-        self.side.register("engine_cache", cache_rel)
-        rows = self.side.execute(
+        con.register("engine_lookup", keys)
+        cache_rel = self.cache.relation(con)
+        con.register("engine_cache", cache_rel)
+        rows = con.execute(
             "SELECT c.* FROM engine_cache c SEMI JOIN engine_lookup USING (request_hash) "
             "QUALIFY row_number() OVER (PARTITION BY request_hash ORDER BY created_at) = 1"
         )
         names = [d[0] for d in rows.description or []]
         found = [dict(zip(names, values, strict=True)) for values in rows.fetchall()]
-        self.side.unregister("engine_lookup")
-        self.side.unregister("engine_cache")
+        con.unregister("engine_lookup")
+        con.unregister("engine_cache")
         return {r["request_hash"]: r for r in found}
 
     # -- running --------------------------------------------------------------------------------------
@@ -412,6 +415,9 @@ class Engine:
                 )
                 return
             cost: float | None = None
+            if self.claims is not None and not await self._claim(unit):
+                await self.budget.settle(reservation, None)
+                return
             try:
                 record = await self._call(unit)
                 cost = record["cost_usd"]
@@ -419,10 +425,28 @@ class Engine:
                 if self.cache is not None and self.cfg.cache == "on" and _cacheable(record):
                     self.cache.append(record)
             finally:
+                if self.claims is not None:
+                    self.claims.release(unit.request_hash)
                 await self.budget.settle(reservation, cost)
             self._count_result(record)
         finally:
             window.release()
+
+    async def _claim(self, unit: Unit) -> bool:
+        """True when this process should send the request; False when a peer's answer was reused instead."""
+        assert self.claims is not None
+        delay, waited = 0.05, False
+        while not self.claims.try_claim(unit.request_hash):
+            waited = True
+            await asyncio.sleep(delay)  # a peer process is sending this very request right now
+            delay = min(1.0, delay * 2)
+        if waited:  # the peer is done: its answer is in the shared cache unless its call failed transiently
+            hit = self._cached([unit], self.peer_con).get(unit.request_hash)
+            if hit is not None:
+                self.claims.release(unit.request_hash)
+                self._reuse(unit, hit)
+                return False
+        return True
 
     def _count_result(self, record: dict[str, Any]) -> None:
         t = self.totals

@@ -142,3 +142,52 @@ class ResultLog:
             for path in files:  # a crash here leaves records in both places: readers deduplicate
                 path.unlink(missing_ok=True)
             return len(files)
+
+
+class Claims:
+    """Cross-process claims on request hashes, so parallel sweep jobs pay for an identical request once.
+
+    The first process to create a request's claim file (O_EXCL) sends it; the others wait until the claim
+    is released and then find the answer in the shared cache. A claim whose owner died (kill -9) is taken
+    over.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key
+
+    def try_claim(self, key: str) -> bool:
+        path = self._path(key)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if self.owner_alive(key):
+                    return False
+                path.unlink(missing_ok=True)  # the owner died: take the claim over
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        return False
+
+    def owner_alive(self, key: str) -> bool:
+        try:
+            pid = int(self._path(key).read_text() or "0")
+        except (FileNotFoundError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
