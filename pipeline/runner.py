@@ -153,9 +153,12 @@ class Runner:
     def _stages(self) -> list[Stage]:
         from stages import STAGES
 
-        unknown = [s for s in self.cfg.pipeline.stages if s not in STAGES]
-        if unknown:
-            raise UserError(f"pipeline.stages: unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGES)}")
+        for key in ("stages", "force"):
+            unknown = [s for s in getattr(self.cfg.pipeline, key) if s not in STAGES]
+            if unknown:
+                raise UserError(
+                    f"pipeline.{key}: unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGES)}"
+                )
         wanted = set(self.cfg.pipeline.stages)
         return [STAGES[name] for name in STAGE_ORDER if name in wanted]
 
@@ -351,8 +354,8 @@ class Runner:
 
     def _totals(self, seconds: float) -> dict[str, Any]:
         gen = self.manifest.data["stages"].get("generate", {}).get("metrics", {})
-        if gen.get("dry_run"):
-            gen = {}
+        if gen.get("dry_run") or self.ran.get("generate") != "ran":
+            gen = {}  # totals count what this invocation did: a skipped generate made no calls
         return {
             "calls": gen.get("calls", 0),
             "attempts": gen.get("attempts", 0),

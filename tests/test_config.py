@@ -1,0 +1,235 @@
+"""Config tests: every experiment and group option composes into the typed schema, every YAML key is
+documented, typos fail as usage errors (exit 2) naming the key, and `--help` / `--cfg` stay fast."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_env
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from pipeline import config_store
+from pipeline.config import Config
+
+CONF = ROOT / "conf"
+GROUPS = ("model", "prompt", "ingest", "generate", "validate", "export", "paths")
+EXPERIMENTS = sorted(CONF.glob("experiment/*.yaml"))
+GROUP_OPTIONS = sorted((group, path.stem) for group in GROUPS for path in (CONF / group).glob("*.yaml"))
+YAML_FILES = sorted(CONF.rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def hydra_conf() -> Iterator[None]:
+    """Hydra's compose API on the repo's conf/ with the typed schema registered, once per module."""
+    config_store.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+    HydraConfig.instance().cfg = None  # type: ignore[assignment]
+
+
+def compose_typed(overrides: list[str]) -> Config:
+    """Compose like `python run.py <overrides>` and resolve into the dataclass tree the runner uses."""
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations resolve against it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj
+
+
+# -- composing ------------------------------------------------------------------------------------------
+
+
+def test_found_configs() -> None:
+    assert EXPERIMENTS, "no conf/experiment/*.yaml"
+    for group in GROUPS:
+        assert any(g == group for g, _ in GROUP_OPTIONS), f"conf/{group}/ has no options"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_composes_to_typed_config(hydra_conf: None, path: Path) -> None:
+    cfg = compose_typed([f"+experiment={path.stem}"])
+    assert cfg.name == path.stem, "an experiment sets `name` to its own file name (run folders go by it)"
+    assert cfg.model.preset == "fake"
+    assert Path(cfg.paths.root_dir).is_absolute()
+    assert cfg.paths.data_dir == f"{cfg.paths.root_dir}/data"
+    assert set(cfg.pipeline.stages) <= {"ingest", "generate", "validate", "export"}
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_group_option_composes(hydra_conf: None, group: str, option: str) -> None:
+    cfg = compose_typed([f"{group}={option}"])
+    if group == "model":
+        assert cfg.model.preset == option
+        assert cfg.model.name
+    section = getattr(cfg, group)
+    assert section is not None
+
+
+def test_math_experiment_values(hydra_conf: None) -> None:
+    cfg = compose_typed(["+experiment=math"])
+    assert cfg.ingest.answer_schema_file == f"{cfg.paths.data_dir}/math/answer_schema.json"
+    assert Path(cfg.ingest.answer_schema_file).is_file()
+    assert Path(cfg.ingest.path).is_file()
+    assert cfg.validate.scorer == "numeric"
+    assert cfg.validate.tolerance == pytest.approx(0.01)
+    assert cfg.prompt.system, "the math experiment uses the math prompt, which has a system prompt"
+
+
+def test_unknown_override_fails_to_compose(hydra_conf: None) -> None:
+    with pytest.raises(Exception, match="tempreture"):
+        compose(config_name="config", overrides=["model.tempreture=1"])
+
+
+# -- conventions of the YAML files ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_header(path: Path) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# @package _global_", f"{path}: the first line must be `# @package _global_`"
+    comments = [line for line in lines[1:] if line.lstrip().startswith("#")]
+    assert comments, f"{path}: no comment after the package line"
+    expected = f"# python run.py +experiment={path.stem}"
+    assert comments[0].startswith(expected), f"{path}: first comment must be the command `{expected}`"
+    assert comments[0] == expected or comments[0][len(expected)] == " "
+
+
+KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z0-9_./@-]+|\"[^\"]*\"|'[^']*')\s*:(?:\s|$)")
+QUOTED = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^']|'')*'")
+BLOCK_SCALAR = re.compile(r":\s*[|>][-+0-9]*\s*(?:#.*)?$")
+
+
+def _has_inline_comment(line: str) -> bool:
+    unquoted = QUOTED.sub('""', line)
+    return re.search(r"(^|\s)#", unquoted) is not None
+
+
+def uncommented_keys(text: str) -> list[str]:
+    """`line N: key` for each mapping key with neither a `#` comment on its line nor a comment line
+    directly above it. List items and block scalars' continuation lines are exempt."""
+    missing: list[str] = []
+    lines = text.splitlines()
+    block_indent: int | None = None  # inside a block scalar: lines indented deeper than its key
+    item_indent: int | None = None  # inside a list item: lines indented at least as deep as its content
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if block_indent is not None:
+            if not stripped or indent > block_indent:
+                continue
+            block_indent = None
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("- ") or stripped == "-":
+            item_indent = indent + 2
+            continue
+        if item_indent is not None:
+            if indent >= item_indent:
+                continue
+            item_indent = None
+        match = KEY.match(line)
+        if match is None:
+            continue  # e.g. a flow collection's continuation line
+        if BLOCK_SCALAR.search(QUOTED.sub('""', line)):
+            block_indent = indent
+        above = lines[number - 2].strip() if number >= 2 else ""
+        if not (_has_inline_comment(line) or above.startswith("#")):
+            missing.append(f"line {number}: {match.group('key')}")
+    return missing
+
+
+def test_comment_checker_itself() -> None:
+    text = "\n".join(
+        [
+            "# header",
+            "a: 1",  # comment directly above
+            "b: 2  # inline",
+            "c: '# not a comment'",
+            "d:",
+            "  - x",
+            "  - y",
+            "# about e",
+            "e: >-",
+            "  folded text: with a colon",
+            "  more: text",
+            "f:",
+            "  g: 1  # ok",
+            "",
+            "h: 3",
+            "few_shot:  # examples",
+            "  - user: hi",
+            "    assistant: hello",
+            "i: 4",
+        ]
+    )
+    assert uncommented_keys(text) == ["line 4: c", "line 5: d", "line 12: f", "line 15: h", "line 19: i"]
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_key_has_a_comment(path: Path) -> None:
+    missing = uncommented_keys(path.read_text(encoding="utf-8"))
+    assert not missing, f"{path.relative_to(ROOT)}: keys without a comment: {'; '.join(missing)}"
+
+
+# -- the command line -----------------------------------------------------------------------------------
+
+
+def run_py(*args: str, cwd: Path = ROOT, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, *python_flags, str(ROOT / "run.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=60)
+
+
+def assert_usage_error(done: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert done.returncode == 2, f"exit {done.returncode}, expected 2\n{done.stderr}"
+    for name in names:
+        assert name in done.stderr, f"stderr does not name {name!r}:\n{done.stderr}"
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("override", ["model.tempreture=1", "generate.tempreture=0.5"])
+def test_typo_on_command_line_is_a_usage_error(tmp_path: Path, override: str) -> None:
+    done = run_py("+experiment=math", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_usage_error(done, "tempreture")
+    assert not (tmp_path / "run").exists(), "nothing is written for a config that does not compose"
+
+
+def test_typo_inside_yaml_is_a_usage_error(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    subprocess.run(["cp", "-r", str(CONF), str(conf)], check=True)
+    with open(conf / "generate" / "default.yaml", "a", encoding="utf-8") as fh:
+        fh.write("tempreture: 0.5  # a typo\n")
+    done = run_py("--config-path", str(conf), "+experiment=math", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_usage_error(done, "tempreture")
+    assert "generate" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [("--help",), ("+experiment=math", "--cfg", "job")], ids=["help", "cfg-job"])
+def test_help_and_cfg_are_fast_and_skip_litellm(args: tuple[str, ...]) -> None:
+    started = time.monotonic()
+    done = run_py(*args, python_flags=("-X", "importtime"))
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert seconds < 3.0, f"run.py {' '.join(args)} took {seconds:.1f}s"
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert imported, "no -X importtime output"
+    heavy = sorted({name for name in imported if name.split(".")[0] == "litellm"})
+    assert not heavy, f"run.py {' '.join(args)} imported {heavy[:5]}"
+    assert "litellm" not in done.stderr
+    if "--cfg" in args:
+        cfg = OmegaConf.create(done.stdout)
+        assert isinstance(cfg, DictConfig)
+        assert cfg.name == "math"
+        assert cfg.validate.scorer == "numeric"
+    else:
+        assert "experiment" in done.stdout or "model" in done.stdout
