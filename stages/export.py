@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
     for fmt in cfg.formats:
         with ctx.writer.open_file(FORMATS[fmt]) as out:
             rows = 0
-            for batch in selected.fetch_record_batch(2048):
+            for batch in selected.to_arrow_reader(2048):
                 for row in batch.to_pylist():
                     system = ""
                     if system_prompt is not None:

@@ -156,7 +156,7 @@ def _batches(ctx: StageContext, tally: _Tally) -> Iterator[pa.RecordBatch]:
         """
     )
     validators = _Validators()
-    for batch in joined.fetch_record_batch(2048):
+    for batch in joined.to_arrow_reader(2048):
         rows = [validate_row(ctx.cfg.validate, validators, row) for row in batch.to_pylist()]
         for row in rows:
             tally.add(row)

@@ -37,7 +37,7 @@ def test_bucket_starts_nearly_empty_with_burst_capacity() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, burst_s=2.0, clock=clock)
     assert bucket.capacity == pytest.approx(20.0)
-    assert bucket.level == pytest.approx(10.0 * 0.25)
+    assert bucket.level == pytest.approx(1.0)  # about one call: max(1, 10/s x 0.05 s)
 
 
 def test_bucket_capacity_is_at_least_one_token() -> None:
@@ -53,14 +53,14 @@ def test_bucket_rejects_non_positive_rate() -> None:
 def test_reserve_within_level_is_free() -> None:
     bucket = TokenBucket(10.0, 2.0, FakeClock())
     assert bucket.reserve(1) == 0.0
-    assert bucket.level == pytest.approx(1.5)
+    assert bucket.level == pytest.approx(0.0)
 
 
 def test_reserve_waits_exactly_off_the_debt() -> None:
     bucket = TokenBucket(10.0, 2.0, FakeClock())
     level = bucket.level
     n = 5
-    assert bucket.reserve(n) == pytest.approx((n - level) / 10.0)  # (5 - 2.5) / 10 = 0.25 s
+    assert bucket.reserve(n) == pytest.approx((n - level) / 10.0)  # (5 - 1) / 10 = 0.4 s
 
 
 def test_successive_reservations_queue_by_one_over_rate() -> None:
@@ -75,7 +75,7 @@ def test_successive_reservations_queue_by_one_over_rate() -> None:
 def test_wait_is_paid_off_by_the_clock() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
-    wait = bucket.reserve(7.5)  # 2.5 - 7.5 = -5 tokens -> 0.5 s
+    wait = bucket.reserve(6)  # 1 - 6 = -5 tokens -> 0.5 s
     assert wait == pytest.approx(0.5)
     clock.advance(wait)
     assert bucket.level == pytest.approx(0.0, abs=1e-9)
@@ -85,7 +85,10 @@ def test_wait_is_paid_off_by_the_clock() -> None:
 def test_refill_never_exceeds_capacity() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
-    clock.advance(3600)
+    _ = bucket.level
+    for _second in range(59):  # kept in use: refills, but never past capacity
+        clock.advance(1)
+        assert bucket.level <= bucket.capacity
     assert bucket.level == pytest.approx(bucket.capacity)
     # A burst of `capacity` goes at once, the next one waits a full 1/rate.
     assert bucket.reserve(bucket.capacity) == 0.0
@@ -112,7 +115,7 @@ def test_negative_credit_takes_the_underestimate() -> None:
 def test_credit_never_exceeds_capacity() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
-    clock.advance(100)
+    _fill(clock, bucket)
     bucket.credit(1000)
     assert bucket.level == pytest.approx(bucket.capacity)
 
@@ -120,7 +123,7 @@ def test_credit_never_exceeds_capacity() -> None:
 def test_cap_level_tightens_but_never_loosens() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
-    clock.advance(100)  # full: 20
+    _fill(clock, bucket)  # full: 20
     bucket.cap_level(3)
     assert bucket.level == pytest.approx(3)
     bucket.cap_level(50)  # the provider saying more remains does not add tokens
@@ -130,7 +133,7 @@ def test_cap_level_tightens_but_never_loosens() -> None:
 def test_drain_empties_but_keeps_debt() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
-    clock.advance(100)
+    _fill(clock, bucket)
     bucket.drain()
     assert bucket.level == 0.0
     assert bucket.reserve(1) == pytest.approx(0.1)
@@ -149,6 +152,25 @@ def _max_in_window(sends: list[float], width: float = 1.0, start_after: float = 
             continue
         best = max(best, bisect.bisect_left(sends, t + width - 1e-9) - i)
     return best
+
+
+def _fill(clock: FakeClock, *buckets: TokenBucket | None) -> None:
+    """Use the buckets once (they start nearly empty on first use), then idle long enough to fill them."""
+    for bucket in buckets:
+        assert bucket is not None
+        _ = bucket.level
+    clock.advance(30)
+
+
+def test_first_use_and_long_idle_start_nearly_empty() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 2.0, clock)
+    clock.advance(30)  # created long before its first use: still starts nearly empty
+    assert bucket.level == pytest.approx(1.0)
+    clock.advance(30)
+    assert bucket.level == pytest.approx(bucket.capacity)  # used recently: refilled to capacity
+    clock.advance(61)
+    assert bucket.level == pytest.approx(1.0)  # nobody used it for a minute: nearly empty again
 
 
 def _simulate(arrivals: list[float], rate: float, burst_s: float) -> list[float]:
@@ -186,8 +208,8 @@ def test_bucket_keeps_the_rate_under_load(pattern: str) -> None:
 
 
 def test_bucket_idle_burst_is_bounded_by_capacity() -> None:
-    sends = _simulate([0.0] + [100.0] * 300, 50.0, 2.0)
-    at_once = sum(1 for t in sends if t == 100.0)
+    sends = _simulate([0.0] + [30.0] * 300, 50.0, 2.0)
+    at_once = sum(1 for t in sends if t == 30.0)
     assert at_once == 100  # exactly capacity goes immediately after a long idle
     assert _max_in_window(sends, start_after=1.0) <= 150
 
@@ -201,9 +223,9 @@ def _limiter(clock: FakeClock, **limits: object) -> EndpointLimiter:
 
 COMBINED = {
     "concurrency": 8,
-    "requests_per_minute": 60,  # 1/s: level 0.25, capacity 2
-    "input_tokens_per_minute": 6000,  # 100/s: level 25, capacity 200
-    "output_tokens_per_minute": 600,  # 10/s: level 2.5, capacity 20
+    "requests_per_minute": 60,  # 1/s: starts at 1, capacity 2
+    "input_tokens_per_minute": 6000,  # 100/s: starts at 5, capacity 200
+    "output_tokens_per_minute": 600,  # 10/s: starts at 1, capacity 20
     "burst_seconds": 2.0,
     "reserve_max_tokens": True,
 }
@@ -219,9 +241,9 @@ def test_limiter_without_limits_never_waits() -> None:
 @pytest.mark.parametrize(
     ("input_tokens", "max_output", "expected"),
     [
-        (10, 5, 0.75),  # requests dominate: (1 - 0.25) / 1
-        (125, 0, 1.0),  # input tokens dominate: (125 - 25) / 100 (and requests 0.75)
-        (10, 20, 1.75),  # output tokens dominate: (20 - 2.5) / 10
+        (5, 1, 0.0),  # everything fits the starting levels
+        (1000, 0, 9.95),  # input tokens dominate: (1000 - 5) / 100
+        (10, 20, 1.9),  # output tokens dominate: (20 - 1) / 10 (input (10 - 5) / 100)
     ],
 )
 def test_limiter_wait_is_the_max_of_its_buckets(input_tokens: float, max_output: float, expected: float) -> None:
@@ -231,12 +253,18 @@ def test_limiter_wait_is_the_max_of_its_buckets(input_tokens: float, max_output:
     assert reservation == Reservation(input_tokens, max_output)
 
 
+def test_limiter_requests_dominate_once_the_first_call_went() -> None:
+    limiter = _limiter(FakeClock(), **COMBINED)
+    assert limiter.reserve(1, 0)[0] == 0.0
+    assert limiter.reserve(1, 0)[0] == pytest.approx(1.0)  # 1 request/s: the second waits a second
+
+
 def test_limiter_without_reserve_max_tokens_leaves_output_bucket_alone() -> None:
     limiter = _limiter(FakeClock(), **{**COMBINED, "reserve_max_tokens": False})
     assert limiter.output_tokens is not None
     before = limiter.output_tokens.level
     wait, reservation = limiter.reserve(10, 10_000)
-    assert wait == pytest.approx(0.75)  # only the request bucket
+    assert wait == pytest.approx(0.05)  # only requests and input: (10 - 5) / 100
     assert reservation.output_tokens == 0.0
     assert limiter.output_tokens.level == pytest.approx(before)
     limiter.settle(reservation, 10, 7)  # output is paid after the fact
@@ -298,7 +326,7 @@ def test_throttle_never_shortens_an_existing_pause() -> None:
 def test_throttle_drains_request_and_input_buckets() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, **COMBINED)
-    clock.advance(100)  # all full
+    _fill(clock, limiter.requests, limiter.input_tokens)  # all full
     limiter.on_throttle(retry_after_s=0.0, backoff_s=0.0)
     assert limiter.requests is not None and limiter.input_tokens is not None
     assert limiter.requests.level == 0.0
@@ -333,7 +361,7 @@ def test_cap_maximum_is_at_least_one() -> None:
 def test_remaining_requests_header_drains_the_request_bucket() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, requests_per_minute=600)  # 10/s, capacity 20
-    clock.advance(100)
+    _fill(clock, limiter.requests)
     assert limiter.reserve(1, 0)[0] == 0.0
     limiter.observe_headers({"x-ratelimit-remaining-requests": "0"})
     wait, _ = limiter.reserve(1, 0)
@@ -343,7 +371,7 @@ def test_remaining_requests_header_drains_the_request_bucket() -> None:
 def test_remaining_tokens_header_caps_the_input_bucket() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, input_tokens_per_minute=6000)  # 100/s
-    clock.advance(100)
+    _fill(clock, limiter.input_tokens)
     limiter.observe_headers({"x-ratelimit-remaining-tokens": "30"})
     assert limiter.input_tokens is not None
     assert limiter.input_tokens.level == pytest.approx(30)
@@ -353,7 +381,7 @@ def test_remaining_tokens_header_caps_the_input_bucket() -> None:
 def test_unparseable_or_absent_headers_are_ignored() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, requests_per_minute=600, input_tokens_per_minute=6000)
-    clock.advance(100)
+    _fill(clock, limiter.requests, limiter.input_tokens)
     limiter.observe_headers({"x-ratelimit-remaining-requests": "soon", "x-ratelimit-remaining-tokens": "30"})
     assert limiter.requests is not None and limiter.input_tokens is not None
     assert limiter.requests.level == pytest.approx(limiter.requests.capacity)

@@ -18,6 +18,7 @@ RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed
 FAILOVER = {"context_window", "auth", "not_found"}
 FATAL = {"quota_exhausted"}
 # The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
+MALFORMED_MARKERS = ("unterminated string", "expecting value", "jsondecodeerror", "invalid json", "json.decoder")
 
 
 @dataclass
@@ -99,6 +100,8 @@ def classify(exc: BaseException) -> tuple[str, int | None]:
     text = str(exc).lower()
     if isinstance(exc, lm.ContextWindowExceededError):
         return "context_window", status
+    if any(marker in text for marker in MALFORMED_MARKERS):  # litellm reports a broken body as a made-up 500
+        return "malformed_response", None
     if isinstance(exc, lm.ContentPolicyViolationError):
         return "content_policy", status
     if isinstance(exc, lm.RateLimitError) or status == 429:

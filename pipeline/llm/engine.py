@@ -241,7 +241,7 @@ class Engine:
     ) -> Generator[list[Unit], None, None]:
         target = self.targets[0]
         kind = target.endpoint.response_format
-        reader = pending.fetch_record_batch(STREAM_BATCH)
+        reader = pending.to_arrow_reader(STREAM_BATCH)
         try:
             for batch in reader:
                 units = []
@@ -519,11 +519,12 @@ class Engine:
         for attempt_no in range(self.cfg.max_attempts):
             while (wait := target.breaker.wait()) > 0:
                 await asyncio.sleep(wait)
-            wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
-            if wait > 0:
-                await asyncio.sleep(wait)
-            while (pause := limiter.pause_wait()) > 0:
-                await asyncio.sleep(pause)
+            while True:
+                wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not limiter.voided(reservation):
+                    break  # else a 429 paused the endpoint while this call waited: queue again
             await limiter.cap.acquire()
             self.progress.in_flight(+1)
             try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.config import LimitsConfig
 
 Clock = Callable[[], float]
+IDLE_RESET_S = 60.0  # a bucket nobody used for this long starts again nearly empty, not full
 SLOTS = 7  # requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until
 
 
@@ -89,7 +90,7 @@ class TokenBucket:
         rate_per_s: float,
         burst_s: float,
         clock: Clock,
-        initial_s: float = 0.25,
+        initial_s: float = 0.05,
         state: State | None = None,
         slot: int = 0,
     ) -> None:
@@ -98,11 +99,9 @@ class TokenBucket:
         self.rate = rate_per_s
         self.capacity = max(1.0, rate_per_s * burst_s)
         self._clock = clock
-        self._initial = min(self.capacity, rate_per_s * initial_s)
+        self._initial = min(self.capacity, max(1.0, rate_per_s * initial_s))  # nearly empty: about one call
         self._state = state or MemoryState(2)
         self._slot = slot
-        with self._bucket():
-            pass
 
     @contextlib.contextmanager
     def _bucket(self) -> Iterator[list[float]]:
@@ -110,8 +109,8 @@ class TokenBucket:
         with self._state.locked() as values:
             now = self._clock()
             level, stamp = values[self._slot], values[self._slot + 1]
-            if math.isnan(level) or math.isnan(stamp):
-                level, stamp = self._initial, now
+            if math.isnan(level) or math.isnan(stamp) or now - stamp > IDLE_RESET_S:
+                level, stamp = self._initial, now  # first use (or long idle): start nearly empty
             pair = [min(self.capacity, level + max(0.0, now - stamp) * self.rate), now]
             yield pair
             values[self._slot], values[self._slot + 1] = pair
@@ -140,11 +139,17 @@ class TokenBucket:
         with self._bucket() as pair:
             pair[0] = min(pair[0], 0.0)
 
+    def hold(self, seconds: float) -> None:
+        """Empty the bucket so that it refills to zero only `seconds` from now: queued slots are void."""
+        with self._bucket() as pair:
+            pair[0] = -seconds * self.rate
+
 
 @dataclass
 class Reservation:
     input_tokens: float
     output_tokens: float
+    paused_until: float = 0.0  # the endpoint's pause when reserved: a later 429 voids the slot
 
 
 class AdaptiveCap:
@@ -223,14 +228,15 @@ class EndpointLimiter:
     def reserve(self, input_tokens: float, max_output_tokens: float) -> tuple[float, Reservation]:
         """Take what one call needs from every bucket; returns the wait before sending and the reservation."""
         output = max_output_tokens if self.reserve_max_tokens else 0.0
-        wait = self.pause_wait()
+        mark = self.paused_until
+        wait = max(0.0, mark - self._clock())
         if self.requests is not None:
             wait = max(wait, self.requests.reserve(1))
         if self.input_tokens is not None:
             wait = max(wait, self.input_tokens.reserve(input_tokens))
         if self.output_tokens is not None and output:
             wait = max(wait, self.output_tokens.reserve(output))
-        return wait, Reservation(input_tokens, output)
+        return wait, Reservation(input_tokens, output, mark)
 
     def settle(self, reservation: Reservation, input_tokens: int | None, output_tokens: int | None) -> None:
         """Reconcile the estimate with the provider's `usage` once the call is back."""
@@ -251,15 +257,25 @@ class EndpointLimiter:
                     continue
 
     def on_throttle(self, retry_after_s: float | None, backoff_s: float) -> None:
-        """A 429: every worker on this endpoint waits until Retry-After (or a back-off), then ramps back."""
+        """A 429: every worker on this endpoint waits until Retry-After (or a back-off), then ramps back.
+
+        The buckets are held empty until the pause ends, so slots reserved before the 429 are void and
+        callers queue again from an empty bucket afterwards (slow start), and the concurrency cap halves.
+        """
         self.throttled += 1
+        pause = retry_after_s or backoff_s
         with self._state.locked() as values:
-            until = self._clock() + (retry_after_s or backoff_s)
+            until = self._clock() + pause
             values[6] = until if math.isnan(values[6]) else max(values[6], until)
+            pause = values[6] - self._clock()
         self.cap.on_throttle()
-        for bucket in (self.requests, self.input_tokens):
+        for bucket in (self.requests, self.input_tokens, self.output_tokens):
             if bucket is not None:
-                bucket.drain()
+                bucket.hold(pause)
+
+    def voided(self, reservation: Reservation) -> bool:
+        """Whether a 429 paused the endpoint after this reservation was made: then reserve again."""
+        return self.paused_until != reservation.paused_until
 
     def on_success(self) -> None:
         self.cap.on_success()

@@ -19,6 +19,10 @@ def litellm() -> ModuleType:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-list fetch
         os.environ.setdefault("LITELLM_MODE", "PRODUCTION")  # no loading of ./.env
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no tokenizer downloads
+        # litellm's shared aiohttp pool caps connections (500 per host by default); the engine's own
+        # concurrency cap is the limit, so the pool must never be the hidden bottleneck.
+        os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT", "100000")
+        os.environ.setdefault("AIOHTTP_CONNECTOR_LIMIT_PER_HOST", "100000")
         import litellm as module
 
         module.disable_hf_tokenizer_download = True

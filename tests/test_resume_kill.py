@@ -1,0 +1,169 @@
+"""Kill a real `python run.py +experiment=math` in the middle of generate, then resume it.
+
+The run talks to a fake server started here, in the test process (`model.serve=null`), so the requests it
+saw can be counted across the killed run and its rerun. A kill may lose only calls that were in flight (at
+most `concurrency` of them); a rerun into the same folder finishes the rest and ends with the same
+`responses` table as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, run_env
+
+from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+QUESTIONS = 240
+CONCURRENCY = 8
+LATENCY_MS = 300
+KILL_AFTER = 40  # journalled records
+COMPARED = ("content", "request_hash", "response_id", "status")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def command(run_dir: Path, server: FakeServer, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "+experiment=math",
+        f"model.fake.latency_ms={LATENCY_MS}",
+        f"model.limits.concurrency={CONCURRENCY}",
+        f"hydra.run.dir={run_dir}",
+        f"paths.output_dir={run_dir.parent / 'outputs'}",
+        "model.serve=null",
+        f"model.api_base={server.api_base}",
+        *extra,
+    ]
+
+
+def run_to_end(cmd: list[str], timeout: float = 180) -> Run:
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def check_ok(result: Run) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def journalled(run_dir: Path) -> int:
+    """Complete records in the run's journal (live JSON Lines files and compacted parts)."""
+    folder = run_dir / "journal"
+    count = 0
+    for path in folder.glob("results-*.jsonl"):
+        for line in path.read_bytes().split(b"\n")[:-1]:  # a torn last line has no newline
+            try:
+                json.loads(line)
+            except ValueError:
+                continue
+            count += 1
+    for part in folder.glob("part-*.parquet"):
+        count += pq.read_metadata(part).num_rows
+    return count
+
+
+def interrupt_when_journalled(
+    cmd: list[str], run_dir: Path, sig: signal.Signals, logs: Path
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Start the run, wait until its journal holds KILL_AFTER records, then send `sig`; returns the process
+    and the seconds it took to exit after the signal."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 60
+            while journalled(run_dir) < KILL_AFTER:
+                assert proc.poll() is None, f"the run ended before it was interrupted:\n{(logs / 'stderr').read_text()}"
+                assert time.monotonic() < deadline, "the journal never reached 40 records"
+                time.sleep(0.1)
+            os.kill(proc.pid, sig)
+            sent = time.monotonic()
+            proc.wait(timeout=30)
+            return proc, time.monotonic() - sent
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def responses(run_dir: Path) -> dict[str, dict[str, Any]]:
+    rows = pq.read_table(run_dir / "tables" / "responses.parquet").to_pylist()
+    by_question = {r["question_id"]: r for r in rows}
+    assert len(by_question) == len(rows), "one response per question expected (generate.samples=1)"
+    return by_question
+
+
+def check_final_table(run_dir: Path, reference: dict[str, dict[str, Any]]) -> None:
+    rows = responses(run_dir)
+    assert len(rows) == QUESTIONS
+    assert len({r["response_id"] for r in rows.values()}) == QUESTIONS
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert rows.keys() == reference.keys()
+    for question_id, row in rows.items():
+        expected = reference[question_id]
+        assert {c: row[c] for c in COMPARED} == {c: expected[c] for c in COMPARED}, question_id
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
+    """The responses of an uninterrupted run, with the response cache off."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
+        check_ok(run_to_end(command(run_dir, server, "generate.cache=off")))
+        assert server.stats()["requests"] == QUESTIONS
+    yield responses(run_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_run_resumes_without_repeating_calls(
+    tmp_path: Path, reference: dict[str, dict[str, Any]], sig: signal.Signals
+) -> None:
+    run_dir = tmp_path / "run"
+    with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
+        cmd = command(run_dir, server)
+        proc, exit_s = interrupt_when_journalled(cmd, run_dir, sig, tmp_path / "logs")
+        time.sleep(0.5)  # let requests still on the wire reach the server's counter
+        stderr = (tmp_path / "logs" / "stderr").read_text()
+        stdout = (tmp_path / "logs" / "stdout").read_text()
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130, f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+            assert exit_s < 5, f"Ctrl+C took {exit_s:.1f}s to exit"
+            assert "Traceback" not in stdout + stderr, stderr[-3000:]
+            assert "hydra.run.dir" in stderr and str(run_dir) in stderr, stderr[-2000:]
+        else:
+            assert proc.returncode == -signal.SIGKILL
+        records = journalled(run_dir)
+        first = server.stats()["requests"]
+        assert records >= KILL_AFTER
+        assert first <= records + CONCURRENCY, f"{first} requests but only {records} journalled"
+        assert records < QUESTIONS, "the run finished before it was interrupted: nothing to resume"
+
+        check_ok(run_to_end(cmd))
+        total = server.stats()["requests"]
+        assert total <= QUESTIONS + CONCURRENCY, f"{total} requests for {QUESTIONS} questions"
+        assert total - first <= QUESTIONS - records + CONCURRENCY
+        print(f"{sig.name}: {records} journalled, {first} requests before, {total} in all, exit in {exit_s:.2f}s")
+    check_final_table(run_dir, reference)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["status"] == "done"
+    assert manifest["stages"]["generate"]["metrics"]["reused_journal"] == records
