@@ -75,6 +75,7 @@ class ModelConfig:
     response_format: str = "json_schema"
     max_tokens: int | None = None
     timeout_s: float = 60.0
+    transport: str = "litellm"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     fallbacks: list[str] = field(default_factory=list)

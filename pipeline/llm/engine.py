@@ -28,6 +28,8 @@ from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm import client
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
+from pipeline.llm.direct import DirectTransport
+from pipeline.llm.direct import supports as direct_supports
 from pipeline.llm.journal import Claims, ResultLog
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
 from pipeline.llm.prices import Price, price_for
@@ -43,17 +45,24 @@ TOKEN_SAFETY = 1.2  # offline estimates err high: a bucket must not be overdrawn
 CACHEABLE_FAILURES = ("length", "content_filter", "empty")  # paid for, and the same request gives the same
 STREAM_BATCH = 4096
 CACHE_MODES = ("on", "read_only", "off")
+TRANSPORTS = ("litellm", "direct")
 
 
 @dataclass
 class Target:
-    """One preset in the failover chain, with its own limits and prices."""
+    """One preset in the failover chain, with its own limits, prices and transport."""
 
     endpoint: Endpoint
     identity: str
     limiter: EndpointLimiter
     breaker: CircuitBreaker
     price: Price
+    direct: DirectTransport | None = None  # None: calls go through litellm
+
+    async def send(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Attempt:
+        if self.direct is not None:
+            return await self.direct.attempt(self.endpoint, messages, params)
+        return await client.attempt(self.endpoint, messages, params)
 
 
 @dataclass
@@ -149,12 +158,20 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
         response_format=model.response_format,
         max_tokens=model.max_tokens,
     )
+    if model.transport not in TRANSPORTS:
+        raise UserError(f"model.transport={model.transport!r}: use one of {', '.join(TRANSPORTS)}")
+    if model.transport == "direct" and not direct_supports(endpoint):
+        raise UserError(
+            f"model.transport=direct speaks the OpenAI wire format; {model.name!r} needs an api_base or an "
+            "openai/ or hosted_vllm/ model id (or use model.transport=litellm)"
+        )
     return Target(
         endpoint=endpoint,
         identity=model.identity or model.name,
         limiter=EndpointLimiter(model.limits, state_path=state_path),
         breaker=CircuitBreaker(threshold=max(5, model.limits.concurrency), cooldown_s=10.0),
         price=price_for(model),
+        direct=DirectTransport(model.limits.concurrency) if model.transport == "direct" else None,
     )
 
 
@@ -318,6 +335,9 @@ class Engine:
             raise _first_user_error(group_exc) from None
         finally:
             batches.close()
+            for target in self.targets:
+                if target.direct is not None:
+                    await target.direct.close()
             self.progress.stop()
             self.journal.close()
             if self.cache is not None:
@@ -528,7 +548,7 @@ class Engine:
             await limiter.cap.acquire()
             self.progress.in_flight(+1)
             try:
-                attempt = await client.attempt(target.endpoint, spec.messages, params)
+                attempt = await target.send(spec.messages, params)
             finally:
                 self.progress.in_flight(-1)
                 await limiter.cap.release()
