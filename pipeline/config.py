@@ -30,12 +30,61 @@ class PathsConfig:
 
 
 @dataclass
+class CsvOptions:
+    """CSV/TSV dialect, spelled out so DuckDB never guesses it differently on a file's first rows."""
+
+    delimiter: str | None = None  # None: "," for csv, a tab for tsv
+    header: bool = True
+    quote: str = '"'
+    escape: str = '"'
+
+
+@dataclass
+class JsonOptions:
+    records_key: str | None = None  # dotted path to the records inside one JSON object; None: the file is an array
+
+
+@dataclass
+class XmlOptions:
+    record: str = "record"  # tag of the element that is one row (namespace-free local name)
+    fields: dict[str, str] = field(default_factory=dict)  # column -> path inside the record ("@attr", "a/b")
+
+
+@dataclass
+class SqlOptions:
+    url: str | None = None  # SQLAlchemy URL without a password (format=sql)
+    query: str | None = None
+    user_env: str | None = None
+    password_env: str | None = None
+    batch_rows: int = 10_000
+
+
+@dataclass
+class DocumentsOptions:
+    unit: str = "chars"  # chars | tokens
+    chunk_size: int = 2000
+    chunk_overlap: int = 200
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])
+
+
+@dataclass
 class IngestConfig:
     format: str = "jsonl"
-    path: str = MISSING
+    path: Any = MISSING  # a file, a glob, or a list of them (None for format=sql)
+    encoding: str = "utf-8"
+    csv: CsvOptions = field(default_factory=CsvOptions)
+    json: JsonOptions = field(default_factory=JsonOptions)
+    xml: XmlOptions = field(default_factory=XmlOptions)
+    sql: SqlOptions = field(default_factory=SqlOptions)
+    documents: DocumentsOptions = field(default_factory=DocumentsOptions)
     columns: dict[str, str] = field(default_factory=dict)
     answer_schema_file: str | None = None
+    where: str | None = None
+    categories: list[str] | None = None
     limit: int | None = None
+    sample: int | None = None
+    dedupe: str = "json_id"  # json_id | question | none
+    on_duplicate: str = "error"  # error | keep_first
 
 
 @dataclass

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<password>[^@\s/]+)(?=@)", re.IGNORECASE)
 MASK = "***redacted***"
 _MIN_SECRET_LEN = 6
 
@@ -30,9 +31,10 @@ class Redactor:
         self._pattern = re.compile("|".join(re.escape(v) for v in values)) if values else None
 
     def __call__(self, text: str) -> str:
-        if self._pattern is None or not text:
+        if not text:
             return text
-        return self._pattern.sub(MASK, text)
+        text = URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)  # user:password@ in any URL
+        return self._pattern.sub(MASK, text) if self._pattern is not None else text
 
 
 class RedactingFilter(logging.Filter):
@@ -48,3 +50,12 @@ class RedactingFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+def password_in_arguments(args: list[str]) -> str | None:
+    """The first command-line argument with a URL that embeds a password, if any.
+
+    Hydra writes the overrides into the run folder before any job code runs, so such an argument has to
+    be refused before Hydra sees it.
+    """
+    return next((a for a in args if URL_PASSWORD.search(a)), None)

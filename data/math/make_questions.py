@@ -217,9 +217,7 @@ def make_percent(rng: Random) -> Problem:
     pct = rng.choice(PERCENTS)
     base = rng.randint(2, 80) * 5
     value = Fraction(pct * base, 100)
-    question = rng.choice(("What is {p}% of {b}?", "Find {p}% of {b}.", "Calculate {p}% of {b}.")).format(
-        p=pct, b=base
-    )
+    question = rng.choice(("What is {p}% of {b}?", "Find {p}% of {b}.", "Calculate {p}% of {b}.")).format(p=pct, b=base)
     step = Step(f"{pct}% of {base}", f"{pct} * {base} / 100", value)
     return Problem(question, value, (step,))
 
@@ -515,9 +513,7 @@ def check(category: str, problem: Problem) -> None:
         ensure(Fraction(int(match[1]) * int(match[2]), 100) == answer, f"wrong percent answer: {problem}")
     else:
         ensure(not READY_MADE_RE.search(problem.question), f"ready-made expression in {problem.question!r}")
-        ensure(
-            answer.denominator == 1 and answer >= 0, f"word problem answer must be a whole number: {problem}"
-        )
+        ensure(answer.denominator == 1 and answer >= 0, f"word problem answer must be a whole number: {problem}")
 
 
 def build(seed: int, count: int) -> list[dict[str, object]]:
@@ -555,12 +551,8 @@ def build(seed: int, count: int) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate data/math/questions.jsonl.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default: %(default)s)")
-    parser.add_argument(
-        "--count", type=int, default=DEFAULT_COUNT, help="number of questions (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output JSONL path (default: next to script)"
-    )
+    parser.add_argument("--count", type=int, default=DEFAULT_COUNT, help="number of questions (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output JSONL path (default: next to script)")
     args = parser.parse_args()
 
     rows = build(args.seed, args.count)
