@@ -121,21 +121,33 @@ def _chart(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")  # no display: render straight to a file
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['job']}: {r['overrides'] or '(defaults)'}" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 1.2 + 0.45 * len(rows)), sharey=True)
-    panels = (("valid_pct", "valid %"), ("accuracy_pct", "accuracy vs golden %"), ("cost_usd", "cost (USD)"))
+    labels = [f"{r['job']}: {' '.join(o) or '(defaults)'}" for r, o in zip(rows, _varying(rows), strict=True)]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 1.4 + 0.45 * len(rows)), sharey=True)
+    panels = (
+        ("valid_pct", "valid %"),
+        ("accuracy_pct", "accuracy vs golden %"),
+        ("cost_usd", "cost (USD)"),
+        ("latency_p95_ms", "p95 latency (ms)"),
+    )
     for ax, (key, title) in zip(axes, panels, strict=True):
         values = [r[key] or 0.0 for r in rows]
         colors = ["tab:red" if r["status"] == "failed" else "tab:blue" for r in rows]
         ax.barh(range(len(rows)), values, color=colors)
         ax.set_title(title)
-        ax.invert_yaxis()
+    axes[0].invert_yaxis()  # the axes share y: invert once, job 0 on top
     axes[0].set_yticks(range(len(rows)), labels=labels, fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _varying(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Each job's overrides without those every job shares: what the sweep actually varies."""
+    split = [str(r["overrides"] or "").split() for r in rows]
+    common = set.intersection(*(set(o) for o in split)) if split else set()
+    return [[o for o in overrides if o not in common] for overrides in split]
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
