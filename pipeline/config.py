@@ -12,7 +12,9 @@ from typing import Any
 
 MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out to keep Hydra out of stages
 
-STAGE_ORDER = ("ingest", "generate", "validate", "export")
+# `repair` is opt-in: conf/config.yaml lists the default stages; add repair to pipeline.stages to re-ask invalid
+# answers between generate and validate.
+STAGE_ORDER = ("ingest", "generate", "repair", "validate", "export")
 
 
 @dataclass
@@ -162,9 +164,28 @@ class GenerateConfig:
 
 @dataclass
 class ValidateConfig:
-    scorer: str = "numeric"
-    answer_field: str = "answer"
+    scorer: Any = "numeric"  # exact | normalized_text | numeric | json_field | none | {_target_: module.function, ...}
+    answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
     tolerance: float = 1e-6
+
+
+@dataclass
+class RepairConfig:
+    max_rounds: int = 3
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
+    feedback: str = (
+        "Your previous answer is not valid:\n"
+        "{% for e in errors %}- {{ e.path or '$' }}: {{ e.message }}\n{% endfor %}"
+        "Reply again with the corrected answer only."
+    )
+
+
+@dataclass
+class SplitConfig:
+    train: float = 1.0
+    validation: float = 0.0
+    test: float = 0.0
+    stratify: bool = False
 
 
 @dataclass
@@ -172,7 +193,15 @@ class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["openai_chat"])
     require_valid: bool = True
     require_match: bool = False
+    is_correct: str = "not_false"  # any | not_false | true
+    best_per_question: bool = False
+    dedupe: str = "none"  # none | answer | question
     include_system: bool = True
+    student_template: str | None = None
+    assistant_template: str | None = None
+    reasoning: str = "keep"  # keep | drop | think
+    reasoning_field: str = "reasoning"
+    split: SplitConfig = field(default_factory=SplitConfig)
 
 
 @dataclass
@@ -186,6 +215,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 

@@ -30,6 +30,7 @@ from rich.console import Console
 from pipeline import exit_codes
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import UserError
+from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.servers import serving
@@ -42,6 +43,11 @@ from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_w
 from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
+
+# Append-only logs of a run folder a stage may declare in `Stage.logs`: name -> (relation, content digest).
+RUN_LOGS: dict[str, Callable[[duckdb.DuckDBPyConnection, Path], tuple[duckdb.DuckDBPyRelation, str]]] = {
+    "labels": open_label_view,
+}
 
 
 @dataclass
@@ -163,7 +169,14 @@ class Runner:
         return [STAGES[name] for name in STAGE_ORDER if name in wanted]
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(config={"memory_limit": "2GB", "threads": max(1, os.cpu_count() or 1)})
+        con = duckdb.connect(
+            config={
+                "memory_limit": "2GB",
+                "threads": max(1, os.cpu_count() or 1),
+                "autoinstall_known_extensions": False,  # nothing may download at run time
+                "autoload_known_extensions": False,
+            }
+        )
         spill = self.paths.run_dir / ".duckdb_tmp"
         con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
         return con
@@ -243,13 +256,14 @@ class Runner:
         """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
         if stage.name == "ingest":
             source = open_source(con, self.cfg.ingest)
-            digests = {str(p): sha256_file(p) for p in source.files}
+            digests = source.digests()
             if self.cfg.ingest.answer_schema_file:
                 digests["answer_schema"] = sha256_file(Path(self.cfg.ingest.answer_schema_file))
             self.manifest.data["inputs"] = {p: d for p, d in digests.items() if p != "answer_schema"}
-            texts = {"answer_schema": source.answer_schema, "source_name": source.files[0].name}
+            texts = {"answer_schema": source.answer_schema, "source_name": source.name}
             return {"source": source.relation}, digests, texts
-        relations, digests = {}, {}
+        relations: dict[str, Any] = {}
+        found: dict[str, str | None] = {}
         for name in stage.inputs:
             if not self.store.exists(name):
                 raise UserError(
@@ -257,8 +271,15 @@ class Runner:
                     "run the stages before it first (e.g. drop pipeline.stages to run them all)"
                 )
             relations[name] = self.store.relation(con, name)
-            digests[name] = self.store.digest(name)
-        return relations, digests, {}
+            found[name] = self.store.digest(name)
+        for name in stage.optional_inputs:
+            present = self.store.exists(name)
+            if present:
+                relations[name] = self.store.relation(con, name)
+            found[name] = self.store.digest(name) if present else None
+        for name in stage.logs:
+            relations[name], found[f"log:{name}"] = RUN_LOGS[name](con, self.paths.run_dir)
+        return relations, found, {"rerun": self.manifest.data.get("rerun")}
 
     def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
@@ -353,19 +374,23 @@ class Runner:
         return not result.stop_pipeline
 
     def _totals(self, seconds: float) -> dict[str, Any]:
-        gen = self.manifest.data["stages"].get("generate", {}).get("metrics", {})
-        if gen.get("dry_run") or self.ran.get("generate") != "ran":
-            gen = {}  # totals count what this invocation did: a skipped generate made no calls
-        return {
-            "calls": gen.get("calls", 0),
-            "attempts": gen.get("attempts", 0),
-            "cache_hits": gen.get("cache_hits", 0),
-            "reused_from_journal": gen.get("reused_journal", 0),
-            "prompt_tokens": gen.get("prompt_tokens", 0),
-            "completion_tokens": gen.get("completion_tokens", 0),
-            "cost_usd": gen.get("cost_usd", 0.0),
-            "seconds": round(seconds, 3),
-        }
+        from stages import STAGES
+
+        totals: dict[str, Any] = dict.fromkeys(
+            ("calls", "attempts", "cache_hits", "reused_from_journal", "prompt_tokens", "completion_tokens"), 0
+        )
+        totals["cost_usd"] = 0.0
+        for name, stage in STAGES.items():
+            metrics = self.manifest.data["stages"].get(name, {}).get("metrics", {})
+            if not stage.needs_engine or metrics.get("dry_run") or self.ran.get(name) != "ran":
+                continue  # totals count what this invocation did: a skipped stage made no calls
+            for key in ("calls", "attempts", "cache_hits", "prompt_tokens", "completion_tokens"):
+                totals[key] += metrics.get(key, 0)
+            totals["reused_from_journal"] += metrics.get("reused_journal", 0)
+            cost = metrics.get("cost_usd", 0.0)
+            totals["cost_usd"] = None if cost is None or totals["cost_usd"] is None else totals["cost_usd"] + cost
+        totals["seconds"] = round(seconds, 3)
+        return totals
 
 
 def _plain(obj: Any) -> Any:

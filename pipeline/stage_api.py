@@ -28,6 +28,8 @@ class Writer(Protocol):
 
     def open_file(self, relpath: str) -> AbstractContextManager[IO[str]]: ...
 
+    def open_binary(self, relpath: str) -> AbstractContextManager[IO[bytes]]: ...
+
 
 class Engine(Protocol):
     """The generate engine (pipeline.llm.engine): plans, calls, journals, and yields the result tables.
@@ -85,3 +87,9 @@ class Stage:
     config_sections: tuple[str, ...]
     files_dir: str | None = None
     needs_engine: bool = False
+    # Tables passed only when the run folder has them (e.g. `repairs`, made by an opt-in stage); their
+    # absence is part of the fingerprint too.
+    optional_inputs: tuple[str, ...] = ()
+    # Append-only logs of the run folder that the runner opens as relations (e.g. `labels`, written by
+    # the review tools); their content is part of the fingerprint, so new labels rerun the stage.
+    logs: tuple[str, ...] = ()

@@ -147,6 +147,17 @@ class StagedWriter:
             yield fh
         self._files.append(relpath)
 
+    @contextlib.contextmanager
+    def open_binary(self, relpath: str) -> Iterator[IO[bytes]]:
+        """A binary file under the stage's file folder (e.g. a Parquet export), committed with the tables."""
+        if self._files_dir is None:
+            raise ValueError("this stage declares no file outputs")
+        path = self._staging / "files" / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            yield fh
+        self._files.append(relpath)
+
     def commit(self) -> None:
         """Move every staged output into place; the file folder is replaced as a whole."""
         self._store.tables_dir.mkdir(parents=True, exist_ok=True)

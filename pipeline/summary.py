@@ -37,8 +37,10 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
     console.print(table)
     validate = manifest.get("stages", {}).get("validate", {}).get("metrics", {})
     totals = manifest.get("totals", {})
+    first = validate.get("valid_pct_first_pass")
+    valid = _pct(validate.get("valid_pct")) + (f" ({_pct(first)} at first pass)" if validate.get("repaired") else "")
     console.print(
-        f"valid {_pct(validate.get('valid_pct'))}   accuracy vs golden {_pct(validate.get('accuracy_pct'))}   "
+        f"valid {valid}   accuracy vs golden {_pct(validate.get('accuracy_pct'))}   "
         f"calls {totals.get('calls', 0)} (+{totals.get('cache_hits', 0)} reused)   "
         f"tokens {totals.get('prompt_tokens', 0)} in / {totals.get('completion_tokens', 0)} out   "
         f"cost {_cost(totals.get('cost_usd'))}   time {totals.get('seconds', 0):.1f}s",
@@ -46,6 +48,10 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
     )
     _notes(console, manifest, run_dir)
     export = manifest.get("stages", {}).get("export", {})
+    selection = export.get("metrics", {}).get("selection")
+    if export.get("metrics", {}).get("exported") == 0 and selection:
+        kept = "; ".join(f"{s['step']}: {s['kept']}" for s in selection)
+        console.print(f"[yellow]export selected 0 answers;[/] kept at each filter: {kept}", highlight=False)
     if export.get("files"):
         for name in export["files"]:
             console.print(f"export: {run_dir / 'export' / name}", highlight=False, soft_wrap=True)

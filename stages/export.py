@@ -1,69 +1,419 @@
-"""Export: the selected answers as fine-tuning files under `export/`.
+"""Export: the selected answers as fine-tuning files under `export/`, with a `dataset_card.md`.
 
-Selection happens in DuckDB; rows come out sorted by key so the same inputs give the same bytes.
+Selection runs in DuckDB, one filter at a time so the card (and the warning on an empty export) can say how
+many answers each filter kept: final answers (after repair) → call succeeded → valid → matches golden →
+review labels → best sample per question → dedupe → seeded split grouped by question. Rows are then
+streamed in key order through the student's templates into every requested format at once, so the same
+inputs give the same bytes.
+
+The review labels come straight from the run folder's label log (`Stage.logs`), so new labels change this
+stage's fingerprint and `pipeline.stages=[export]` picks them up without any other stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pipeline.config import Config, ExportConfig, as_plain
 from pipeline.errors import UserError
-from pipeline.prompts import PromptBuilder
 from pipeline.stage_api import Stage, StageContext, StageResult
+from stages.dataset_card import CardData, render_card
+from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
+from stages.validate import extract_json
 
-FORMATS = {"openai_chat": "openai_chat.jsonl"}
+IS_CORRECT = ("any", "not_false", "true")
+DEDUPE = ("none", "answer", "question")
+REASONING = ("keep", "drop", "think")
+SPLITS = ("train", "validation", "test")
+ANSWER_VARIABLES = ("content", "parsed", "reasoning", "answer")
+CONFIG_SECTIONS = ("name", "seed", "ingest", "model", "prompt", "generate", "repair", "validate", "export")
+ANSWER_COLUMNS = (
+    "response_id, question_id, sample_index, round, model_used, status, content, reasoning_content, cost_usd"
+)
+NORMALISED_QUESTION = "lower(trim(regexp_replace(question, '\\s+', ' ', 'g')))"
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
-def _selected_sql(ctx: StageContext) -> str:
-    cfg = ctx.cfg.export
-    conditions = ["r.status = 'ok'"]
+def _lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# -- options ---------------------------------------------------------------------------------------------
+
+
+def check_options(cfg: ExportConfig) -> dict[str, float]:
+    """Every option checked before any work; returns the splits in use with their fractions."""
+    unknown = [f for f in cfg.formats if f not in FORMATS]
+    if unknown or not cfg.formats:
+        raise UserError(f"export.formats={list(cfg.formats)}: use one or more of {', '.join(FORMATS)}")
+    for key, value, allowed in (
+        ("is_correct", is_correct_rule(cfg), IS_CORRECT),
+        ("dedupe", cfg.dedupe, DEDUPE),
+        ("reasoning", cfg.reasoning, REASONING),
+    ):
+        if value not in allowed:
+            raise UserError(f"export.{key}={value!r}: use one of {', '.join(allowed)}")
+    fractions = {name: float(getattr(cfg.split, name)) for name in SPLITS}
+    if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-9:
+        raise UserError(
+            f"export.split: train={fractions['train']}, validation={fractions['validation']}, "
+            f"test={fractions['test']} must be 0 or more and add up to 1"
+        )
+    return {name: f for name, f in fractions.items() if f > 0}
+
+
+def is_correct_rule(cfg: ExportConfig) -> str:
+    """`export.is_correct`, whatever the case (`export.is_correct=true` reaches us as the text "True")."""
+    return str(cfg.is_correct).lower()
+
+
+def _compile(key: str, source: str, allowed: set[str]) -> Any:
+    try:
+        ast = _ENV.parse(source)
+    except TemplateSyntaxError as exc:
+        raise UserError(f"{key}: template syntax error on line {exc.lineno}: {exc.message}") from None
+    missing = sorted(meta.find_undeclared_variables(ast) - allowed)
+    if missing:
+        raise UserError(
+            f"{key} uses {', '.join(missing)}, which it does not have (it has: {', '.join(sorted(allowed))})"
+        )
+    return _ENV.from_string(source)
+
+
+class Student:
+    """Renders what the student learns from: system and user turns without the teacher's few-shot or schema
+    instructions, and the assistant turn as the raw answer, a reasoning-free answer or a template."""
+
+    def __init__(self, cfg: Config, columns: list[str]) -> None:
+        export, prompt = cfg.export, cfg.prompt
+        cols = set(columns)
+        self.system = (
+            _compile("prompt.system", prompt.system, cols) if export.include_system and prompt.system else None
+        )
+        self.user_key = "export.student_template" if export.student_template is not None else "prompt.template"
+        self.user = _compile(
+            self.user_key, prompt.template if export.student_template is None else export.student_template, cols
+        )
+        self.assistant = (
+            _compile("export.assistant_template", export.assistant_template, cols | set(ANSWER_VARIABLES))
+            if export.assistant_template is not None
+            else None
+        )
+        self.reasoning = export.reasoning
+        self.reasoning_field = export.reasoning_field
+
+    def _render(self, key: str, template: Any, variables: dict[str, Any]) -> str:
+        try:
+            return str(template.render(variables)).strip()
+        except TemplateError as exc:
+            raise UserError(f"{key}: {exc} (response {variables.get('response_id')})") from None
+
+    def render(self, row: dict[str, Any]) -> tuple[str, str, str]:
+        system = self._render("prompt.system", self.system, row) if self.system is not None else ""
+        user = self._render(self.user_key, self.user, row)
+        content = row["content"] or ""
+        try:
+            parsed = extract_json(content)
+        except ValueError:
+            parsed = None
+        answer = content.strip()
+        if self.reasoning == "drop" and isinstance(parsed, dict) and self.reasoning_field in parsed:
+            answer = json.dumps({k: v for k, v in parsed.items() if k != self.reasoning_field}, ensure_ascii=False)
+        reasoning = row.get("reasoning_content") or ""
+        if self.assistant is not None:
+            variables = {**row, "content": content, "parsed": parsed, "reasoning": reasoning, "answer": answer}
+            answer = self._render("export.assistant_template", self.assistant, variables)
+        if self.reasoning == "think" and reasoning.strip():
+            answer = f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}"
+        return system, user, answer
+
+
+# -- selection -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    steps: list[tuple[str, int]] = field(default_factory=list)
+    table: str = "export_base"
+
+
+def _register(ctx: StageContext) -> bool:
+    con = ctx.con
+    for name in ("responses", "validations", "questions"):
+        con.register(f"e_{name}", ctx.inputs[name])
+    has_repairs = "repairs" in ctx.inputs
+    if has_repairs:
+        con.register("e_repairs", ctx.inputs["repairs"])
+    if "labels" in ctx.inputs:
+        con.register("e_labels", ctx.inputs["labels"])
+    else:  # run outside the runner (e.g. a test): no labels
+        con.execute(
+            "CREATE OR REPLACE TABLE e_labels AS SELECT CAST(NULL AS VARCHAR) AS response_id, "
+            "CAST(NULL AS BOOLEAN) AS is_correct, CAST(NULL AS VARCHAR) AS reviewer, CAST(NULL AS VARCHAR) AS note "
+            "WHERE false"
+        )
+    answers = f"SELECT {ANSWER_COLUMNS} FROM e_responses"
+    if has_repairs:
+        answers += f" UNION ALL SELECT {ANSWER_COLUMNS} FROM e_repairs"
+    con.execute(f"CREATE OR REPLACE TABLE export_answers AS {answers}")
+    return has_repairs
+
+
+def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    rows = con.execute(f"SELECT count(*) FROM {table}").fetchall()
+    return int(rows[0][0]) if rows else 0
+
+
+def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
+    """The answers to export, one filter at a time (each a table, counted), with their split."""
+    cfg, con = ctx.cfg.export, ctx.con
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE export_base AS
+        SELECT q.*, a.response_id, a.sample_index, a.round, a.model_used, a.status, a.content, a.reasoning_content,
+               v.root_response_id, v.is_valid, v.matches_golden, v.score, l.is_correct, l.reviewer, l.note,
+               {NORMALISED_QUESTION.replace("question", "q.question")} AS __question_key
+        FROM e_validations v
+        JOIN export_answers a USING (response_id)
+        JOIN e_questions q ON q.question_id = a.question_id
+        LEFT JOIN e_labels l ON l.response_id = v.response_id
+        WHERE v.is_final
+        """
+    )
+    sel = Selection(steps=[("final answers (one per sample, after repair)", _count(con, "export_base"))])
+
+    def step(label: str, sql: str) -> None:
+        name = f"export_step{len(sel.steps)}"
+        con.execute(f"CREATE OR REPLACE TABLE {name} AS {sql.format(src=sel.table)}")
+        sel.steps.append((label, _count(con, name)))
+        sel.table = name
+
+    step("call succeeded", "SELECT * FROM {src} WHERE status = 'ok'")
     if cfg.require_valid:
-        conditions.append("v.is_valid")
+        step("valid (export.require_valid)", "SELECT * FROM {src} WHERE is_valid")
     if cfg.require_match:
-        conditions.append("v.matches_golden")
-    return f"""
-        SELECT q.*, r.response_id, r.sample_index, r.content
-        FROM e_responses r
-        JOIN e_validations v USING (response_id)
-        JOIN e_questions q ON q.question_id = r.question_id
-        WHERE {" AND ".join(conditions)}
-        ORDER BY r.question_id, r.sample_index, r.round, r.response_id
-    """
+        step("matches the golden answer (export.require_match)", "SELECT * FROM {src} WHERE matches_golden")
+    rule = is_correct_rule(cfg)
+    if rule == "not_false":
+        step("not marked incorrect (export.is_correct=not_false)", "SELECT * FROM {src} WHERE is_correct IS NOT false")
+    elif rule == "true":
+        step("marked correct (export.is_correct=true)", "SELECT * FROM {src} WHERE is_correct")
+    if cfg.best_per_question:
+        step(
+            "best sample per question (export.best_per_question)",
+            "SELECT * FROM {src} QUALIFY row_number() OVER (PARTITION BY question_id ORDER BY is_valid DESC, "
+            "coalesce(matches_golden, false) DESC, (is_correct IS NOT false) DESC, sample_index, round, "
+            "response_id) = 1",
+        )
+    if cfg.dedupe == "answer":
+        step(
+            "one per identical question + answer (export.dedupe=answer)",
+            "SELECT * FROM {src} QUALIFY row_number() OVER (PARTITION BY __question_key, content "
+            "ORDER BY question_id, sample_index, round, response_id) = 1",
+        )
+    elif cfg.dedupe == "question":
+        step(
+            "one question per identical question text (export.dedupe=question)",
+            "SELECT * FROM {src} QUALIFY question_id = min(question_id) OVER (PARTITION BY __question_key)",
+        )
+    bounds, total = [], 0.0
+    for name, fraction in fractions.items():
+        total += fraction
+        bounds.append(f"WHEN r.pos < {total!r} THEN {_lit(name)}")
+    last = list(fractions)[-1]
+    partition = "PARTITION BY category" if cfg.split.stratify else ""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE export_selected AS
+        WITH qs AS (
+            SELECT question_id, any_value(category) AS category,
+                   sha256({_lit(str(ctx.cfg.seed))} || ':' || question_id) AS h
+            FROM {sel.table} GROUP BY question_id
+        ), ranked AS (
+            SELECT question_id,
+                   CAST(row_number() OVER ({partition} ORDER BY h, question_id) - 1 AS DOUBLE)
+                   / count(*) OVER ({partition}) AS pos
+            FROM qs
+        )
+        SELECT s.*, CASE {" ".join(bounds)} ELSE {_lit(last)} END AS split
+        FROM {sel.table} s JOIN ranked r USING (question_id)
+        """
+    )
+    sel.table = "export_selected"
+    return sel
 
 
-def _chat_example(system: str, row: dict[str, Any]) -> dict[str, Any]:
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": row["question"]})
-    messages.append({"role": "assistant", "content": row["content"]})
-    return {"messages": messages}
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Written:
+    per_split: Counter[str] = field(default_factory=Counter)
+    per_model: Counter[str] = field(default_factory=Counter)
+    per_category: Counter[str] = field(default_factory=Counter)
+    empty: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_split.values())
+
+
+def _write(ctx: StageContext, fractions: dict[str, float], student: Student) -> tuple[Written, list[str]]:
+    cfg = ctx.cfg.export
+    named_splits = len(fractions) > 1 or "train" not in fractions
+    files: dict[tuple[str, str], str] = {
+        (fmt, split): file_name(fmt, split if named_splits else None) for fmt in cfg.formats for split in fractions
+    }
+    written = Written()
+    order = "CASE split WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END"
+    rows = ctx.con.sql(f"SELECT * FROM export_selected ORDER BY {order}, question_id, sample_index, round, response_id")
+    with contextlib.ExitStack() as stack:
+        writers: dict[tuple[str, str], FormatWriter] = {}
+        for (fmt, split), name in files.items():
+            opener: Callable[[str], Any] = ctx.writer.open_binary if FORMATS[fmt][2] else ctx.writer.open_file
+            writers[(fmt, split)] = make_writer(fmt, stack.enter_context(opener(name)), cfg.include_system)
+        for batch in rows.to_arrow_reader(2048):
+            for row in batch.to_pylist():
+                system, user, assistant = student.render(row)
+                if not user or not assistant:
+                    written.empty += 1  # OpenAI refuses empty turns; counted in the card
+                    continue
+                example = Example(system=system, user=user, assistant=assistant, row=row, split=row["split"])
+                problems = chat_problems(openai_chat(example))
+                if problems:  # the shapes above make this impossible; never write a line OpenAI would refuse
+                    raise RuntimeError(f"export built an invalid chat example for {row['response_id']}: {problems}")
+                for fmt in cfg.formats:
+                    writers[(fmt, row["split"])].write(example)
+                written.per_split[row["split"]] += 1
+                written.per_model[str(row["model_used"])] += 1
+                written.per_category[str(row["category"])] += 1
+        for writer in writers.values():
+            writer.close()
+    return written, list(files.values())
+
+
+# -- the card --------------------------------------------------------------------------------------------
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the config without Hydra's, the paths' and the pipeline's keys; project paths made relative."""
+    root = cfg.paths.root_dir.rstrip("/") + "/"
+
+    def relative(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: relative(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [relative(v) for v in node]
+        if isinstance(node, str) and node.startswith(root):
+            return node[len(root) :]
+        return node
+
+    plain = {name: relative(as_plain(getattr(cfg, name))) for name in CONFIG_SECTIONS}
+    if cfg.model.serve:
+        plain["model"].pop("api_base", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
+    cursor = con.execute(sql)
+    names = [d[0] for d in cursor.description or []]
+    return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+
+
+def _card_data(ctx: StageContext, sel: Selection, written: Written, files: list[str], has_repairs: bool) -> CardData:
+    con = ctx.con
+    quality = _rows(
+        con,
+        """
+        SELECT count(*) FILTER (round = 0) AS first_answers, count(*) FILTER (round = 0 AND is_valid) AS first_valid,
+               count(*) FILTER (is_final) AS answers, count(*) FILTER (is_final AND is_valid) AS valid,
+               count(*) FILTER (is_final AND score IS NOT NULL) AS scored,
+               count(*) FILTER (is_final AND matches_golden) AS matched,
+               count(*) FILTER (is_final AND is_valid AND round > 0) AS repaired
+        FROM e_validations
+        """,
+    )[0]
+    group = "SELECT {key} AS name, count(*) AS answers, count(*) FILTER (is_valid) AS valid, "
+    group += "count(*) FILTER (score IS NOT NULL) AS scored, count(*) FILTER (matches_golden) AS matched "
+    group += "FROM export_base GROUP BY ALL ORDER BY name NULLS LAST"
+    models = _rows(con, group.format(key="coalesce(model_used, '(no answer)')"))
+    categories = _rows(con, group.format(key="CAST(category AS VARCHAR)"))
+    labels = _rows(
+        con,
+        "SELECT count(is_correct) AS reviewed, count(*) FILTER (is_correct) AS correct, "
+        "count(*) FILTER (NOT is_correct) AS incorrect, count(DISTINCT reviewer) AS reviewers FROM export_base",
+    )[0]
+    cost = _rows(
+        con,
+        """
+        SELECT sum(cost_usd) AS total, count(*) AS calls, count(*) FILTER (cost_usd IS NULL) AS unpriced,
+               sum(cost_usd) FILTER (response_id IN (
+                   SELECT v.response_id FROM e_validations v
+                   WHERE v.root_response_id IN (SELECT root_response_id FROM export_selected)
+               )) AS exported
+        FROM export_answers WHERE response_id IN (SELECT response_id FROM e_validations)
+        """,
+    )[0]
+    return CardData(
+        name=ctx.cfg.name,
+        config_hash=config_hash(ctx.cfg),
+        rerun=ctx.texts.get("rerun"),
+        steps=sel.steps,
+        empty=written.empty,
+        exported=written.total,
+        per_split=dict(written.per_split),
+        files=files,
+        quality=quality,
+        models=models,
+        categories=categories,
+        exported_by_model=dict(written.per_model),
+        exported_by_category=dict(written.per_category),
+        labels=labels,
+        cost=cost,
+        has_repairs=has_repairs,
+        export=ctx.cfg.export,
+        prompt_system=bool(ctx.cfg.prompt.system),
+        teacher=" ".join(
+            [f"preset {ctx.cfg.model.preset} (`{ctx.cfg.model.name}`)"]
+            + ([f"with fallbacks {', '.join(ctx.cfg.model.fallbacks)}"] if ctx.cfg.model.fallbacks else [])
+        ),
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.export
-    unknown = [f for f in cfg.formats if f not in FORMATS]
-    if unknown or not cfg.formats:
-        raise UserError(f"export.formats={list(cfg.formats)}: use one or more of {', '.join(FORMATS)}")
-    for name in ("responses", "validations", "questions"):
-        ctx.con.register(f"e_{name}", ctx.inputs[name])
-    selected = ctx.con.sql(_selected_sql(ctx))
-    questions = ctx.inputs["questions"]
-    system_prompt = PromptBuilder(ctx.cfg.prompt, questions.columns) if cfg.include_system else None
-    rows = 0
-    for fmt in cfg.formats:
-        with ctx.writer.open_file(FORMATS[fmt]) as out:
-            rows = 0
-            for batch in selected.to_arrow_reader(2048):
-                for row in batch.to_pylist():
-                    system = ""
-                    if system_prompt is not None:
-                        first = system_prompt.messages(row, None)[0]
-                        system = first["content"] if first["role"] == "system" else ""
-                    out.write(json.dumps(_chat_example(system, row), ensure_ascii=False) + "\n")
-                    rows += 1
-    if rows == 0:
-        ctx.log.warning("export selected 0 answers: check validations (valid %%) and export.require_* options")
-    return StageResult(metrics={"exported": rows, "files": [FORMATS[f] for f in cfg.formats]})
+    fractions = check_options(cfg)
+    student = Student(ctx.cfg, list(ctx.inputs["questions"].columns))
+    has_repairs = _register(ctx)
+    sel = select(ctx, fractions)
+    written, files = _write(ctx, fractions, student)
+    steps = [*sel.steps, ("non-empty turns after rendering", written.total)]
+    sel.steps = steps
+    with ctx.writer.open_file("dataset_card.md") as out:
+        out.write(render_card(_card_data(ctx, sel, written, files, has_repairs)))
+    if written.total == 0:
+        ctx.log.warning(
+            "export selected 0 answers; kept at each filter: %s", "; ".join(f"{label}: {n}" for label, n in steps)
+        )
+    return StageResult(
+        metrics={
+            "exported": written.total,
+            "splits": dict(sorted(written.per_split.items())),
+            "files": files,
+            "selection": [{"step": label, "kept": n} for label, n in steps],
+        }
+    )
 
 
 STAGE = Stage(
@@ -71,6 +421,8 @@ STAGE = Stage(
     run=run,
     inputs=("responses", "validations", "questions"),
     outputs=(),
-    config_sections=("export", "prompt"),
+    config_sections=CONFIG_SECTIONS,  # the card records a hash of all of them
     files_dir="export",
+    optional_inputs=("repairs",),
+    logs=("labels",),
 )

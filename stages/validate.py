@@ -1,19 +1,26 @@
 """Validate: parse each answer, check it against its JSON Schema, score it against the golden answer.
 
-One `validations` row per response, failed calls included: an invalid answer keeps its errors (with
-JSON paths) and is never dropped or turned into a null.
+One `validations` row per response, failed calls and repair rounds included: an invalid answer keeps its
+errors (with JSON paths) and is never dropped or turned into a null. When the opt-in repair stage re-asked
+invalid answers, its `repairs` are validated here too, so this one table judges every answer; `is_final`
+marks the last answer of each chain (the one export and review use), and the metrics report valid % at the
+first pass and after repair, per run, per category and per model.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import SchemaError
 
 from pipeline.config import ValidateConfig
 from pipeline.errors import UserError
@@ -31,29 +38,121 @@ SCHEMA = pa.schema(
         ("parsed", pa.string()),
         ("score", pa.float64()),
         ("matches_golden", pa.bool_()),
+        ("sample_index", pa.int32()),
+        ("round", pa.int32()),
+        ("parent_response_id", pa.string()),
+        ("root_response_id", pa.string()),
+        ("is_final", pa.bool_()),
+        ("extraction", pa.string()),  # whole | fenced | embedded: where the JSON was found (null: none)
     ]
 )
 FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-SCORERS = ("numeric", "exact", "none")
+SCORERS = ("exact", "normalized_text", "numeric", "json_field", "none")
+ANSWER_COLUMNS = (
+    "response_id, question_id, sample_index, round, parent_response_id, model_used, status, error_type, "
+    "error_message, content"
+)
 
 
-def extract_json(text: str) -> Any:
-    """The whole content, else a fenced ```json block, else the first JSON object in the text."""
+# -- extraction and schema checks ------------------------------------------------------------------------
+
+
+def extract_json_with_source(text: str) -> tuple[Any, str]:
+    """The JSON in an answer and where it was: the whole content, a fenced block, or the first embedded value."""
     stripped = text.strip()
-    candidates = [stripped] + [m.group(1).strip() for m in FENCED.finditer(text)]
-    for candidate in candidates:
+    try:
+        return json.loads(stripped), "whole"
+    except json.JSONDecodeError:
+        pass
+    for match in FENCED.finditer(text):
         try:
-            return json.loads(candidate)
+            return json.loads(match.group(1).strip()), "fenced"
         except json.JSONDecodeError:
             continue
     decoder = json.JSONDecoder()
     for match in re.finditer(r"[{\[]", text):
         try:
-            return decoder.raw_decode(text, match.start())[0]
+            return decoder.raw_decode(text, match.start())[0], "embedded"
         except json.JSONDecodeError:
             continue
     raise ValueError("no JSON value found in the answer")
+
+
+def extract_json(text: str) -> Any:
+    """The whole content, else a fenced ```json block, else the first JSON object in the text."""
+    return extract_json_with_source(text)[0]
+
+
+class Validators:
+    """One compiled validator per distinct schema text (JSON Schema 2020-12 unless the schema says `$schema`)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+
+    def get(self, schema_text: str, where: str) -> Any:
+        if schema_text not in self._cache:
+            try:
+                schema = json.loads(schema_text)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"the answer schema of {where} is not JSON ({exc.msg} at line {exc.lineno}); "
+                    "fix ingest.answer_schema_file or the answer_schema column"
+                ) from None
+            cls = validators.validator_for(schema, default=Draft202012Validator) if isinstance(schema, dict) else None
+            try:
+                if cls is None:
+                    raise SchemaError(f"{type(schema).__name__} is not a schema object")
+                cls.check_schema(schema)
+            except SchemaError as exc:
+                path = "/".join(str(p) for p in exc.path) or "(root)"
+                raise UserError(
+                    f"the answer schema of {where} is not a valid JSON Schema: {exc.message} at {path}; "
+                    "fix ingest.answer_schema_file or the answer_schema column"
+                ) from None
+            self._cache[schema_text] = cls(schema)
+        return self._cache[schema_text]
+
+
+@dataclass
+class Check:
+    parsed: Any = None
+    errors: list[dict[str, str]] = field(default_factory=list)
+    extraction: str | None = None
+
+
+def check_answer(content: str, schema_text: str | None, checkers: Validators, where: str) -> Check:
+    """Parse an answer and check it against its schema; with no schema any text is valid."""
+    check = Check()
+    try:
+        check.parsed, check.extraction = extract_json_with_source(content)
+    except ValueError as exc:
+        if schema_text:
+            check.errors.append({"path": "$", "message": str(exc)})
+        return check
+    if schema_text:
+        found = checkers.get(schema_text, where).iter_errors(check.parsed)
+        for err in sorted(found, key=lambda e: (e.json_path, e.message)):
+            check.errors.append({"path": err.json_path, "message": err.message})
+    return check
+
+
+# -- scorers ---------------------------------------------------------------------------------------------
+
+
+def field_value(parsed: Any, path: str) -> tuple[bool, Any]:
+    """The value at a dotted path (`a.b.0`) of a parsed answer; `""` is the whole answer."""
+    if not path:
+        return parsed is not None, parsed
+    node = parsed
+    for part in path.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False, None
+    return True, node
 
 
 def _as_number(value: Any) -> float | None:
@@ -71,104 +170,238 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
-def score(cfg: ValidateConfig, parsed: Any, content: str, golden: str | None) -> float | None:
-    if cfg.scorer == "none" or golden is None:
-        return None
-    answer = parsed.get(cfg.answer_field) if isinstance(parsed, dict) else None
-    if cfg.scorer == "exact":
-        given = answer if answer is not None else content
-        return float(str(given).strip() == golden.strip())
-    expected = _as_number(golden)
-    got = _as_number(answer) if answer is not None else _as_number(content)
-    if expected is None or got is None or math.isnan(got):
-        return 0.0
-    diff = abs(got - expected)
-    return float(diff <= cfg.tolerance or diff <= cfg.tolerance * abs(expected))
+def normalize_text(text: str) -> str:
+    """Unicode NFKC, case-folded, punctuation removed, whitespace collapsed."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in folded)
+    return " ".join(kept.split())
 
 
-class _Validators:
-    """One compiled validator per distinct schema text."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, Draft202012Validator] = {}
-
-    def get(self, schema_text: str) -> Draft202012Validator:
-        if schema_text not in self._cache:
-            self._cache[schema_text] = Draft202012Validator(json.loads(schema_text))
-        return self._cache[schema_text]
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def validate_row(cfg: ValidateConfig, validators: _Validators, row: dict[str, Any]) -> dict[str, Any]:
+Scorer = Callable[[Any, str, str], "float | None"]
+
+
+def _builtin(cfg: ValidateConfig, name: str) -> Scorer:
+    def answer_or_text(parsed: Any, content: str) -> Any:
+        found, value = field_value(parsed, cfg.answer_field)
+        return value if found and value is not None else content
+
+    def exact(parsed: Any, content: str, golden: str) -> float:
+        return float(_as_text(answer_or_text(parsed, content)).strip() == golden.strip())
+
+    def normalized_text(parsed: Any, content: str, golden: str) -> float:
+        return float(normalize_text(_as_text(answer_or_text(parsed, content))) == normalize_text(golden))
+
+    def numeric(parsed: Any, content: str, golden: str) -> float:
+        expected = _as_number(golden)
+        found, value = field_value(parsed, cfg.answer_field)
+        got = _as_number(value) if found and value is not None else _as_number(content)
+        if expected is None or got is None or math.isnan(got):
+            return 0.0
+        diff = abs(got - expected)
+        return float(diff <= cfg.tolerance or diff <= cfg.tolerance * abs(expected))
+
+    def json_field(parsed: Any, content: str, golden: str) -> float:
+        found, value = field_value(parsed, cfg.answer_field)
+        if not found:
+            return 0.0
+        try:
+            expected = json.loads(golden)
+        except json.JSONDecodeError:
+            return float(_as_text(value).strip() == golden.strip())
+        return float(json.dumps(value, sort_keys=True) == json.dumps(expected, sort_keys=True))
+
+    return {"exact": exact, "normalized_text": normalized_text, "numeric": numeric, "json_field": json_field}[name]
+
+
+def _user_function(spec: dict[str, Any]) -> tuple[str, Scorer]:
+    target = spec.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        raise UserError(f"validate.scorer._target_={target!r}: give a dotted path such as my_scorers.contains")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(
+            f"validate.scorer._target_={target}: cannot import it ({exc}); put its module on PYTHONPATH"
+        ) from None
+    if not callable(fn):
+        raise UserError(f"validate.scorer._target_={target}: not a function")
+    params = {k: v for k, v in spec.items() if k != "_target_"}
+
+    def call(parsed: Any, content: str, golden: str) -> float | None:
+        result = fn(parsed=parsed, content=content, golden=golden, **params)
+        if result is None:
+            return None
+        if isinstance(result, bool):
+            return float(result)
+        if isinstance(result, int | float) and not math.isnan(result):
+            return float(result)
+        raise TypeError(f"returned {result!r}; a scorer returns a bool, a number (1 = match) or None")
+
+    return target, call
+
+
+def build_scorer(cfg: ValidateConfig) -> tuple[str, Scorer | None]:
+    """The configured scorer by name (None: no scoring), checked before any answer is read."""
+    spec = cfg.scorer
+    if isinstance(spec, dict):
+        return _user_function(spec)
+    if spec not in SCORERS:
+        raise UserError(f"validate.scorer={spec!r}: use one of {', '.join(SCORERS)} or {{_target_: module.function}}")
+    return str(spec), None if spec == "none" else _builtin(cfg, str(spec))
+
+
+# -- rows and metrics ------------------------------------------------------------------------------------
+
+
+def validate_row(
+    scorer: tuple[str, Scorer | None], checkers: Validators, row: dict[str, Any], is_final: bool
+) -> dict[str, Any]:
     out: dict[str, Any] = {k: row[k] for k in ("response_id", "question_id", "category", "model_used")}
-    errors: list[dict[str, str]] = []
-    parsed: Any = None
     content = row["content"] or ""
     if row["status"] != "ok":
-        errors.append({"path": "", "message": f"no answer: {row['error_type']}: {row['error_message'] or ''}"})
+        check = Check(
+            errors=[{"path": "$", "message": f"no answer: {row['error_type']}: {row['error_message'] or ''}"}]
+        )
     else:
+        check = check_answer(content, row["answer_schema"], checkers, f"question {row['question_id']}")
+    name, fn = scorer
+    value: float | None = None
+    if fn is not None and row["status"] == "ok" and row["golden_answer"] is not None:
         try:
-            parsed = extract_json(content)
-        except ValueError as exc:
-            if row["answer_schema"]:
-                errors.append({"path": "", "message": str(exc)})
-        if row["answer_schema"] and not errors:
-            for err in sorted(validators.get(row["answer_schema"]).iter_errors(parsed), key=lambda e: e.json_path):
-                errors.append({"path": err.json_path, "message": err.message})
-    out["is_valid"] = not errors
-    out["errors"] = errors
-    out["parsed"] = json.dumps(parsed, ensure_ascii=False, sort_keys=True) if parsed is not None else None
-    value = score(cfg, parsed, content, row["golden_answer"]) if row["status"] == "ok" else None
-    out["score"] = value
-    out["matches_golden"] = None if value is None else value >= 1.0
+            value = fn(check.parsed, content, row["golden_answer"])
+        except Exception as exc:
+            raise UserError(
+                f"validate.scorer {name} failed on response {row['response_id']} (question {row['question_id']}): "
+                f"{type(exc).__name__}: {exc}; fix the scorer (it must handle every answer, invalid ones too)"
+            ) from None
+    out.update(
+        {
+            "is_valid": not check.errors,
+            "errors": check.errors,
+            "parsed": json.dumps(check.parsed, ensure_ascii=False, sort_keys=True)
+            if check.parsed is not None
+            else None,
+            "score": value,
+            "matches_golden": None if value is None else value >= 1.0,
+            "sample_index": row["sample_index"],
+            "round": row["round"],
+            "parent_response_id": row["parent_response_id"],
+            "root_response_id": row["root_response_id"],
+            "is_final": is_final,
+            "extraction": check.extraction,
+        }
+    )
     return out
 
 
-class _Tally:
-    def __init__(self) -> None:
-        self.rows = self.valid = self.matched = self.scored = 0
+def _pct(part: int, whole: int) -> float | None:
+    return round(100 * part / whole, 2) if whole else None
+
+
+@dataclass
+class Tally:
+    answers: int = 0
+    valid: int = 0
+    scored: int = 0
+    matched: int = 0
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows += 1
+        self.answers += 1
         self.valid += bool(row["is_valid"])
-        self.matched += bool(row["matches_golden"])
         self.scored += row["score"] is not None
+        self.matched += bool(row["matches_golden"])
 
-    def metrics(self) -> dict[str, Any]:
-        pct = lambda part, whole: round(100 * part / whole, 2) if whole else None  # noqa: E731
+    def brief(self) -> dict[str, Any]:
         return {
-            "validations": self.rows,
-            "valid": self.valid,
-            "valid_pct": pct(self.valid, self.rows),
-            "matches_golden": self.matched,
-            "accuracy_pct": pct(self.matched, self.scored),
+            "answers": self.answers,
+            "valid_pct": _pct(self.valid, self.answers),
+            "accuracy_pct": _pct(self.matched, self.scored),
         }
 
 
-def _batches(ctx: StageContext, tally: _Tally) -> Iterator[pa.RecordBatch]:
+@dataclass
+class Metrics:
+    """Counts over final answers (after repair), plus the first pass (round 0) for comparison."""
+
+    rows: int = 0
+    final: Tally = field(default_factory=Tally)
+    first: Tally = field(default_factory=Tally)
+    repaired: int = 0
+    by_category: dict[str, Tally] = field(default_factory=dict)
+    by_model: dict[str, Tally] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if row["round"] == 0:
+            self.first.add(row)
+        if not row["is_final"]:
+            return
+        self.final.add(row)
+        self.repaired += bool(row["is_valid"]) and row["round"] > 0
+        self.by_category.setdefault(str(row["category"]), Tally()).add(row)
+        self.by_model.setdefault(str(row["model_used"] or "(no answer)"), Tally()).add(row)
+
+    def as_dict(self, scorer: str) -> dict[str, Any]:
+        return {
+            "validations": self.rows,
+            "answers": self.final.answers,
+            "valid": self.final.valid,
+            "valid_pct": _pct(self.final.valid, self.final.answers),
+            "valid_first_pass": self.first.valid,
+            "valid_pct_first_pass": _pct(self.first.valid, self.first.answers),
+            "repaired": self.repaired,
+            "scorer": scorer,
+            "scored": self.final.scored,
+            "matches_golden": self.final.matched,
+            "accuracy_pct": _pct(self.final.matched, self.final.scored),
+            "by_category": {k: v.brief() for k, v in sorted(self.by_category.items())},
+            "by_model": {k: v.brief() for k, v in sorted(self.by_model.items())},
+        }
+
+
+def answers_sql(has_repairs: bool, responses: str, repairs: str) -> str:
+    """Every answer of the run: the responses, plus the repair rounds whose chain starts in them."""
+    sql = f"SELECT {ANSWER_COLUMNS}, response_id AS root_response_id FROM {responses}"
+    if has_repairs:
+        sql += (
+            f" UNION ALL SELECT {ANSWER_COLUMNS}, root_response_id FROM {repairs} "
+            f"WHERE root_response_id IN (SELECT response_id FROM {responses})"
+        )
+    return sql
+
+
+def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | None]) -> Iterator[pa.RecordBatch]:
     ctx.con.register("v_responses", ctx.inputs["responses"])
     ctx.con.register("v_questions", ctx.inputs["questions"])
+    has_repairs = "repairs" in ctx.inputs
+    if has_repairs:
+        ctx.con.register("v_repairs", ctx.inputs["repairs"])
     joined = ctx.con.sql(
-        """
-        SELECT r.response_id, r.question_id, q.category, r.model_used, r.status, r.error_type, r.error_message,
-               r.content, q.answer_schema, q.golden_answer
-        FROM v_responses r LEFT JOIN v_questions q USING (question_id)
-        ORDER BY r.question_id, r.sample_index, r.round, r.response_id
+        f"""
+        SELECT a.*, q.category, q.answer_schema, q.golden_answer,
+               a.round = max(a.round) OVER (PARTITION BY a.root_response_id) AS is_final
+        FROM ({answers_sql(has_repairs, "v_responses", "v_repairs")}) a LEFT JOIN v_questions q USING (question_id)
+        ORDER BY a.question_id, a.sample_index, a.round, a.response_id
         """
     )
-    validators = _Validators()
+    checkers = Validators()
     for batch in joined.to_arrow_reader(2048):
-        rows = [validate_row(ctx.cfg.validate, validators, row) for row in batch.to_pylist()]
+        rows = [validate_row(scorer, checkers, row, bool(row["is_final"])) for row in batch.to_pylist()]
         for row in rows:
-            tally.add(row)
+            metrics.add(row)
         yield pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
 
 
 def run(ctx: StageContext) -> StageResult:
-    if ctx.cfg.validate.scorer not in SCORERS:
-        raise UserError(f"validate.scorer={ctx.cfg.validate.scorer!r}: use one of {', '.join(SCORERS)}")
-    tally = _Tally()
-    ctx.writer.write_batches("validations", SCHEMA, _batches(ctx, tally))
-    return StageResult(metrics=tally.metrics())
+    scorer = build_scorer(ctx.cfg.validate)
+    metrics = Metrics()
+    ctx.writer.write_batches("validations", SCHEMA, _batches(ctx, metrics, scorer))
+    return StageResult(metrics=metrics.as_dict(scorer[0]))
 
 
 STAGE = Stage(
@@ -177,4 +410,5 @@ STAGE = Stage(
     inputs=("responses", "questions"),
     outputs=("validations",),
     config_sections=("validate",),
+    optional_inputs=("repairs",),
 )

@@ -1,0 +1,142 @@
+"""Review labels of a run folder: an append-only log under `labels/`, read through a latest-wins view.
+
+A label says whether one answer (`response_id`) is correct: `is_correct` true, false, or null (not
+reviewed), with the reviewer, the time and a note. Labels are never edited in place: every decision is one
+JSON line appended with one `write()` on an O_APPEND descriptor (as the journal does), so a crash loses at
+most the label being typed, several reviewers (and the sheet import) can write at once, and undo is simply a
+new label restoring the previous value. The latest label of a response wins. `response_id` is a hash of the
+request, so labels still apply after the run folder is rerun.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+LABEL_COLUMNS: dict[str, str] = {
+    "label_id": "VARCHAR",
+    "response_id": "VARCHAR",
+    "is_correct": "BOOLEAN",
+    "reviewer": "VARCHAR",
+    "note": "VARCHAR",
+    "created_at": "VARCHAR",  # UTC, ISO 8601 with microseconds: sorts as text
+    "source": "VARCHAR",  # tui | sheet:<file name>
+    "action": "VARCHAR",  # label | undo
+}
+VIEW_COLUMNS = ("response_id", "is_correct", "reviewer", "note", "labeled_at")
+
+
+def labels_folder(run_dir: Path) -> Path:
+    return run_dir / "labels"
+
+
+def default_reviewer() -> str:
+    return os.environ.get("DISTILLERY_REVIEWER") or getpass.getuser()
+
+
+class LabelWriter:
+    """Appends labels to this process's own file in `labels/`."""
+
+    def __init__(self, run_dir: Path, source: str) -> None:
+        self.folder = labels_folder(run_dir)
+        self.source = source
+        self._fd: int | None = None
+        self._last: datetime | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path = self.folder / f"labels-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return self._fd
+
+    def _now(self) -> str:
+        """The time, strictly after this writer's previous label (so latest-wins follows the key presses)."""
+        now = datetime.now(UTC)
+        if self._last is not None and now <= self._last:
+            now = self._last + timedelta(microseconds=1)
+        self._last = now
+        return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def append(
+        self, response_id: str, is_correct: bool | None, reviewer: str, note: str | None = None, action: str = "label"
+    ) -> dict[str, Any]:
+        record = {
+            "label_id": uuid.uuid4().hex,
+            "response_id": response_id,
+            "is_correct": is_correct,
+            "reviewer": reviewer,
+            "note": note or None,
+            "created_at": self._now(),
+            "source": self.source,
+            "action": action,
+        }
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        fd = self._open()
+        written = os.write(fd, line)
+        while written < len(line):
+            written += os.write(fd, line[written:])
+        return record
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _files(run_dir: Path) -> list[Path]:
+    folder = labels_folder(run_dir)
+    return sorted(p for p in folder.glob("*.jsonl") if p.stat().st_size > 0) if folder.is_dir() else []
+
+
+def all_labels(con: duckdb.DuckDBPyConnection, run_dir: Path) -> duckdb.DuckDBPyRelation:
+    """Every label record (a torn last line after a crash is skipped)."""
+    files = _files(run_dir)
+    if not files:
+        empty = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in LABEL_COLUMNS.items())
+        return con.sql(f"SELECT {empty} WHERE false")
+    paths = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "]"
+    spec = ", ".join(f"'{name}': '{kind}'" for name, kind in LABEL_COLUMNS.items())
+    return con.sql(
+        f"SELECT * FROM read_json({paths}, format='newline_delimited', columns={{{spec}}}, ignore_errors=true) "
+        "WHERE response_id IS NOT NULL AND created_at IS NOT NULL"
+    )
+
+
+def latest_sql(records: str, reviewed_only: bool) -> str:
+    """The latest label per response; `reviewed_only` drops responses whose latest label is null (undone)."""
+    where = "WHERE is_correct IS NOT NULL" if reviewed_only else ""
+    return f"""
+        SELECT response_id, is_correct, reviewer, note, created_at AS labeled_at FROM (
+            SELECT * FROM {records}
+            QUALIFY row_number() OVER (PARTITION BY response_id ORDER BY created_at DESC, label_id DESC) = 1
+        ) {where}
+    """
+
+
+def open_label_view(con: duckdb.DuckDBPyConnection, run_dir: Path) -> tuple[duckdb.DuckDBPyRelation, str]:
+    """The reviewed responses (latest label each, sorted) as a relation, and a digest of exactly that content.
+
+    Read once into a table, so labels appended while a stage runs change neither what it sees nor its digest.
+    """
+    con.register("labels_all", all_labels(con, run_dir))
+    con.execute(
+        f"CREATE OR REPLACE TABLE labels_view AS {latest_sql('labels_all', reviewed_only=True)} ORDER BY response_id"
+    )
+    con.unregister("labels_all")
+    digest = hashlib.sha256()
+    reader = con.sql("SELECT * FROM labels_view ORDER BY response_id").to_arrow_reader(4096)
+    for batch in reader:
+        for row in batch.to_pylist():
+            digest.update(json.dumps([row[c] for c in VIEW_COLUMNS], ensure_ascii=False).encode() + b"\n")
+    return con.table("labels_view"), digest.hexdigest()

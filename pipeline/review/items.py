@@ -1,0 +1,159 @@
+"""What a reviewer looks at: a run folder's final answers with their question, validation, score and label.
+
+Read straight from the run folder's Parquet tables with DuckDB, one item at a time, so a review of a large
+run never holds the whole run in memory (only the list of response ids to visit).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipeline.errors import UserError
+from pipeline.labels import all_labels, latest_sql
+
+ANSWER_COLUMNS = "response_id, content, reasoning_content"
+
+
+@dataclass
+class Filters:
+    """Which answers to show: each filter narrows the list (none: every final answer)."""
+
+    invalid: bool = False  # only answers that failed their schema
+    mismatched: bool = False  # only scored answers that do not match the golden answer
+    categories: list[str] = field(default_factory=list)  # only these categories
+    unreviewed: bool = False  # only answers without a label
+
+    def where(self) -> str:
+        conditions = ["TRUE"]
+        if self.invalid:
+            conditions.append("NOT is_valid")
+        if self.mismatched:
+            conditions.append("matches_golden = false")
+        if self.categories:
+            names = ", ".join("'" + c.replace("'", "''") + "'" for c in self.categories)
+            conditions.append(f"category IN ({names})")
+        if self.unreviewed:
+            conditions.append("is_correct IS NULL")
+        return " AND ".join(conditions)
+
+    def describe(self) -> str:
+        parts = [
+            name
+            for name, on in (
+                ("invalid", self.invalid),
+                ("mismatched", self.mismatched),
+                ("unreviewed", self.unreviewed),
+            )
+            if on
+        ]
+        if self.categories:
+            parts.append("category " + ", ".join(self.categories))
+        return ", ".join(parts) or "all answers"
+
+
+class RunTables:
+    """A run folder's tables as DuckDB views, for review."""
+
+    def __init__(self, run_dir: Path) -> None:
+        tables = run_dir / "tables"
+        self.run_dir = run_dir
+        missing = [n for n in ("questions", "responses", "validations") if not (tables / f"{n}.parquet").is_file()]
+        if not run_dir.is_dir() or missing:
+            raise UserError(
+                f"{run_dir} is not a validated run folder (no {', '.join(missing) or 'tables'}); "
+                "run the pipeline through validate first, e.g. python run.py +experiment=math"
+            )
+        self.con = duckdb.connect()
+        for name in ("questions", "responses", "validations", "repairs"):
+            path = tables / f"{name}.parquet"
+            if path.is_file():
+                target = str(path).replace("'", "''")
+                self.con.execute(f"CREATE VIEW r_{name} AS SELECT * FROM read_parquet('{target}')")
+        answers = f"SELECT {ANSWER_COLUMNS} FROM r_responses"
+        if (tables / "repairs.parquet").is_file():
+            answers += f" UNION ALL SELECT {ANSWER_COLUMNS} FROM r_repairs"
+        self.con.execute(f"CREATE VIEW r_answers AS {answers}")
+        self.refresh_labels()
+
+    def refresh_labels(self) -> None:
+        """Read the label log again (labels written elsewhere since)."""
+        self.con.register("r_label_log", all_labels(self.con, self.run_dir))
+        self.con.execute(f"CREATE OR REPLACE TABLE r_labels AS {latest_sql('r_label_log', reviewed_only=False)}")
+        self.con.unregister("r_label_log")
+
+    def items_sql(self, filters: Filters, one: bool = False) -> str:
+        """The final answers passing the filters, in key order; `one`: only the answer given as parameter $1."""
+        return f"""
+            SELECT * FROM (
+                SELECT v.response_id, v.question_id, v.category, v.model_used, v.sample_index, v.round,
+                       q.question, q.golden_answer, a.content, a.reasoning_content, v.is_valid, v.errors, v.parsed,
+                       v.score, v.matches_golden, l.is_correct, l.reviewer, l.note, l.labeled_at
+                FROM r_validations v
+                JOIN r_questions q USING (question_id)
+                LEFT JOIN r_answers a USING (response_id)
+                LEFT JOIN r_labels l USING (response_id)
+                WHERE v.is_final {"AND v.response_id = $1" if one else ""}
+            ) WHERE {filters.where()}
+            ORDER BY question_id, sample_index, round, response_id
+        """
+
+    def ids(self, filters: Filters) -> list[str]:
+        rows = self.con.execute(f"SELECT response_id FROM ({self.items_sql(filters)})").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def item(self, response_id: str) -> dict[str, Any]:
+        cursor = self.con.execute(self.items_sql(Filters(), one=True), [response_id])
+        names = [d[0] for d in cursor.description or []]
+        rows = cursor.fetchall()
+        if not rows:
+            raise KeyError(response_id)
+        return dict(zip(names, rows[0], strict=True))
+
+    def batches(self, filters: Filters) -> Iterator[list[dict[str, Any]]]:
+        reader = self.con.sql(self.items_sql(filters)).to_arrow_reader(2048)
+        for batch in reader:
+            yield batch.to_pylist()
+
+    def known(self, ids: list[str]) -> set[str]:
+        """Which of these ids are answers of this run (final or not)."""
+        import pyarrow as pa
+
+        self.con.register("r_lookup", pa.table({"response_id": ids}))
+        rows = self.con.execute(
+            "SELECT DISTINCT response_id FROM r_lookup SEMI JOIN r_validations USING (response_id)"
+        ).fetchall()
+        self.con.unregister("r_lookup")
+        return {str(r[0]) for r in rows}
+
+    def current(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The latest label (possibly null) of each of these ids that has one."""
+        import pyarrow as pa
+
+        self.con.register("r_lookup", pa.table({"response_id": ids}))
+        cursor = self.con.execute("SELECT l.* FROM r_labels l SEMI JOIN r_lookup USING (response_id)")
+        names = [d[0] for d in cursor.description or []]
+        found = {str(row[0]): dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
+        self.con.unregister("r_lookup")
+        return found
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def errors_text(errors: Any) -> str:
+    return "; ".join(f"{e['path']}: {e['message']}" for e in errors or [])
+
+
+def pretty_answer(item: dict[str, Any]) -> str:
+    """The answer as the teacher wrote it; re-indented when it is exactly one JSON value."""
+    content = item.get("content") or ""
+    try:
+        return json.dumps(json.loads(content), ensure_ascii=False, indent=2)
+    except (json.JSONDecodeError, TypeError):
+        return content

@@ -1,0 +1,193 @@
+"""The interactive terminal review: one answer at a time, one key per decision, every decision saved at once.
+
+Never a pipeline stage (a stage must not wait for a keyboard): it runs on a finished run folder. Each key
+press that labels appends one line to the label log before the next answer is shown, so quitting, Ctrl+C or
+a crash loses nothing. Undo appends a label restoring the previous value and goes back to that answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.syntax import Syntax
+from rich.text import Text
+
+from pipeline.errors import UserError
+from pipeline.labels import LabelWriter
+from pipeline.review.items import Filters, RunTables, pretty_answer
+
+KEYS = "[c] correct   [i] incorrect   [s] skip   [u] undo   [n] note   [q] quit"
+
+
+@dataclass
+class Step:
+    """One decision, enough to undo it."""
+
+    index: int
+    response_id: str
+    before: tuple[bool | None, str | None]
+
+
+@dataclass
+class Session:
+    ids: list[str]
+    state: dict[str, tuple[bool | None, str | None]]  # response_id -> (is_correct, note) as labelled now
+    index: int = 0
+    history: list[Step] = field(default_factory=list)
+    correct: int = 0
+    incorrect: int = 0
+    message: str = ""
+
+
+@contextlib.contextmanager
+def cbreak(fd: int) -> Iterator[None]:
+    """Single key presses without Enter; Ctrl+C still interrupts. The terminal is restored on the way out."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def read_key(fd: int) -> str:
+    data = os.read(fd, 1)
+    if not data:
+        return "q"  # end of input
+    if data == b"\x1b":  # an escape sequence (arrow keys): read it whole, ignore it
+        os.read(fd, 8)
+        return ""
+    return data.decode(errors="ignore").lower()
+
+
+def _label_text(value: bool | None) -> Text:
+    if value is None:
+        return Text("not reviewed", style="dim")
+    return Text("correct", style="bold green") if value else Text("incorrect", style="bold red")
+
+
+def render(console: Console, session: Session, item: dict[str, Any], filters: Filters) -> None:
+    console.clear()
+    total = len(session.ids)
+    console.rule(Text(f"answer {session.index + 1}/{total}  ({filters.describe()})"))
+    facts = Text.assemble(
+        ("question ", "dim"), str(item["question_id"]),
+        ("   category ", "dim"), str(item["category"]),
+        ("   model ", "dim"), str(item["model_used"]),
+        ("   sample ", "dim"), str(item["sample_index"]),
+        ("   round ", "dim"), str(item["round"]),
+    )  # fmt: skip
+    console.print(facts)
+    console.print(Panel(Text(str(item["question"])), title="question", title_align="left"))
+    golden = item["golden_answer"]
+    console.print(Panel(Text("(none)" if golden is None else str(golden)), title="golden answer", title_align="left"))
+    answer = pretty_answer(item)
+    body: Any = Syntax(answer, "json", word_wrap=True) if item["parsed"] is not None else Text(answer)
+    console.print(Panel(body, title="answer", title_align="left"))
+    if item["is_valid"]:
+        validation = Text("valid", style="green")
+    else:
+        validation = Text("invalid: ", style="red")
+        validation.append("; ".join(f"{e['path']}: {e['message']}" for e in item["errors"] or []))
+    if item["score"] is None:
+        score = Text("not scored", style="dim")
+    else:
+        score = Text(f"score {item['score']:g}, ")
+        score.append("matches golden" if item["matches_golden"] else "does not match golden")
+    value, note = session.state.get(item["response_id"], (None, None))
+    label = Text.assemble(("label ", "dim"), _label_text(value))
+    if note:
+        label.append(f"   note: {note}")
+    console.print(Group(validation, score, label))
+    if session.message:
+        console.print(Text(session.message, style="yellow"))
+    console.print(Text(KEYS, style="bold"))
+
+
+def _ask_note(fd: int, console: Console) -> str:
+    """A line of text, typed with the terminal back in its normal mode."""
+    saved = termios.tcgetattr(fd)
+    try:
+        termios.tcsetattr(fd, termios.TCSADRAIN, _cooked(saved))
+        console.print("note (Enter to keep): ", end="")
+        return sys.stdin.readline().strip()
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _cooked(attrs: list[Any]) -> list[Any]:
+    cooked = list(attrs)
+    cooked[3] = cooked[3] | termios.ICANON | termios.ECHO
+    return cooked
+
+
+def review(run_dir: Path, reviewer: str, filters: Filters, console: Console | None = None) -> Session:
+    """Run the review loop on the terminal; returns the session (what was labelled)."""
+    if not sys.stdin.isatty():
+        raise UserError(
+            "the review needs an interactive terminal; for batch review use: "
+            "python -m pipeline.review sheet-export RUN_DIR, then sheet-import"
+        )
+    console = console or Console()
+    tables = RunTables(run_dir)
+    writer = LabelWriter(run_dir, source="tui")
+    try:
+        ids = tables.ids(filters)
+        current = tables.current(ids)
+        session = Session(ids=ids, state={k: (v["is_correct"], v["note"]) for k, v in current.items()})
+        if not ids:
+            console.print(f"nothing to review in {run_dir} ({filters.describe()})")
+            return session
+        fd = sys.stdin.fileno()
+        pending_note: str | None = None
+        with cbreak(fd):
+            while session.index < len(ids):
+                rid = ids[session.index]
+                render(console, session, tables.item(rid), filters)
+                session.message = ""
+                key = read_key(fd)
+                if key in ("c", "i", "x"):
+                    value = key == "c"
+                    before = session.state.get(rid, (None, None))
+                    note = pending_note if pending_note is not None else before[1]
+                    writer.append(rid, value, reviewer, note)
+                    session.history.append(Step(session.index, rid, before))
+                    session.state[rid] = (value, note)
+                    session.correct += value
+                    session.incorrect += not value
+                    pending_note = None
+                    session.index += 1
+                elif key in ("s", " "):
+                    pending_note = None
+                    session.index += 1
+                elif key == "u":
+                    if not session.history:
+                        session.message = "nothing to undo"
+                        continue
+                    step = session.history.pop()
+                    undone = session.state.get(step.response_id, (None, None))[0]
+                    writer.append(step.response_id, step.before[0], reviewer, step.before[1], action="undo")
+                    session.state[step.response_id] = step.before
+                    session.correct -= undone is True
+                    session.incorrect -= undone is False
+                    session.index = step.index
+                    session.message = "undone"
+                elif key == "n":
+                    pending_note = _ask_note(fd, console) or None
+                    session.message = f"note for this answer's label: {pending_note}" if pending_note else ""
+                elif key == "q":
+                    break
+        return session
+    finally:
+        writer.close()
+        tables.close()
