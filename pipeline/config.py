@@ -116,6 +116,14 @@ class FakeServeConfig:
 
 
 @dataclass
+class LocalServeConfig:
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    n_batch: int = 512
+    startup_timeout_s: float = 60.0
+
+
+@dataclass
 class ModelConfig:
     preset: str = "${hydra:runtime.choices.model}"
     name: str = MISSING
@@ -131,6 +139,8 @@ class ModelConfig:
     prices: PricesConfig = field(default_factory=PricesConfig)
     fallbacks: list[str] = field(default_factory=list)
     fake: FakeServeConfig = field(default_factory=FakeServeConfig)
+    local: LocalServeConfig = field(default_factory=LocalServeConfig)
+    question_limit: int | None = None
 
 
 @dataclass

@@ -13,12 +13,14 @@ import inspect
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import duckdb
 from hydra.core.hydra_config import HydraConfig
@@ -137,6 +139,23 @@ def rerun_command(overrides: Any, run_dir: Path, redact: Redactor) -> str:
     return shlex.join(["python", "run.py", *kept, f"hydra.run.dir={run_dir}"])
 
 
+def check_reachable(model: ModelConfig) -> None:
+    """A self-hosted endpoint (an `api_base` we do not start) must accept connections before any work."""
+    if model.serve is not None or not model.api_base:
+        return
+    url = urlsplit(model.api_base)
+    if url.hostname is None:
+        raise UserError(f"model.api_base={model.api_base!r} is not a URL; write it like http://127.0.0.1:8000/v1")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach {model.api_base} for model {model.preset!r} ({exc.strerror or exc}); "
+            "start the server or fix model.api_base"
+        ) from None
+
+
 def check_api_key(model: ModelConfig) -> None:
     if model.api_key_env and not os.environ.get(model.api_key_env):
         raise UserError(
@@ -201,7 +220,12 @@ class Runner:
                 "run_dir": str(self.paths.run_dir),
                 "git": runs[-1]["git"],
                 "environment": environment(),
-                "model": {"preset": self.cfg.model.preset, "name": self.cfg.model.name},
+                "model": {
+                    "preset": self.cfg.model.preset,
+                    "name": self.cfg.model.name,
+                    "serve": self.cfg.model.serve,
+                    "question_limit": self.cfg.model.question_limit,
+                },
                 "rerun": rerun_command(hydra_cfg.overrides.task, self.paths.run_dir, self.redact),
             }
         )
@@ -219,7 +243,7 @@ class Runner:
             def start_targets() -> list[Target]:
                 """Start the model's server (if it has one) only when a stage really calls the model."""
                 if not targets:
-                    model = servers.enter_context(serving(self.cfg.model))
+                    model = servers.enter_context(serving(self.cfg.model, self.paths.run_dir))
                     targets.extend(target_for(m, self._limits_dir()) for m in [model, *fallbacks])
                 return targets
 
@@ -238,9 +262,11 @@ class Runner:
     def _fallbacks(self) -> list[ModelConfig]:
         """Fallback presets, checked (and their keys looked up) before any work starts."""
         check_api_key(self.cfg.model)
+        check_reachable(self.cfg.model)
         models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in self.cfg.model.fallbacks]
         for model in models:
             check_api_key(model)
+            check_reachable(model)
             if model.serve is not None:
                 raise UserError(
                     f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"

@@ -62,8 +62,25 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
     )
 
 
+def _model_note(console: Console, manifest: dict[str, Any]) -> None:
+    """The embedded model is a toy teacher: say so, and how to switch."""
+    model = manifest.get("model", {})
+    if model.get("serve") != "llama_cpp":
+        return
+    limit = model.get("question_limit")
+    asked = f"asked the first {limit} questions (model.question_limit=null asks all); " if limit else ""
+    console.print(
+        f"[cyan]note:[/] the teacher was the embedded {model.get('name')} — a tiny 135M model on your CPU that "
+        f"answers in valid JSON but is rarely right; {asked}for a real dataset pick a real teacher: "
+        "model=openai_gpt4o_mini (OPENAI_API_KEY), model=anthropic_claude_haiku, model=gemini_flash, "
+        "model=ollama or model=vllm",
+        highlight=False,
+    )
+
+
 def _notes(console: Console, manifest: dict[str, Any], run_dir: Path) -> None:
     """What the user should know or do next about generate: a dry run's estimate, a stop, retries left."""
+    _model_note(console, manifest)
     generate = manifest.get("stages", {}).get("generate", {})
     metrics = generate.get("metrics", {})
     resume = f"rerun with hydra.run.dir={run_dir} to continue"

@@ -52,8 +52,13 @@ def _spec_builder(ctx: StageContext, columns: list[str]) -> Any:
 
 
 def units_relation(ctx: StageContext) -> Any:
-    """One row per question x sample, with the question's columns and the unit key (all in DuckDB)."""
-    ctx.con.register("g_questions", ctx.inputs["questions"])
+    """One row per question x sample, with the question's columns and the unit key (all in DuckDB).
+
+    A preset's `question_limit` (the slow embedded model has one) asks only the first questions.
+    """
+    questions = ctx.inputs["questions"]
+    limit = ctx.cfg.model.question_limit
+    ctx.con.register("g_questions", questions.order("source_row").limit(limit) if limit is not None else questions)
     return ctx.con.sql(
         f"""
         SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,

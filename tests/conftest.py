@@ -17,6 +17,7 @@ from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CANARY_KEY = "sk-canary-0123456789abcdef-never-write-me"
+FAKE_MODEL = "model=fake"  # tests run on the project's fake server unless they choose a model
 
 
 @dataclass
@@ -49,12 +50,18 @@ def run_env(**extra: str) -> dict[str, str]:
 def run_pipeline(
     run_dir: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 180, cwd: Path = ROOT
 ) -> RunResult:
-    """`python run.py ...` in a subprocess, writing into `run_dir`, with the cache next to it."""
+    """`python run.py ...` in a subprocess, writing into `run_dir`, with the cache next to it.
+
+    Runs on `model=fake` unless the overrides pick a model: the default model is the embedded local LLM,
+    which only the tests about it should pay for.
+    """
+    model = [] if any(o.startswith("model=") for o in overrides) else [FAKE_MODEL]
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
         f"hydra.run.dir={run_dir}",
         f"paths.output_dir={run_dir.parent / 'outputs'}",
+        *model,
         *overrides,
     ]
     done = subprocess.run(cmd, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)

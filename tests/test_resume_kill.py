@@ -46,6 +46,7 @@ def command(run_dir: Path, server: FakeServer, *extra: str) -> list[str]:
         sys.executable,
         str(ROOT / "run.py"),
         "+experiment=math",
+        "model=fake",
         f"model.fake.latency_ms={LATENCY_MS}",
         f"model.limits.concurrency={CONCURRENCY}",
         f"hydra.run.dir={run_dir}",

@@ -5,29 +5,48 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 
-SERVED = ("fake",)
+SERVED = ("fake", "llama_cpp")
 
 
 @contextlib.contextmanager
-def serving(model: ModelConfig) -> Iterator[ModelConfig]:
-    """Start the preset's server if it has one; yields the preset with `api_base` pointing at it."""
+def serving(model: ModelConfig, run_dir: Path) -> Iterator[ModelConfig]:
+    """Start the preset's server if it has one; yields the preset with `api_base` pointing at it.
+
+    A local model's cache identity is its weights' SHA-256 (never the port), so a rerun reuses answers.
+    """
     if model.serve is None:
         yield model
-        return
-    if model.serve not in SERVED:
-        raise UserError(f"model.serve={model.serve!r}: use one of {', '.join(SERVED)} or null")
-    from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+    elif model.serve == "fake":
+        from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 
-    settings = FakeServerConfig(
-        latency_ms=model.fake.latency_ms,
-        latency_jitter_ms=model.fake.latency_jitter_ms,
-        error_rate=model.fake.error_rate,
-        rate_429=model.fake.rate_429,
-        seed=model.fake.seed,
-    )
-    with FakeServer(settings) as server:
-        yield replace(model, api_base=server.api_base)
+        settings = FakeServerConfig(
+            latency_ms=model.fake.latency_ms,
+            latency_jitter_ms=model.fake.latency_jitter_ms,
+            error_rate=model.fake.error_rate,
+            rate_429=model.fake.rate_429,
+            seed=model.fake.seed,
+        )
+        with FakeServer(settings) as server:
+            yield replace(model, api_base=server.api_base)
+    elif model.serve == "llama_cpp":
+        from pipeline.llm.llama_server import MODEL_ALIAS, serve_llama, weights_path, weights_sha256
+
+        weights = weights_path()
+        identity = model.identity or f"{MODEL_ALIAS}@sha256:{weights_sha256(weights)}"
+        local = model.local
+        with serve_llama(
+            weights,
+            n_ctx=local.n_ctx,
+            n_threads=local.n_threads,
+            n_batch=local.n_batch,
+            startup_timeout_s=local.startup_timeout_s,
+            log_path=run_dir / "llama_server.log",
+        ) as api_base:
+            yield replace(model, api_base=api_base, identity=identity)
+    else:
+        raise UserError(f"model.serve={model.serve!r}: use one of {', '.join(SERVED)} or null")
