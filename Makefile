@@ -40,8 +40,8 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP) ## throughput benchmark against the fake server (prints ratios)
-	$(PY) bench/generate_throughput.py
+bench: $(STAMP) ## benchmarks against the fake server and ingest (ratios, PASS/FAIL per target; ~12 min)
+	$(PY) bench/run_all.py
 
 clean: ## remove the venv and caches (run folders in outputs/ are kept)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -130,13 +130,15 @@ def load_preset(conf_dir: Path, name: str, cfg: Config) -> ModelConfig:
     return model
 
 
-def rerun_command(overrides: Any, run_dir: Path, redact: Redactor) -> str:
+def rerun_command(overrides: Any, run_dir: Path | None, redact: Redactor) -> str:
     """The command that reproduces this run folder (resumes it; with the cache it makes no new calls).
 
-    Swap the run dir for a new folder to rebuild the same tables and exports elsewhere.
+    Swap the run dir for a new folder to rebuild the same tables and exports elsewhere; without a run dir
+    it is the command that reproduces the dataset into a new folder.
     """
     kept = [redact(str(o)) for o in overrides if not str(o).startswith("hydra.run.dir=")]
-    return shlex.join(["python", "run.py", *kept, f"hydra.run.dir={run_dir}"])
+    folder = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
+    return shlex.join(["python", "run.py", *kept, *folder])
 
 
 def check_reachable(model: ModelConfig) -> None:
@@ -305,7 +307,10 @@ class Runner:
             found[name] = self.store.digest(name) if present else None
         for name in stage.logs:
             relations[name], found[f"log:{name}"] = RUN_LOGS[name](con, self.paths.run_dir)
-        return relations, found, {"rerun": self.manifest.data.get("rerun")}
+        # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
+        # same data into another folder gives byte-identical files.
+        rerun = rerun_command(HydraConfig.get().overrides.task, None, self.redact)
+        return relations, found, {"rerun": rerun}
 
     def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}

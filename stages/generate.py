@@ -63,10 +63,20 @@ def units_relation(ctx: StageContext) -> Any:
         f"""
         SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,
                CAST(NULL AS VARCHAR) AS parent_response_id,
-               sha256('{_request_key(ctx)}' || md5(to_json(q)) || ':' || s.sample_index || ':0') AS unit_key
+               sha256('{_request_key(ctx)}' || {_row_digest_sql(list(questions.columns))}
+                      || ':' || s.sample_index || ':0') AS unit_key
         FROM g_questions q CROSS JOIN range({ctx.cfg.generate.samples}) s(sample_index)
         """
     )
+
+
+def _row_digest_sql(columns: list[str]) -> str:
+    """A digest of the whole question row. The answer schema (often the same long text on every row) is
+    hashed on its own: serialising it into every row's JSON made keying a million rows three times slower."""
+    rest = [c for c in columns if c != "answer_schema"]
+    packed = "to_json(struct_pack(" + ", ".join(f'"{c}" := q."{c}"' for c in rest) + "))"
+    schema = "coalesce(md5(q.answer_schema), '-')" if "answer_schema" in columns else "'-'"
+    return f"md5({packed}) || ':' || {schema}"
 
 
 async def run(ctx: StageContext) -> StageResult:

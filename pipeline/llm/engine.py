@@ -11,6 +11,7 @@ tasks, never more than a window of them alive, so memory follows concurrency, no
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -188,6 +189,7 @@ class Unit:
     request_hash: str
     response_id: str
     est_tokens: int
+    cache_seen: tuple[tuple[str, int], ...] = ()  # the shared cache folder when this unit was looked up
 
 
 class Engine:
@@ -234,19 +236,39 @@ class Engine:
         return f"sha256({identity} || {unit_key_column})"
 
     def _plan(self, units: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+        """Key every unit once, in DuckDB; the pending rows are then joined back by (question, sample, round).
+
+        The second pass reads the units without computing their keys again, so a rerun that is 99 % done
+        reaches its first pending unit after one hashing pass, not two.
+        """
         key = self.plan_key_sql()
         self.con.register("engine_units_src", units)
-        self.con.execute(f"CREATE OR REPLACE TABLE engine_units AS SELECT {key} AS plan_key FROM engine_units_src")
+        self.con.execute(
+            f"CREATE OR REPLACE TABLE engine_units AS SELECT {key} AS plan_key, question_id, sample_index, round "
+            "FROM engine_units_src"
+        )
+        self.totals.units = self._count("SELECT count(*) FROM engine_units")
+        distinct = self._count(
+            "SELECT count(*) FROM (SELECT DISTINCT question_id, sample_index, round FROM engine_units)"
+        )
+        if distinct != self.totals.units:
+            raise UserError(
+                f"{self.totals.units - distinct} units share a (question_id, sample_index, round): question ids "
+                "must be unique (ingest.dedupe)"
+            )
         self.con.register("engine_done", self.journal.relation(self.con, ("plan_key", "final")))
         self.con.execute(
             "CREATE OR REPLACE TABLE engine_settled AS SELECT DISTINCT plan_key FROM engine_done WHERE final "
             "AND plan_key IN (SELECT plan_key FROM engine_units)"
         )
-        self.totals.units = self._count("SELECT count(*) FROM engine_units")
         self.totals.reused_journal = self._count("SELECT count(*) FROM engine_settled")
+        self.con.execute(
+            "CREATE OR REPLACE TABLE engine_todo AS SELECT * FROM engine_units "
+            "WHERE plan_key NOT IN (SELECT plan_key FROM engine_settled)"
+        )
         return self.con.sql(
-            f"SELECT *, {key} AS plan_key FROM engine_units_src "
-            f"WHERE {key} NOT IN (SELECT plan_key FROM engine_settled)"
+            "SELECT s.* EXCLUDE (unit_key), t.plan_key FROM engine_units_src s "
+            "JOIN engine_todo t USING (question_id, sample_index, round)"
         )
 
     def _count(self, sql: str) -> int:
@@ -274,7 +296,11 @@ class Engine:
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> Generator[tuple[list[Unit], dict[str, dict[str, Any]]], None, None]:
         for batch in self._pending_units(pending, build):
-            yield batch, self._cached(batch)
+            seen = self.cache.version() if self.cache is not None else ()
+            cached = self._cached(batch)
+            for unit in batch:
+                unit.cache_seen = seen
+            yield batch, cached
 
     def _cached(self, units: list[Unit], con: duckdb.DuckDBPyConnection | None = None) -> dict[str, dict[str, Any]]:
         """Records in the shared cache for these units' request hashes."""
@@ -283,14 +309,15 @@ class Engine:
         con = con or self.side
         keys = pa.table({"request_hash": [u.request_hash for u in units]})
         con.register("engine_lookup", keys)
-        cache_rel = self.cache.relation(con)
-        con.register("engine_cache", cache_rel)
-        rows = con.execute(
-            "SELECT c.* FROM engine_cache c SEMI JOIN engine_lookup USING (request_hash) "
-            "QUALIFY row_number() OVER (PARTITION BY request_hash ORDER BY created_at) = 1"
-        )
-        names = [d[0] for d in rows.description or []]
-        found = [dict(zip(names, values, strict=True)) for values in rows.fetchall()]
+        with self.cache.reading():  # a peer's compaction must not delete files between listing and reading
+            cache_rel = self.cache.relation(con)
+            con.register("engine_cache", cache_rel)
+            rows = con.execute(
+                "SELECT c.* FROM engine_cache c SEMI JOIN engine_lookup USING (request_hash) "
+                "QUALIFY row_number() OVER (PARTITION BY request_hash ORDER BY created_at) = 1"
+            )
+            names = [d[0] for d in rows.description or []]
+            found = [dict(zip(names, values, strict=True)) for values in rows.fetchall()]
         con.unregister("engine_lookup")
         con.unregister("engine_cache")
         return {r["request_hash"]: r for r in found}
@@ -304,6 +331,8 @@ class Engine:
         todo = self.totals.units - self.totals.reused_journal
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
+        gc.collect()
+        gc.freeze()  # everything alive now stays: collections during the run only scan what the run allocates
         window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
         batches = self._pending_batches(pending, build)
         self.progress.start(
@@ -334,6 +363,7 @@ class Engine:
         except BaseExceptionGroup as group_exc:
             raise _first_user_error(group_exc) from None
         finally:
+            gc.unfreeze()
             batches.close()
             for target in self.targets:
                 if target.direct is not None:
@@ -453,19 +483,27 @@ class Engine:
             window.release()
 
     async def _claim(self, unit: Unit) -> bool:
-        """True when this process should send the request; False when a peer's answer was reused instead."""
-        assert self.claims is not None
+        """True when this process should send the request; False when a peer's answer was reused instead.
+
+        After winning the claim the shared cache is checked again when a peer process writes to it: a peer
+        may have answered this request between our batch look-up and our claim.
+        """
+        assert self.claims is not None and self.cache is not None
         delay, waited = 0.05, False
         while not self.claims.try_claim(unit.request_hash):
             waited = True
             await asyncio.sleep(delay)  # a peer process is sending this very request right now
             delay = min(1.0, delay * 2)
-        if waited:  # the peer is done: its answer is in the shared cache unless its call failed transiently
-            hit = self._cached([unit], self.peer_con).get(unit.request_hash)
-            if hit is not None:
-                self.claims.release(unit.request_hash)
-                self._reuse(unit, hit)
-                return False
+        try:
+            if waited or self.cache.version() != unit.cache_seen:
+                hit = self._cached([unit], self.peer_con).get(unit.request_hash)
+                if hit is not None:
+                    self.claims.release(unit.request_hash)
+                    self._reuse(unit, hit)
+                    return False
+        except BaseException:
+            self.claims.release(unit.request_hash)  # never leave a claim that peers would wait on forever
+            raise
         return True
 
     def _count_result(self, record: dict[str, Any]) -> None:
@@ -539,12 +577,18 @@ class Engine:
         for attempt_no in range(self.cfg.max_attempts):
             while (wait := target.breaker.wait()) > 0:
                 await asyncio.sleep(wait)
+            requeued = False
             while True:
                 wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
+                due = limiter.now() + wait
                 if wait > 0:
                     await asyncio.sleep(wait)
-                if not limiter.voided(reservation):
-                    break  # else a 429 paused the endpoint while this call waited: queue again
+                if limiter.voided(reservation):
+                    continue  # a 429 paused the endpoint while this call waited: queue again
+                if not requeued and limiter.late(due):
+                    requeued = True  # woke long after its slot (a stalled loop): queue again, once
+                    continue
+                break
             await limiter.cap.acquire()
             self.progress.in_flight(+1)
             try:

@@ -96,31 +96,54 @@ class ResultLog:
     # -- compaction -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _folder_lock(self) -> Iterator[None]:
+    def _folder_lock(self, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)
 
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while listing and reading the folder: compaction (exclusive) waits, other readers do not."""
+        return self._folder_lock(fcntl.LOCK_SH)
+
+    def version(self) -> tuple[tuple[str, int], ...]:
+        """What the folder holds by others, cheaply: file names and sizes (our own file excluded)."""
+        if not self.folder.is_dir():
+            return ()
+        entries = []
+        with os.scandir(self.folder) as it:
+            for entry in it:
+                if entry.name.endswith((".jsonl", ".parquet")) and entry.path != str(self._path):
+                    try:
+                        entries.append((entry.name, entry.stat().st_size))
+                    except FileNotFoundError:
+                        continue
+        return tuple(sorted(entries))
+
+    @staticmethod
+    def _is_live(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     def _finished_journals(self) -> list[Path]:
         """Journal files no live writer holds (a killed writer's lock is gone with it)."""
-        done = []
-        for path in self.journal_files():
-            if self._path is not None and path == self._path and self._fd is not None:
-                continue
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            else:
-                done.append(path)
-            finally:
-                os.close(fd)
-        return done
+        return [
+            path
+            for path in self.journal_files()
+            if not (path == self._path and self._fd is not None) and not self._is_live(path)
+        ]
 
     def compact(self, con: duckdb.DuckDBPyConnection, min_files: int = 1) -> int:
         """Fold finished journal files into one new Parquet part; returns how many files were folded."""

@@ -277,6 +277,18 @@ class EndpointLimiter:
         """Whether a 429 paused the endpoint after this reservation was made: then reserve again."""
         return self.paused_until != reservation.paused_until
 
+    def late(self, due: float) -> bool:
+        """Whether a caller woke so long after its slot that sending now would burst with others.
+
+        An event-loop stall (a first call's client set-up, a garbage collection) wakes every caller whose
+        slot fell inside it at once; those callers queue again rather than all send together.
+        """
+        windows = [b.capacity / b.rate for b in (self.requests, self.input_tokens) if b is not None]
+        return bool(windows) and self._clock() - due > max(0.05, 0.5 * min(windows))
+
+    def now(self) -> float:
+        return self._clock()
+
     def on_success(self) -> None:
         self.cap.on_success()
 

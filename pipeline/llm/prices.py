@@ -35,9 +35,9 @@ def _map_entry(name: str) -> dict[str, object]:
 
 def price_for(model: ModelConfig) -> Price:
     """The preset's own prices win; otherwise litellm's bundled price map; otherwise unknown."""
-    entry = _map_entry(model.name)
     per_in = model.prices.input_per_mtok
     per_out = model.prices.output_per_mtok
+    entry = _map_entry(model.name) if per_in is None or per_out is None else {}  # no litellm import needed
     map_in = entry.get("input_cost_per_token")
     map_out = entry.get("output_cost_per_token")
     return Price(

@@ -1,0 +1,174 @@
+"""Generate-engine throughput against the fake server (own process, core 1); the client runs on core 0.
+
+a. Latency-bound: N calls at 1,000 ms server latency and concurrency 100 should reach ~100 calls/s
+   (achieved/ideal, target >= 0.95).
+b. CPU-bound: client CPU per call at 0 ms latency, the engine vs a bare `litellm.acompletion` +
+   `asyncio.Semaphore` loop on the same server, interleaved (target: engine/bare <= 1.2).
+
+    .venv/bin/python bench/generate_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import (
+    MAX_TOKENS,
+    ServerProcess,
+    build,
+    connect,
+    cpu_seconds,
+    fake_server,
+    load_note,
+    make_engine,
+    make_units,
+    pin_client,
+    section,
+    setup_env,
+    verdict,
+    work_dir,
+)
+
+
+@dataclass
+class Measure:
+    calls: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def per_s(self) -> float:
+        return self.calls / self.wall_s
+
+    @property
+    def cpu_ms_per_call(self) -> float:
+        return self.cpu_s / self.calls * 1000
+
+    @property
+    def ceiling_per_s(self) -> float:
+        """Calls/s one fully busy core could sustain at this CPU cost."""
+        return 1000 / self.cpu_ms_per_call
+
+
+async def run_engine(server: ServerProcess, n: int, concurrency: int, transport: str | None) -> Measure:
+    with work_dir("throughput") as tmp:
+        con = connect()
+        engine = make_engine(con, server.api_base, Path(tmp), concurrency, transport=transport)
+        units = make_units(con, n)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        summary = await engine.execute(units, build)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        con.close()
+    if summary["ok"] != n:
+        raise RuntimeError(f"engine: {summary['ok']}/{n} calls ok: {summary}")
+    return Measure(n, wall, cpu)
+
+
+async def run_bare(server: ServerProcess, n: int, concurrency: int) -> Measure:
+    """The floor: litellm alone, no planning, journal, limiter or retries."""
+    from pipeline.llm.litellm_env import litellm
+
+    lm = litellm()
+    window = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with window:
+            await lm.acompletion(
+                model="openai/fake-model",
+                messages=[{"role": "user", "content": f"What is {i} + 1?"}],
+                api_base=server.api_base,
+                api_key="not-needed",
+                num_retries=0,
+                timeout=60.0,
+                temperature=0.0,
+                max_tokens=MAX_TOKENS,
+            )
+
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
+
+
+async def latency_bound(
+    server: ServerProcess, n: int, concurrency: int, latency_ms: float, transport: str | None
+) -> None:
+    section(f"a. latency-bound: {n} calls, server latency {latency_ms:.0f} ms, concurrency {concurrency}")
+    print(load_note())
+    server.control(latency_ms=latency_ms, reset_stats=True)
+    m = await run_engine(server, n, concurrency, transport)
+    ideal = concurrency / (latency_ms / 1000)
+    ratio = m.per_s / ideal
+    requests = server.stats()["requests"]
+    print(f"engine: {m.per_s:.1f} calls/s, ideal {ideal:.1f} calls/s  (wall {m.wall_s:.1f} s, {requests} requests)")
+    print(f"achieved/ideal = {ratio:.3f}  (target >= 0.95: {verdict(ratio >= 0.95)})")
+    print(f"client CPU {m.cpu_ms_per_call:.2f} ms/call = {m.cpu_s / m.wall_s:.0%} of a core at this rate")
+    bare = await run_bare(server, min(n, 2000), concurrency)  # reference: same settings, litellm alone
+    print(
+        f"bare litellm reference ({bare.calls} calls): {bare.per_s:.1f} calls/s; engine/bare {m.per_s / bare.per_s:.2f}"
+    )
+
+
+async def cpu_bound(server: ServerProcess, n: int, concurrency: int, rounds: int, transport: str | None) -> None:
+    section(f"b. CPU per call at 0 ms latency: {n} calls, concurrency {concurrency}, {rounds} interleaved round(s)")
+    print(load_note())
+    server.control(latency_ms=0.0, reset_stats=True)
+    await run_bare(server, 200, concurrency)  # warm-up: litellm's lazy imports and client cache
+    await run_engine(server, 200, concurrency, transport)
+    engine: list[Measure] = []
+    bare: list[Measure] = []
+    for i in range(rounds):
+        bare.append(await run_bare(server, n, concurrency))
+        engine.append(await run_engine(server, n, concurrency, transport))
+        print(
+            f"round {i + 1}: bare {bare[-1].cpu_ms_per_call:.2f} ms/call ({bare[-1].per_s:.0f} calls/s), "
+            f"engine {engine[-1].cpu_ms_per_call:.2f} ms/call ({engine[-1].per_s:.0f} calls/s)"
+        )
+    e_ms = statistics.median(m.cpu_ms_per_call for m in engine)
+    b_ms = statistics.median(m.cpu_ms_per_call for m in bare)
+    ratio = e_ms / b_ms
+    print(f"client CPU per call (median): engine {e_ms:.2f} ms, bare litellm {b_ms:.2f} ms")
+    print(f"engine/bare = {ratio:.2f}  (target <= 1.2: {verdict(ratio <= 1.2)})")
+    print(f"ceiling (1 core): engine {1000 / e_ms:.0f} calls/s, bare {1000 / b_ms:.0f} calls/s")
+    e_wall = statistics.median(m.per_s for m in engine)
+    b_wall = statistics.median(m.per_s for m in bare)
+    print(f"achieved wall rate (median): engine {e_wall:.0f} calls/s, bare {b_wall:.0f} calls/s")
+
+
+async def main(args: argparse.Namespace) -> None:
+    from pipeline.llm.litellm_env import litellm
+
+    litellm()  # import before anything is timed
+    with fake_server(latency_ms=0.0) as server:
+        print(f"fake server {server.url} on core 1, client on core 0")
+        print(f"engine transport: {args.transport or 'preset default'}")
+        await latency_bound(server, args.calls, args.concurrency, args.latency_ms, args.transport)
+        await cpu_bound(server, args.cpu_calls, args.cpu_concurrency, args.rounds, args.transport)
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: small counts, one round")
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument("--cpu-calls", type=int, default=2000)
+    parser.add_argument("--cpu-concurrency", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--transport", default=None, help="model.transport of the engine (default: the preset's)")
+    args = parser.parse_args()
+    if args.quick:
+        args.calls, args.cpu_calls, args.rounds = 500, 300, 1
+    return args
+
+
+if __name__ == "__main__":
+    setup_env()
+    pin_client()
+    started = time.perf_counter()
+    asyncio.run(main(parse()))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,489 @@
+"""Sweeps (`python run.py -m ...`) end to end: job folders, the sweep summary, failed jobs, and parallel jobs
+(joblib launcher) sharing one endpoint's rate limit and paying for identical requests once.
+
+Every sweep runs `run.py` in a subprocess into tmp_path (sweep folder and shared cache next to each other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from conftest import FAKE_MODEL, ROOT, run_env
+from omegaconf import OmegaConf
+
+from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
+from pipeline.llm.engine import Engine, target_for
+from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.journal import ResultLog
+from pipeline.llm.records import JOURNAL_COLUMNS, RequestSpec, request_hash
+from pipeline.progress import Progress
+
+STAGES = ("ingest", "generate", "validate", "export")
+QUESTIONS_FILE = ROOT / "data" / "math" / "questions.jsonl"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LEAK_MARKERS = ("Event loop is closed", "Unclosed client session", "Unclosed connector", "Traceback")
+
+
+@dataclass
+class SweepResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    sweep_dir: Path
+    output_dir: Path
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def tail(self) -> str:
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+    def summary(self) -> list[dict[str, Any]]:
+        return pq.read_table(self.sweep_dir / "sweep_summary.parquet").to_pylist()
+
+    def job_dirs(self) -> list[Path]:
+        return sorted(
+            (p for p in self.sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+        )
+
+    def manifest(self, job: int | str) -> dict[str, Any]:
+        return json.loads((self.sweep_dir / str(job) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def run_sweep(tmp: Path, *overrides: str, timeout: float = 180) -> SweepResult:
+    """`python run.py -m +experiment=math ...` into `tmp/sweep`, with the shared cache under `tmp/outputs`.
+
+    Runs on `model=fake` (the project's fake server) unless the overrides pick a model."""
+    sweep_dir, output_dir = tmp / "sweep", tmp / "outputs"
+    model = [] if any(o.startswith("model=") for o in overrides) else [FAKE_MODEL]  # not the slow embedded LLM
+    cmd = [
+        sys.executable,
+        str(ROOT / "run.py"),
+        "-m",
+        "+experiment=math",
+        *model,
+        *overrides,
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.output_dir={output_dir}",
+    ]
+    started = time.monotonic()
+    # Own session: on a timeout the whole process group goes, joblib's loky workers included (they outlive
+    # the launcher otherwise, and keep holding claims).
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"the sweep did not finish within {timeout:.0f}s\n"
+            f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}"
+        )
+    return SweepResult(proc.returncode, stdout, stderr, sweep_dir, output_dir, time.monotonic() - started)
+
+
+def responses(job_dir: Path) -> list[dict[str, Any]]:
+    return pq.read_table(job_dir / "tables" / "responses.parquet").to_pylist()
+
+
+# --------------------------------------------------------------------------- sequential jobs (basic launcher)
+
+
+def test_two_sequential_jobs_in_one_process(tmp_path: Path) -> None:
+    result = run_sweep(tmp_path, "generate.temperature=0,0.7", "ingest.limit=10")
+    assert result.returncode == 0, result.tail()
+    # State must not leak from job 0's event loop into job 1 (litellm clients, aiohttp sessions).
+    for marker in LEAK_MARKERS:
+        assert marker not in result.output, f"{marker!r} in the sweep's output\n{result.tail()}"
+
+    jobs = result.job_dirs()
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        manifest = result.manifest(job.name)
+        assert "failure" not in manifest, manifest.get("failure")
+        assert {name: manifest["stages"][name]["status"] for name in STAGES} == dict.fromkeys(STAGES, "done")
+        assert manifest["totals"]["calls"] + manifest["totals"]["cache_hits"] == 10
+        export = job / "export" / "openai_chat.jsonl"
+        lines = export.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 10, f"{export}: {len(lines)} lines"
+        assert all(json.loads(line)["messages"] for line in lines)
+    assert [OmegaConf.load(job / "config.resolved.yaml").generate.temperature for job in jobs] == [0, 0.7]
+
+    rows = result.summary()
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["error"] is None for r in rows)
+    assert all(r["valid_pct"] is not None and r["accuracy_pct"] is not None for r in rows)
+    assert "generate.temperature=0.7" in rows[1]["overrides"]
+    markdown = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8")
+    assert markdown.count("\n| 0 |") == 1 and markdown.count("\n| 1 |") == 1, markdown
+    png = (result.sweep_dir / "sweep_summary.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+
+
+def test_a_failed_job_does_not_hide_the_others(tmp_path: Path) -> None:
+    missing = "/nonexistent.jsonl"
+    result = run_sweep(tmp_path, f"ingest.path={missing},{QUESTIONS_FILE}", "ingest.limit=10")
+    assert result.returncode != 0, result.tail()
+    assert "Traceback" not in result.output, result.tail()
+
+    rows = result.summary()
+    assert len(rows) == 2, rows
+    by_status = {r["status"]: r for r in rows}
+    assert set(by_status) == {"failed", "ok"}, rows
+    failed, ok = by_status["failed"], by_status["ok"]
+    assert failed["job"] == "0"
+    assert missing in (failed["error"] or ""), failed
+    assert failed["valid_pct"] is None and failed["accuracy_pct"] is None
+    assert ok["job"] == "1" and ok["error"] is None
+    assert ok["valid_pct"] is not None and ok["accuracy_pct"] is not None, ok
+    assert ok["calls"] + ok["cache_hits"] == 10
+
+    assert missing in result.manifest(0)["failure"]
+    assert "failure" not in result.manifest(1)
+    markdown = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8")
+    assert "failed" in markdown and missing in markdown
+    assert (result.sweep_dir / "sweep_summary.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# --------------------------------------------------------------------------- parallel jobs (joblib launcher)
+
+RATE_RPS = 10.0
+PARALLEL_JOBS = 3
+PER_JOB = 40
+
+
+@dataclass
+class Poller:
+    """Samples the fake server's counters every `interval` s in a thread: (monotonic time, requests, ok)."""
+
+    server: FakeServer
+    interval: float = 0.1
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Poller:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stats = self.server.stats()
+            self.samples.append((time.monotonic(), stats["requests"], stats["by_status"].get("200", 0)))
+            time.sleep(self.interval)
+
+    def ok_rate(self) -> tuple[float, float]:
+        """OK responses per second between the first sample that saw a request and the first sample that saw
+        the final count (each end known to within `interval`); also returns that window in seconds."""
+        active = [s for s in self.samples if s[1] > 0]
+        final = self.samples[-1][1]
+        first = active[0]
+        last = next(s for s in active if s[1] == final)
+        window = last[0] - first[0]
+        return (last[2] - first[2]) / window if window > 0 else float("inf"), window
+
+
+@dataclass
+class ParallelRun:
+    result: SweepResult
+    stats: dict[str, Any]
+    ok_rate: float
+    window_s: float
+
+
+@pytest.fixture(scope="module", params=["litellm", "direct"])
+def rate_limited_sweep(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ParallelRun]:
+    """3 parallel jobs making different requests against one server allowing 10 req/s (burst 2)."""
+    transport = request.param
+    tmp = tmp_path_factory.mktemp(f"rate_{transport}")
+    with FakeServer(FakeServerConfig()) as server:
+        server.configure(rate_limit_rps=RATE_RPS, rate_limit_burst=2)
+        with Poller(server) as poller:
+            result = run_sweep(
+                tmp,
+                "hydra/launcher=joblib",
+                f"hydra.launcher.n_jobs={PARALLEL_JOBS}",
+                "generate.temperature=0.0,0.3,0.6",  # different requests: nothing is shared through the cache
+                f"ingest.limit={PER_JOB}",
+                f"model.limits.requests_per_minute={int(RATE_RPS * 60)}",
+                "model.limits.burst_seconds=0.2",
+                "model.limits.concurrency=8",
+                "model.serve=null",
+                f"model.api_base={server.api_base}",
+                f"model.transport={transport}",
+            )
+        rate, window = poller.ok_rate() if server.stats()["requests"] else (0.0, 0.0)
+        stats = server.stats()
+    print(
+        f"\n[{transport}] joblib sweep: {result.seconds:.1f}s wall, server {stats['by_status']}, "
+        f"{rate:.2f} ok/s over {window:.1f}s ({rate / RATE_RPS:.2f} x limit)"
+    )
+    yield ParallelRun(result, stats, rate, window)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_completes_every_job(rate_limited_sweep: ParallelRun) -> None:
+    run = rate_limited_sweep
+    result = run.result
+    # A launcher that cannot start (plugin import, pickling, asyncio in loky workers) fails here, with its error.
+    assert result.returncode == 0, result.tail()
+    assert "Traceback" not in result.output, result.tail()
+    assert "Joblib.Parallel" in result.output, "the joblib launcher was not used"
+    assert run.stats["by_status"].get("200", 0) == PARALLEL_JOBS * PER_JOB, run.stats
+    assert {r["status"] for r in result.summary()} == {"ok"}
+    for job in result.job_dirs():
+        rows = responses(job)
+        assert len(rows) == PER_JOB and all(r["status"] == "ok" for r in rows), job
+    # One endpoint, one shared limiter state file.
+    states = list((result.output_dir / ".cache" / "limits").glob("*.state"))
+    assert len(states) == 1, states
+
+
+@pytest.mark.slow
+def test_parallel_jobs_stay_under_the_shared_limit(rate_limited_sweep: ParallelRun) -> None:
+    """The engine was told the server's limit: the jobs together should (almost) never see a 429."""
+    throttled = rate_limited_sweep.stats["by_status"].get("429", 0)
+    assert throttled <= 2, f"{throttled} HTTP 429 from the server (goal 0, tolerated 2): {rate_limited_sweep.stats}"
+
+
+@pytest.mark.slow
+def test_parallel_jobs_use_the_whole_shared_limit(
+    rate_limited_sweep: ParallelRun, request: pytest.FixtureRequest
+) -> None:
+    """Combined rate, measured on the server, from the first to the last request of the sweep."""
+    run = rate_limited_sweep
+    if request.node.callspec.params["rate_limited_sweep"] == "litellm":
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="known gap (open issue): each job's first litellm call stalls its event loop for "
+                "0.4-1.2 s, the requests queued behind it reach the server together and the 429 pauses that "
+                "follow cost ~20% of a 12-second sweep; the direct transport meets the target",
+                strict=False,
+            )
+        )
+    assert run.ok_rate >= 0.9 * RATE_RPS, (
+        f"{run.ok_rate:.2f} ok/s over {run.window_s:.1f}s = {run.ok_rate / RATE_RPS:.2f} x the {RATE_RPS} req/s limit "
+        f"(want >= 0.9 x); server {run.stats['by_status']}"
+    )
+
+
+@pytest.mark.slow
+def test_identical_requests_across_parallel_jobs_are_paid_once(tmp_path: Path) -> None:
+    """3 overlapping jobs that differ only in a validate option send the same 30 requests: one job pays."""
+    limit = 30
+    with FakeServer(FakeServerConfig()) as server:
+        server.configure(latency_ms=300)  # calls take long enough that the jobs' generate stages overlap
+        result = run_sweep(
+            tmp_path,
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=3",
+            "validate.tolerance=0.01,0.1,1.0",  # does not change any request
+            f"ingest.limit={limit}",
+            "model.serve=null",
+            f"model.api_base={server.api_base}",
+            timeout=120,  # ~20 s normally; a leaked claim makes a job wait forever
+        )
+        stats = server.stats()
+    assert result.returncode == 0, result.tail()
+    chat = sum(stats["models"].values())
+    manifests = [result.manifest(job.name) for job in result.job_dirs()]
+    paid = [m["totals"]["calls"] for m in manifests]
+    windows = [
+        (m["stages"]["generate"]["started_at"], m["stages"]["generate"]["seconds"], m["totals"]["cache_hits"])
+        for m in manifests
+    ]
+    print(f"\nclaims: server saw {stats['requests']} requests ({chat} chat), calls per job {paid}, generate {windows}")
+    assert len(manifests) == 3
+    assert chat <= limit + 2, f"the server saw {chat} chat requests for {limit} distinct ones: {stats}"
+    assert sum(paid) <= limit + 2, paid
+    for job in result.job_dirs():
+        rows = responses(job)
+        assert len(rows) == limit and all(r["status"] == "ok" for r in rows), job
+
+
+# --------------------------------------------------------------------------- claims: the lookup/claim window
+
+
+def _units(con: duckdb.DuckDBPyConnection, start: int, stop: int) -> duckdb.DuckDBPyRelation:
+    """Questions `start..stop-1` shaped like the generate stage's units (one sample, round 0)."""
+    question = "'What is ' || i || ' + 1?'"
+    return con.sql(
+        f"""
+        SELECT 'q' || lpad(CAST(i AS VARCHAR), 5, '0') AS question_id, {question} AS question,
+               CAST(0 AS INTEGER) AS sample_index, 0 AS round, CAST(NULL AS VARCHAR) AS parent_response_id,
+               sha256({question}) AS unit_key
+        FROM range({start}, {stop}) t(i)
+        """
+    )
+
+
+def _build(row: dict[str, Any]) -> RequestSpec:
+    return RequestSpec(
+        messages=[{"role": "user", "content": row["question"]}], temperature=0.0, max_tokens=64, response_schema=None
+    )
+
+
+def _engine(tmp: Path, server: FakeServer, journal: str, concurrency: int) -> Engine:
+    preset = ModelConfig(
+        preset="fake",
+        name="openai/fake-model",
+        api_base=server.api_base,
+        timeout_s=1.5,
+        transport="direct",
+        limits=LimitsConfig(concurrency=concurrency),
+        prices=PricesConfig(input_per_mtok=0.0, output_per_mtok=0.0),
+    )
+    return Engine(
+        duckdb.connect(),
+        [target_for(preset)],
+        GenerateConfig(),
+        journal=ResultLog(tmp / journal),
+        cache=ResultLog(tmp / "cache" / "responses"),  # shared cache, hence shared claims (cache/claims)
+        redact=lambda s: s,
+        progress=Progress(live=False),
+    )
+
+
+def test_a_request_a_peer_finished_after_the_cache_lookup_is_not_paid_again(tmp_path: Path) -> None:
+    """Engine B looks its 10 units up in the shared cache (empty), then stalls on its first call; meanwhile
+    engine A (a peer job) answers units 2..9 and releases their claims. When B reaches them, their answers
+    are in the shared cache: B must reuse them, not send them again."""
+    with FakeServer(FakeServerConfig(script=[{"hang": True}])) as server:  # B's first call times out once
+        b = _engine(tmp_path, server, "journal_b", concurrency=1)
+        a = _engine(tmp_path, server, "journal_a", concurrency=8)
+        finished: list[str] = []
+
+        async def run_b() -> Mapping[str, Any]:
+            summary = await b.execute(_units(b.con, 0, 10), _build)
+            finished.append("b")
+            return summary
+
+        async def run_a() -> Mapping[str, Any]:
+            while server.stats()["requests"] == 0:  # B has looked everything up and sent its first call
+                await asyncio.sleep(0.01)
+            summary = await a.execute(_units(a.con, 2, 10), _build)
+            finished.append("a")
+            return summary
+
+        async def both() -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+            return await asyncio.gather(run_b(), run_a())
+
+        summary_b, summary_a = asyncio.run(both())
+        stats = server.stats()
+    assert finished == ["a", "b"], "A must finish while B is still stalled, or this test proves nothing"
+    assert summary_a["calls"] == 8, summary_a
+    b_rows = b.responses().to_arrow_table().to_pylist()
+    assert len(b_rows) == 10 and all(r["status"] == "ok" for r in b_rows)
+    # B pays for units 0 and 1 only (unit 0 twice: the timed-out attempt and its retry).
+    assert (summary_b["calls"], summary_b["cache_hits"]) == (2, 8), (
+        f"B sent {summary_b['calls']} calls and reused {summary_b['cache_hits']} although A had answered units "
+        f"2..9 before B claimed them; the server saw {stats['requests']} requests (11 expected)"
+    )
+    assert stats["requests"] == 11, stats
+
+
+def test_reading_the_shared_cache_while_a_peer_compacts_it(tmp_path: Path) -> None:
+    """Sweep jobs read the shared cache (batch look-ups, claims) while a finished peer compacts it: folding its
+    journal files into a Parquet part and deleting them must never make a reader fail."""
+    folder = tmp_path / "cache" / "responses"
+    record: dict[str, Any] = dict.fromkeys(JOURNAL_COLUMNS)
+    record.update(request_hash="h", status="ok", final=True)
+    stop = threading.Event()
+    errors: list[str] = []
+    counts = {"reads": 0, "compactions": 0}
+
+    def peer() -> None:  # a job that finishes: writes its journal file, closes it, compacts the folder
+        con = duckdb.connect()
+        while not stop.is_set():
+            writer = ResultLog(folder)
+            writer.append(record)
+            writer.close()
+            counts["compactions"] += ResultLog(folder).compact(con)
+
+    def reader() -> None:  # a job looking requests up in the shared cache
+        con = duckdb.connect()
+        while not stop.is_set():
+            try:
+                log = ResultLog(folder)
+                with log.reading():  # the documented way to read a folder other processes compact
+                    log.relation(con, ("request_hash",)).fetchall()
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                stop.set()
+            counts["reads"] += 1
+
+    threads = [threading.Thread(target=peer), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    stop.wait(3.0)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert counts["compactions"] > 0 and counts["reads"] > 0, counts
+    assert not errors, (
+        f"a cache read failed after {counts['reads']} reads, {counts['compactions']} compactions: {errors[0]}"
+    )
+
+
+def test_a_failed_cache_lookup_after_a_claim_releases_the_claim(tmp_path: Path) -> None:
+    """B waits for a peer's claim; when it gets the claim, its look-up of the peer's answer fails. The claim
+    must be released: a claim file whose owner process lives on (a loky worker after a failed sweep job) makes
+    every other job wait for it forever."""
+    with FakeServer(FakeServerConfig()) as server:
+        b = _engine(tmp_path, server, "journal_b", concurrency=1)
+        target = b.targets[0]
+        row = {"question": "What is 0 + 1?"}
+        key = request_hash(target.identity, _build(row), target.endpoint.response_format, 0)
+        claims = tmp_path / "cache" / "claims"
+        claims.mkdir(parents=True, exist_ok=True)  # the engine creates it too
+        (claims / key).write_text(str(os.getppid()))  # a live peer (another process) is sending this request
+        responses_dir = tmp_path / "cache" / "responses"
+
+        async def peer() -> None:
+            await asyncio.sleep(0.3)  # B is waiting for the claim by now
+            responses_dir.mkdir(parents=True, exist_ok=True)
+            (responses_dir / "part-00000000-000000-0-00000.parquet").write_bytes(b"not parquet")  # unreadable
+            (claims / key).unlink()  # the peer is done
+
+        async def both() -> None:
+            await asyncio.gather(b.execute(_units(b.con, 0, 1), _build), peer())
+
+        with pytest.raises(Exception) as failure:  # the look-up error itself is not what this test is about
+            asyncio.run(both())
+        sent = server.stats()["requests"]
+    assert not (claims / key).exists() or (claims / key).read_text() != str(os.getppid()), "the peer never let go"
+    leaked = {p.name: p.read_text() for p in claims.iterdir()}
+    assert not leaked, (
+        f"B (pid {os.getpid()}, still alive) took the claim, its look-up failed ({failure.value!r:.150}), "
+        f"and the claim was never released: {leaked}"
+    )
+    assert sent == 0
