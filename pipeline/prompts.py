@@ -19,18 +19,25 @@ from pipeline.errors import UserError
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
-def _compile(name: str, source: str, columns: set[str]) -> Any:
+def compile_template(key: str, source: str, allowed: set[str], fix: str) -> Any:
+    """A sandboxed template whose variables are all in `allowed`; else one line naming `key` and `fix`."""
     try:
         ast = _ENV.parse(source)
     except TemplateSyntaxError as exc:
-        raise UserError(f"prompt.{name}: template syntax error on line {exc.lineno}: {exc.message}") from None
-    missing = sorted(meta.find_undeclared_variables(ast) - columns)
+        raise UserError(f"{key}: template syntax error on line {exc.lineno}: {exc.message}") from None
+    missing = sorted(meta.find_undeclared_variables(ast) - allowed)
     if missing:
-        raise UserError(
-            f"prompt.{name} uses {', '.join(missing)}, which the questions table does not have "
-            f"(columns: {', '.join(sorted(columns))}); fix the template or map the column in ingest.columns"
-        )
+        raise UserError(f"{key} uses {', '.join(missing)}, {fix} (it has: {', '.join(sorted(allowed))})")
     return _ENV.from_string(source)
+
+
+def _compile(name: str, source: str, columns: set[str]) -> Any:
+    return compile_template(
+        f"prompt.{name}",
+        source,
+        columns,
+        "which the questions table does not have; fix the template or map the column in ingest.columns",
+    )
 
 
 class PromptBuilder:

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pipeline.config import Config, ExportConfig, as_plain
 from pipeline.errors import UserError
+from pipeline.prompts import compile_template
 from pipeline.stage_api import Stage, StageContext, StageResult
 from stages.dataset_card import CardData, render_card
 from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
+from stages.ingest import NORMALISED_QUESTION
 from stages.validate import extract_json
 
 IS_CORRECT = ("any", "not_false", "true")
@@ -41,8 +41,6 @@ CONFIG_SECTIONS = ("name", "seed", "ingest", "model", "prompt", "generate", "rep
 ANSWER_COLUMNS = (
     "response_id, question_id, sample_index, round, model_used, status, content, reasoning_content, cost_usd"
 )
-NORMALISED_QUESTION = "lower(trim(regexp_replace(question, '\\s+', ' ', 'g')))"
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
 def _lit(text: str) -> str:
@@ -79,16 +77,7 @@ def is_correct_rule(cfg: ExportConfig) -> str:
 
 
 def _compile(key: str, source: str, allowed: set[str]) -> Any:
-    try:
-        ast = _ENV.parse(source)
-    except TemplateSyntaxError as exc:
-        raise UserError(f"{key}: template syntax error on line {exc.lineno}: {exc.message}") from None
-    missing = sorted(meta.find_undeclared_variables(ast) - allowed)
-    if missing:
-        raise UserError(
-            f"{key} uses {', '.join(missing)}, which it does not have (it has: {', '.join(sorted(allowed))})"
-        )
-    return _ENV.from_string(source)
+    return compile_template(key, source, allowed, "which it does not have")
 
 
 class Student:
