@@ -15,6 +15,7 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from pipeline.errors import UserError
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
+from pipeline.llm.litellm_env import litellm
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
 from pipeline.progress import Progress
@@ -237,6 +239,9 @@ class Runner:
         stages = self._stages()
         self._begin()
         fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
+        if any(s.needs_engine for s in stages):
+            # litellm takes seconds to import: do it while DuckDB plans (it releases the GIL), not after.
+            threading.Thread(target=litellm, name="import-litellm", daemon=True).start()
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
