@@ -130,15 +130,15 @@ def test_cap_level_tightens_but_never_loosens() -> None:
     assert bucket.level == pytest.approx(3)
 
 
-def test_drain_empties_but_keeps_debt() -> None:
+def test_hold_empties_until_the_pause_ends() -> None:
     clock = FakeClock()
     bucket = TokenBucket(10.0, 2.0, clock)
     _fill(clock, bucket)
-    bucket.drain()
-    assert bucket.level == 0.0
-    assert bucket.reserve(1) == pytest.approx(0.1)
-    bucket.drain()  # already in debt: stays in debt
-    assert bucket.level == pytest.approx(-1.0)
+    bucket.hold(3.0)  # a 429 with Retry-After 3: queued slots are void, the bucket refills to 0 in 3 s
+    assert bucket.level == pytest.approx(-30.0)
+    clock.advance(3.0)
+    assert bucket.level == pytest.approx(0.0)
+    assert bucket.reserve(1) == pytest.approx(0.1)  # then one call per 1/rate: slow start
 
 
 # --------------------------------------------------------------------------- TokenBucket, simulated load

@@ -135,10 +135,6 @@ class TokenBucket:
         with self._bucket() as pair:
             pair[0] = min(pair[0], remaining)
 
-    def drain(self) -> None:
-        with self._bucket() as pair:
-            pair[0] = min(pair[0], 0.0)
-
     def hold(self, seconds: float) -> None:
         """Empty the bucket so that it refills to zero only `seconds` from now: queued slots are void."""
         with self._bucket() as pair:
