@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("generate_throughput", "rate_limit", "memory", "resume", "ingest")
+BENCHES = ("generate_throughput", "rate_limit", "memory", "resume", "ingest", "workers")
 
 
 def run(name: str, quick: bool) -> tuple[float, int, list[str]]:
@@ -28,7 +28,7 @@ def run(name: str, quick: bool) -> tuple[float, int, list[str]]:
         assert proc.stdout is not None
         for line in proc.stdout:
             print(line, end="", flush=True)
-            if "PASS" in line or "FAIL" in line:
+            if any(word in line for word in ("PASS", "FAIL", "REPORT")):
                 verdicts.append(line.strip())
     return time.monotonic() - started, proc.returncode, verdicts
 

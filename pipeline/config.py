@@ -170,6 +170,7 @@ class GenerateConfig:
     cache: str = "on"
     max_cost_usd: float | None = None
     dry_run: bool = False
+    workers: int = 1
 
 
 @dataclass

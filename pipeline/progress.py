@@ -66,10 +66,14 @@ class Progress:
         )
 
     def advance(self, ok: bool, cost: float | None, throttled: int, tokens: int = 0) -> None:
-        self.done += 1
+        self.add(ok=int(ok), failed=int(not ok), cost=cost, tokens=tokens, throttled=throttled)
+
+    def add(self, ok: int, failed: int, cost: float | None, tokens: int, throttled: int) -> None:
+        """Count finished calls: one from this process, or a batch reported by a worker process."""
+        self.done += ok + failed
         self.tokens += tokens
         self.ok += ok
-        self.failed += not ok
+        self.failed += failed
         self.throttled = throttled
         self.cost = None if cost is None or self.cost is None else self.cost + cost
         now = time.monotonic()

@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import litellm
+from pipeline.llm.litellm_env import close_clients, litellm
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
 from pipeline.progress import Progress
@@ -260,7 +260,7 @@ class Runner:
                         break
             finally:
                 con.close()
-                await _close_litellm_clients()
+                await close_clients()
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)
         self.manifest.save()
@@ -321,6 +321,8 @@ class Runner:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
         if "model" in sections:
             sections["model"].pop("api_base", None) if self.cfg.model.serve else None
+        if "generate" in sections:
+            sections["generate"].pop("workers", None)  # how many processes call changes no result
         return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})
 
     def _is_current(self, stage: Stage, fp: str) -> bool:
@@ -435,20 +437,6 @@ def _plain(obj: Any) -> Any:
 
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
-
-
-async def _close_litellm_clients() -> None:
-    """litellm caches async HTTP clients per event loop; close them before this job's loop ends."""
-    if "litellm" not in sys.modules:
-        return
-    import litellm
-
-    closer = getattr(litellm, "close_litellm_async_clients", None)
-    if closer is not None:
-        try:
-            await closer()
-        except Exception as exc:  # closing must never mask the job's own outcome
-            log.debug("closing litellm clients: %s", exc)
 
 
 def _paths(cfg: Config) -> RunPaths:

@@ -36,7 +36,9 @@ class Engine(Protocol):
 
     `units` has one row per unit of work with `question_id`, `sample_index`, `round`, `parent_response_id`
     and `unit_key` (a hash of everything that shapes the request, so a rerun can tell what is done without
-    rendering anything); `build` renders one pending unit's request.
+    rendering anything); `build` renders one pending unit's request. `build` must pickle (a module-level
+    function, or an object of a module-level class): with `generate.workers > 1` it runs in worker
+    processes.
     """
 
     async def execute(

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.config import GenerateConfig, PromptConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import RequestSpec
 from pipeline.prompts import PromptBuilder
@@ -32,23 +33,33 @@ def _request_key(ctx: StageContext) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
-def _spec_builder(ctx: StageContext, columns: list[str]) -> Any:
-    builder = PromptBuilder(ctx.cfg.prompt, columns)  # fails on a bad template before any call
-    gen = ctx.cfg.generate
-    overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
+class SpecBuilder:
+    """Renders one unit's request. A plain object, not a closure: the engine may pickle it into worker
+    processes (`generate.workers`), which rebuild the compiled templates from the configs."""
 
-    def build(row: dict[str, Any]) -> RequestSpec:
+    def __init__(self, prompt: PromptConfig, gen: GenerateConfig, columns: list[str]) -> None:
+        self.prompt, self.gen, self.columns = prompt, gen, columns
+        self._builder = PromptBuilder(prompt, columns)  # fails on a bad template before any call
+        self._overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (SpecBuilder, (self.prompt, self.gen, self.columns))
+
+    def __call__(self, row: dict[str, Any]) -> RequestSpec:
+        gen, overrides = self.gen, self._overrides
         schema = row.get("answer_schema") if gen.use_schema else None
         temperature = row["temperature"] if "temperature" in overrides and row["temperature"] is not None else None
         max_tokens = row["max_tokens"] if "max_tokens" in overrides and row["max_tokens"] is not None else None
         return RequestSpec(
-            messages=builder.messages(row, schema),
+            messages=self._builder.messages(row, schema),
             temperature=float(gen.temperature if temperature is None else temperature),
             max_tokens=gen.max_tokens if max_tokens is None else int(max_tokens),
             response_schema=schema,
         )
 
-    return build
+
+def spec_builder(ctx: StageContext) -> SpecBuilder:
+    return SpecBuilder(ctx.cfg.prompt, ctx.cfg.generate, list(ctx.inputs["questions"].columns))
 
 
 def units_relation(ctx: StageContext) -> Any:
@@ -86,7 +97,7 @@ async def run(ctx: StageContext) -> StageResult:
     samples = ctx.cfg.generate.samples
     if samples < 1:
         raise UserError(f"generate.samples={samples}: must be at least 1")
-    build = _spec_builder(ctx, list(ctx.inputs["questions"].columns))
+    build = spec_builder(ctx)
     units = units_relation(ctx)
     summary = dict(await engine.execute(units, build))
     if summary.get("dry_run"):

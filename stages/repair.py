@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -28,7 +27,7 @@ from pipeline.config import RepairConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec
 from pipeline.stage_api import Engine, Stage, StageContext, StageResult
-from stages.generate import _spec_builder
+from stages.generate import SpecBuilder, spec_builder
 from stages.validate import Validators, check_answer
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
@@ -181,25 +180,26 @@ class _Chains:
         return int(repaired), int(still), int(failed)
 
 
-def _builder(ctx: StageContext) -> Callable[[dict[str, Any]], RequestSpec]:
-    """The first request exactly as generate built it, then each past answer and its feedback, in order."""
-    base = _spec_builder(ctx, list(ctx.inputs["questions"].columns))
-    cfg = ctx.cfg.repair
+class RepairBuilder:
+    """The first request exactly as generate built it, then each past answer and its feedback, in order.
 
-    def build(row: dict[str, Any]) -> RequestSpec:
-        spec = base(row)
+    A plain object, not a closure, so the engine can hand it to worker processes."""
+
+    def __init__(self, base: SpecBuilder, cfg: RepairConfig) -> None:
+        self.base, self.cfg = base, cfg
+
+    def __call__(self, row: dict[str, Any]) -> RequestSpec:
+        spec = self.base(row)
         messages = list(spec.messages)
         for turn in row["history"]:
             messages.append({"role": "assistant", "content": turn["content"]})
             messages.append({"role": "user", "content": turn["feedback"]})
         return RequestSpec(
             messages=messages,
-            temperature=temperature(cfg, row["round"]),
+            temperature=temperature(self.cfg, row["round"]),
             max_tokens=spec.max_tokens,
             response_schema=spec.response_schema,
         )
-
-    return build
 
 
 async def run(ctx: StageContext) -> StageResult:
@@ -208,7 +208,7 @@ async def run(ctx: StageContext) -> StageResult:
         raise RuntimeError("the repair stage needs an engine")
     cfg = ctx.cfg.repair
     feedback = _check_config(cfg)
-    build = _builder(ctx)
+    build = RepairBuilder(spec_builder(ctx), ctx.cfg.repair)
     chains = _Chains(ctx, feedback)
     key = _repair_key(ctx)
     rounds: list[dict[str, Any]] = []

@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,40 @@ def run_pipeline(
 def fake_server() -> Iterator[FakeServer]:
     with FakeServer(FakeServerConfig()) as server:
         yield server
+
+
+@dataclass
+class Poller:
+    """Samples the fake server's counters every `interval` s in a thread: (monotonic time, requests, ok)."""
+
+    server: FakeServer
+    interval: float = 0.1
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Poller:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stats = self.server.stats()
+            self.samples.append((time.monotonic(), stats["requests"], stats["by_status"].get("200", 0)))
+            time.sleep(self.interval)
+
+    def ok_rate(self) -> tuple[float, float]:
+        """OK responses per second between the first sample that saw a request and the first sample that saw
+        the final count (each end known to within `interval`); also returns that window in seconds."""
+        active = [s for s in self.samples if s[1] > 0]
+        final = self.samples[-1][1]
+        first = active[0]
+        last = next(s for s in active if s[1] == final)
+        window = last[0] - first[0]
+        return (last[2] - first[2]) / window if window > 0 else float("inf"), window

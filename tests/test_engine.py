@@ -542,6 +542,11 @@ def test_unknown_cache_mode_is_a_user_error(server: FakeServer, tmp_path: Path) 
         make_engine(tmp_path, [model(server)], cache="sometimes")
 
 
+def test_zero_workers_is_a_user_error(server: FakeServer, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"generate\.workers=0"):
+        make_engine(tmp_path, [model(server)], workers=0)
+
+
 # --------------------------------------------------------------------------- client-side rate limits
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from pipeline.errors import UserError
 from pipeline.llm.fake_server import FakeServer
 from pipeline.stage_api import StageContext
 from stages import repair
+from stages.generate import spec_builder
 
 SCHEMA = json.dumps({"type": "object", "properties": {"answer": {"type": "number"}}, "required": ["answer"]})
 WITH_REPAIR = "pipeline.stages=[ingest,generate,repair,validate,export]"
@@ -69,7 +71,7 @@ def test_request_is_the_first_one_plus_each_answer_and_its_errors(tmp_path: Path
     ctx = StageContext(
         cfg=cfg, con=con, inputs={"questions": con.from_arrow(table)}, writer=None, log=logging.getLogger()
     )  # type: ignore[arg-type]
-    build = repair._builder(ctx)
+    build = repair.RepairBuilder(spec_builder(ctx), cfg.repair)
     row = {
         **table.to_pylist()[0],
         "sample_index": 0,
@@ -90,6 +92,7 @@ def test_request_is_the_first_one_plus_each_answer_and_its_errors(tmp_path: Path
         "errors 2",
     ]
     assert (spec.temperature, spec.max_tokens, spec.response_schema) == (0.25, 99, SCHEMA)
+    assert pickle.loads(pickle.dumps(build))(row) == spec  # worker processes get the builder pickled
 
 
 # -- end to end ------------------------------------------------------------------------------------------

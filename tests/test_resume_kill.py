@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,22 +84,23 @@ def journalled(run_dir: Path) -> int:
 
 
 def interrupt_when_journalled(
-    cmd: list[str], run_dir: Path, sig: signal.Signals, logs: Path
+    cmd: list[str], run_dir: Path, sig: signal.Signals, logs: Path, victim: Callable[[int], int] | None = None
 ) -> tuple[subprocess.Popen[bytes], float]:
-    """Start the run, wait until its journal holds KILL_AFTER records, then send `sig`; returns the process
-    and the seconds it took to exit after the signal."""
+    """Start the run, wait until its journal holds KILL_AFTER records, then send `sig` to the process
+    `victim(run pid)` names (the run itself by default); returns the run's process and the seconds it took
+    to exit after the signal."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True)
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             while journalled(run_dir) < KILL_AFTER:
                 assert proc.poll() is None, f"the run ended before it was interrupted:\n{(logs / 'stderr').read_text()}"
                 assert time.monotonic() < deadline, "the journal never reached 40 records"
                 time.sleep(0.1)
-            os.kill(proc.pid, sig)
+            os.kill(victim(proc.pid) if victim else proc.pid, sig)
             sent = time.monotonic()
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
             return proc, time.monotonic() - sent
         finally:
             if proc.poll() is None:
@@ -168,3 +169,74 @@ def test_interrupted_run_resumes_without_repeating_calls(
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["generate"]["status"] == "done"
     assert manifest["stages"]["generate"]["metrics"]["reused_journal"] == records
+
+
+# -- generate.workers=2: kill one worker, kill the parent, Ctrl+C the whole group ---------------------------
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The run's generate workers: its spawned children (multiprocessing's resource tracker is not one)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("victim", ["one-worker", "parent", "ctrl-c"])
+def test_workers_interrupted_then_resumed(tmp_path: Path, reference: dict[str, dict[str, Any]], victim: str) -> None:
+    """kill -9 of one worker, kill -9 of the parent, or Ctrl+C (SIGINT to the process group) with 2 workers:
+    finished calls are kept, in-flight ones may be lost (at most the concurrency cap, which the workers
+    split), and a rerun ends with the uninterrupted run's table."""
+    run_dir = tmp_path / "run"
+    workers: list[int] = []
+
+    def pick(run_pid: int) -> int:
+        workers.extend(worker_pids(run_pid))
+        assert len(workers) == 2, f"expected 2 generate workers under {run_pid}, found {workers}"
+        return {"one-worker": workers[0], "parent": run_pid, "ctrl-c": -run_pid}[victim]  # -pid: the group
+
+    with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
+        cmd = command(run_dir, server, "generate.workers=2")
+        sig = signal.SIGINT if victim == "ctrl-c" else signal.SIGKILL
+        proc, exit_s = interrupt_when_journalled(cmd, run_dir, sig, tmp_path / "logs", victim=pick)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in workers):  # a worker whose parent died stops by itself
+            assert time.monotonic() < deadline, f"workers still alive 30 s after the {victim} kill: {workers}"
+            time.sleep(0.1)
+        time.sleep(0.5)  # let requests still on the wire reach the server's counter
+        stderr = (tmp_path / "logs" / "stderr").read_text()
+        stdout = (tmp_path / "logs" / "stdout").read_text()
+        if victim == "parent":
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            expected = 130 if victim == "ctrl-c" else 2
+            assert proc.returncode == expected, f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+            assert "Traceback" not in stdout + stderr, stderr[-3000:]
+            assert exit_s < 10, f"the run took {exit_s:.1f}s to stop"
+        if victim == "one-worker":
+            assert "generate worker 0 was killed by signal 9" in stderr and "rerun" in stderr, stderr[-2000:]
+        records = journalled(run_dir)
+        first = server.stats()["requests"]
+        assert KILL_AFTER <= records < QUESTIONS
+        assert first <= records + CONCURRENCY, f"{first} requests but only {records} journalled"
+
+        check_ok(run_to_end(cmd))
+        total = server.stats()["requests"]
+        assert total - first <= QUESTIONS - records + CONCURRENCY
+        print(f"{victim}: {records} journalled, {first} requests before, {total} in all, exit in {exit_s:.2f}s")
+    check_final_table(run_dir, reference)
+    assert not (run_dir / ".workers").exists()

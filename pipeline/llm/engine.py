@@ -58,6 +58,8 @@ class Target:
     limiter: EndpointLimiter
     breaker: CircuitBreaker
     price: Price
+    model: ModelConfig  # what it was built from: worker processes build their own from it
+    limits_dir: Path | None = None  # where its limits are shared across processes (None: this process only)
     direct: DirectTransport | None = None  # None: calls go through litellm
 
     async def send(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Attempt:
@@ -80,6 +82,7 @@ class Totals:
     cost_usd: float | None = 0.0
     stopped: str | None = None
     first_errors: list[str] = field(default_factory=list)
+    throttled_in_workers: int = 0  # 429s seen by worker processes (their limiters are not ours)
 
     def add_cost(self, cost: float | None) -> None:
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
@@ -172,6 +175,8 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
         limiter=EndpointLimiter(model.limits, state_path=state_path),
         breaker=CircuitBreaker(threshold=max(5, model.limits.concurrency), cooldown_s=10.0),
         price=price_for(model),
+        model=model,
+        limits_dir=limits_dir,
         direct=DirectTransport(model.limits.concurrency) if model.transport == "direct" else None,
     )
 
@@ -208,6 +213,8 @@ class Engine:
     ) -> None:
         if cfg.cache not in CACHE_MODES:
             raise UserError(f"generate.cache={cfg.cache!r}: use one of {', '.join(CACHE_MODES)}")
+        if cfg.workers < 1:
+            raise UserError(f"generate.workers={cfg.workers}: must be at least 1")
         self.con = con  # streams the pending units
         self.side = con.cursor()  # lookups while the stream is open
         self.targets = targets
@@ -220,6 +227,7 @@ class Engine:
         self.progress = progress
         self.totals = Totals()
         self.budget = Budget(cfg.max_cost_usd, targets[0].price)
+        self.seed = seed
         self._rng = random.Random(seed)
         self._stop_dispatch = False
         if cfg.max_cost_usd is not None and not targets[0].price.known:
@@ -331,10 +339,6 @@ class Engine:
         todo = self.totals.units - self.totals.reused_journal
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
-        gc.collect()
-        gc.freeze()  # everything alive now stays: collections during the run only scan what the run allocates
-        window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
-        batches = self._pending_batches(pending, build)
         self.progress.start(
             total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
         )
@@ -344,6 +348,24 @@ class Engine:
             self.totals.reused_journal,
             todo,
         )
+        try:
+            if self.cfg.workers > 1 and todo > 0:
+                from pipeline.llm.workers import dispatch_in_workers  # it builds engines: imported when used
+
+                await dispatch_in_workers(self, pending, build)
+            else:
+                await self.dispatch(pending, build)
+        finally:
+            self.progress.stop()
+        self._compact()
+        return self.summary()
+
+    async def dispatch(self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]) -> None:
+        """Call every pending unit (cache hits are reused instead) and journal each result."""
+        gc.collect()
+        gc.freeze()  # everything alive now stays: collections during the run only scan what the run allocates
+        window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
+        batches = self._pending_batches(pending, build)
         try:
             async with asyncio.TaskGroup() as group:
                 # Rendering, hashing and cache look-ups run in a worker thread, off the event loop.
@@ -368,12 +390,9 @@ class Engine:
             for target in self.targets:
                 if target.direct is not None:
                     await target.direct.close()
-            self.progress.stop()
             self.journal.close()
             if self.cache is not None:
                 self.cache.close()
-        self._compact()
-        return self.summary()
 
     def _compact(self) -> None:
         self.journal.compact(self.side)
@@ -388,7 +407,7 @@ class Engine:
         record["source"] = "cache"
         self.journal.append(record)
         self.totals.reused_cache += 1
-        self.progress.advance(ok=record["status"] == "ok", cost=0.0, throttled=self._throttled())
+        self.progress.advance(ok=record["status"] == "ok", cost=0.0, throttled=self.throttled())
 
     def _identity_fields(self, unit: Unit) -> dict[str, Any]:
         return {
@@ -409,7 +428,7 @@ class Engine:
             "ok": t.ok,
             "failed": t.failed,
             "attempts": t.attempts,
-            "throttled": self._throttled(),
+            "throttled": self.throttled(),
             "reused": t.reused_journal + t.reused_cache,
             "reused_journal": t.reused_journal,
             "cache_hits": t.reused_cache,
@@ -521,7 +540,7 @@ class Engine:
                 t.first_errors.append(f"{record['error_type']}: {record['error_message']}")
         tokens = (record["prompt_tokens"] or 0) + (record["completion_tokens"] or 0)
         self.progress.advance(
-            ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self._throttled(), tokens=tokens
+            ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self.throttled(), tokens=tokens
         )
         if t.ok == 0 and t.failed >= self.cfg.fail_fast_after:
             raise UserError(
@@ -529,8 +548,8 @@ class Engine:
                 "stopping early: check the model preset, its api_base and key"
             )
 
-    def _throttled(self) -> int:
-        return sum(t.limiter.throttled for t in self.targets)
+    def throttled(self) -> int:
+        return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_in_workers
 
     async def _call(self, unit: Unit) -> dict[str, Any]:
         log_entries: list[dict[str, Any]] = []

@@ -33,3 +33,15 @@ def litellm() -> ModuleType:
             logging.getLogger(name).setLevel(logging.WARNING)
         _litellm = module
     return _litellm
+
+
+async def close_clients() -> None:
+    """litellm caches async HTTP clients per event loop; close them before this job's loop ends."""
+    if _litellm is None:
+        return
+    closer = getattr(_litellm, "close_litellm_async_clients", None)
+    if closer is not None:
+        try:
+            await closer()
+        except Exception as exc:  # closing must never mask the job's own outcome
+            logging.getLogger(__name__).debug("closing litellm clients: %s", exc)

@@ -1,0 +1,354 @@
+"""`generate.workers: N`: the pending units are split over N processes, each running the same engine.
+
+Why processes: litellm spends milliseconds of CPU per call, so one event loop tops out at a few hundred
+calls/s whatever the provider allows. Each worker is a spawned process (no fork of a process holding
+DuckDB and threads) with its own event loop, DuckDB connection and journal file; together they stay
+within the endpoint's limits because the rate buckets live in the shared limits file (the same one
+parallel sweep jobs use) and each worker gets its share of the concurrency cap and of the budget.
+
+Nothing is merged at the end: every worker appends to its own file in the run's journal folder, which
+is what the run's tables are read from, so a run's tables are the same with one worker or many. A killed
+worker loses only its in-flight calls; the parent then stops the others cleanly and a rerun resumes.
+Workers ignore Ctrl+C (the terminal sends it to the whole process group): the parent owns the stop and
+sends them SIGTERM, and a worker whose parent dies stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing.connection import wait as wait_for
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipeline.config import GenerateConfig, ModelConfig
+from pipeline.errors import UserError
+from pipeline.llm.engine import Engine, Totals, target_for
+from pipeline.llm.journal import ResultLog
+from pipeline.llm.litellm_env import close_clients, litellm
+from pipeline.llm.records import RequestSpec
+from pipeline.progress import Progress
+from pipeline.secrets import RedactingFilter, Redactor
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 0.25  # how often a worker reports its progress counts
+STOP_GRACE_S = 30.0  # how long a stopped worker may take to cancel its calls before it is killed
+SLOT_COLUMN = "engine_worker_slot"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a worker needs, picklable: configs, folders and the stage's request builder."""
+
+    index: int
+    pending_path: str
+    models: tuple[ModelConfig, ...]
+    limits_dir: str | None
+    generate: GenerateConfig
+    journal_dir: str
+    cache_dir: str | None
+    seed: int
+    build: Callable[[dict[str, Any]], RequestSpec]
+
+
+@dataclass
+class Outcome:
+    """How one worker ended, as the parent saw it."""
+
+    kind: str  # done | error | interrupted | died
+    totals: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal whole shares that add up to it (each at least 1)."""
+    return [max(1, total // parts + (1 if i < total % parts else 0)) for i in range(parts)]
+
+
+def _jobs(engine: Engine, pending_path: Path, build: Callable[[dict[str, Any]], RequestSpec]) -> list[WorkerJob]:
+    n = engine.cfg.workers
+    budget = engine.cfg.max_cost_usd
+    per_target = [shares(t.model.limits.concurrency, n) for t in engine.targets]
+    jobs = []
+    for i in range(n):
+        models = tuple(
+            replace(t.model, limits=replace(t.model.limits, concurrency=caps[i]))
+            for t, caps in zip(engine.targets, per_target, strict=True)
+        )
+        jobs.append(
+            WorkerJob(
+                index=i,
+                pending_path=str(pending_path),
+                models=models,
+                limits_dir=str(engine.targets[0].limits_dir) if engine.targets[0].limits_dir else None,
+                generate=replace(engine.cfg, workers=1, max_cost_usd=None if budget is None else budget / n),
+                journal_dir=str(engine.journal.folder),
+                cache_dir=str(engine.cache.folder) if engine.cache is not None else None,
+                seed=engine.seed + i,
+                build=build,
+            )
+        )
+    return jobs
+
+
+async def dispatch_in_workers(
+    engine: Engine, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
+) -> None:
+    """Run `engine`'s pending units in `engine.cfg.workers` processes and fold their totals into it."""
+    n = engine.cfg.workers
+    scratch = engine.journal.folder.parent / ".workers"
+    scratch.mkdir(parents=True, exist_ok=True)
+    _remove_stale(scratch)
+    pending_path = scratch / f"pending-{os.getpid()}.parquet"
+    try:
+        # Hashing the plan key spreads the units evenly and the same way on every rerun.
+        pending.project(f"*, CAST(hash(plan_key) % {n} AS INTEGER) AS {SLOT_COLUMN}").write_parquet(str(pending_path))
+        outcomes = await _run(engine, _jobs(engine, pending_path, build))
+    finally:
+        pending_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            scratch.rmdir()
+    _raise_for(outcomes)
+
+
+def _remove_stale(scratch: Path) -> None:
+    """Pending files left by a run that was killed (its pid is gone) before it could remove them."""
+    for path in scratch.glob("pending-*.parquet"):
+        pid = int(path.stem.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
+async def _run(engine: Engine, jobs: list[WorkerJob]) -> list[Outcome]:
+    context = multiprocessing.get_context("spawn")
+    events: Any = context.Queue()
+    procs = [
+        context.Process(target=worker_main, args=(job, events), name=f"generate-worker-{job.index}") for job in jobs
+    ]
+    outcomes: dict[int, Outcome] = {}
+    throttled = [0] * len(jobs)
+
+    def take(kind: str, index: int, payload: dict[str, Any]) -> None:
+        if kind == "progress":
+            throttled[index] = payload["throttled"]
+            engine.progress.in_flight(payload.pop("in_flight"))
+            engine.progress.add(**{**payload, "throttled": sum(throttled)})
+            return
+        outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
+        if kind != "done":
+            _stop(procs, outcomes)  # one worker failed or was interrupted: the others stop too
+
+    try:
+        for proc in procs:
+            proc.start()
+        while len(outcomes) < len(procs):
+            try:
+                take(*await asyncio.to_thread(events.get, True, FLUSH_EVERY_S))
+            except queue.Empty:
+                _note_deaths(procs, outcomes, events)
+    finally:
+        # Also on Ctrl+C or an error here: stop the workers, and keep reading what they report on the way
+        # out, so their totals reach the manifest and none blocks on a full pipe.
+        _stop(procs, outcomes)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                take(*events.get(True, 0.1))
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                take(*events.get_nowait())
+        events.close()
+        events.join_thread()
+        engine.progress.running = 0
+        _fold(engine, outcomes.values())
+    silent = Outcome("died", message="a generate worker ended without a report")
+    return [outcomes.get(i, silent) for i in range(len(procs))]
+
+
+def _note_deaths(procs: list[Any], outcomes: dict[int, Outcome], events: Any) -> None:
+    """A worker that is gone without a word was killed (its finished calls are in its journal file)."""
+    for index, proc in enumerate(procs):
+        if index in outcomes or proc.is_alive() or not events.empty():
+            continue
+        code = proc.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        outcomes[index] = Outcome("died", message=f"generate worker {index} {how}")
+        _stop(procs, outcomes)
+
+
+def _stop(procs: list[Any], outcomes: dict[int, Outcome]) -> None:
+    for index, proc in enumerate(procs):
+        if index not in outcomes and proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+
+
+def _fold(engine: Engine, outcomes: Iterable[Outcome]) -> None:
+    """Add the workers' totals to the engine's."""
+    t = engine.totals
+    for outcome in outcomes:
+        if not outcome.totals:
+            continue
+        worker = Totals(**outcome.totals)
+        for name in ("calls", "ok", "failed", "attempts", "reused_cache", "prompt_tokens", "completion_tokens"):
+            setattr(t, name, getattr(t, name) + getattr(worker, name))
+        t.add_cost(worker.cost_usd)
+        t.throttled_in_workers += worker.throttled_in_workers
+        t.stopped = t.stopped or worker.stopped
+        t.first_errors = (t.first_errors + worker.first_errors)[:3]
+
+
+def _raise_for(outcomes: list[Outcome]) -> None:
+    """What stopped the workers, worst first: a user error, a killed worker, an interrupt."""
+    kinds = {o.kind: o for o in outcomes}
+    if "error" in kinds:
+        raise UserError(kinds["error"].message)
+    if "died" in kinds:
+        raise UserError(
+            f"{kinds['died'].message}; the calls it finished are in the journal: rerun the same command to resume"
+        )
+    if "interrupted" in kinds:
+        raise KeyboardInterrupt
+
+
+# -- inside a worker process ---------------------------------------------------------------------------
+
+
+class ProgressRelay(Progress):
+    """A worker's progress: counts are batched and sent to the parent, which shows them."""
+
+    def __init__(self, events: Any, index: int) -> None:
+        super().__init__(live=False)
+        self._events = events
+        self._index = index
+        self._batch = self._empty()
+        self._last_flush = time.monotonic()
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"ok": 0, "failed": 0, "cost": 0.0, "tokens": 0, "throttled": 0, "in_flight": 0}
+
+    def start(self, total: int, done: int, label: str) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.flush()
+
+    def in_flight(self, delta: int) -> None:
+        self._batch["in_flight"] += delta
+
+    def add(self, ok: int, failed: int, cost: float | None, tokens: int, throttled: int) -> None:
+        b = self._batch
+        b["ok"] += ok
+        b["failed"] += failed
+        b["tokens"] += tokens
+        b["throttled"] = throttled
+        b["cost"] = None if cost is None or b["cost"] is None else b["cost"] + cost
+        if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._batch != self._empty():
+            self._events.put(("progress", self._index, self._batch))
+            self._batch = {**self._empty(), "throttled": self._batch["throttled"]}
+
+    async def keep_flushing(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            self.flush()
+
+
+def worker_main(job: WorkerJob, events: Any) -> None:
+    """The worker process: dispatch this worker's share of the pending units, then report how it ended."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the parent owns the stop
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"generate worker {job.index}: %(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter(Redactor()))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    worker = _Worker(job, events)
+    try:
+        asyncio.run(worker.run())
+    except UserError as exc:
+        events.put(("error", job.index, {"totals": worker.totals(), "message": str(exc)}))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        events.put(("interrupted", job.index, {"totals": worker.totals()}))
+    else:
+        events.put(("done", job.index, {"totals": worker.totals()}))
+    events.close()
+    events.join_thread()  # the report must be in the pipe before the process ends
+
+
+class _Worker:
+    def __init__(self, job: WorkerJob, events: Any) -> None:
+        self.job = job
+        self.events = events
+        self.engine: Engine | None = None
+
+    def totals(self) -> dict[str, Any]:
+        return asdict(self.engine.totals) if self.engine is not None else {}
+
+    async def run(self) -> None:
+        job = self.job
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        threading.Thread(target=_cancel_when_parent_dies, args=(loop, task), daemon=True).start()
+        if any(m.transport == "litellm" for m in job.models):
+            await asyncio.to_thread(litellm)
+        con = duckdb.connect(config={"memory_limit": "1GB", "threads": 1, "autoinstall_known_extensions": False})
+        relay = ProgressRelay(self.events, job.index)
+        limits_dir = Path(job.limits_dir) if job.limits_dir else None
+        self.engine = Engine(
+            con,
+            [target_for(m, limits_dir) for m in job.models],
+            job.generate,
+            journal=ResultLog(Path(job.journal_dir)),
+            cache=ResultLog(Path(job.cache_dir)) if job.cache_dir else None,
+            redact=Redactor(),
+            progress=relay,
+            seed=job.seed,
+        )
+        path = job.pending_path.replace("'", "''")
+        pending = con.sql(
+            f"SELECT * EXCLUDE ({SLOT_COLUMN}) FROM read_parquet('{path}') WHERE {SLOT_COLUMN} = {job.index}"
+        )
+        flusher = asyncio.create_task(relay.keep_flushing())
+        try:
+            await self.engine.dispatch(pending, job.build)
+        finally:
+            flusher.cancel()
+            self.engine.totals.throttled_in_workers = self.engine.throttled()
+            relay.flush()
+            await close_clients()
+            con.close()
+
+
+def _cancel_when_parent_dies(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    wait_for([parent.sentinel])
+    with contextlib.suppress(RuntimeError):  # the loop may be closed already
+        loop.call_soon_threadsafe(task.cancel)
