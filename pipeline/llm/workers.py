@@ -136,71 +136,116 @@ def _remove_stale(scratch: Path) -> None:
 
 
 async def _run(engine: Engine, jobs: list[WorkerJob]) -> list[Outcome]:
-    context = multiprocessing.get_context("spawn")
-    events: Any = context.Queue()
-    procs = [
-        context.Process(target=worker_main, args=(job, events), name=f"generate-worker-{job.index}") for job in jobs
-    ]
-    outcomes: dict[int, Outcome] = {}
-    throttled = [0] * len(jobs)
-
-    def take(kind: str, index: int, payload: dict[str, Any]) -> None:
-        if kind == "progress":
-            throttled[index] = payload["throttled"]
-            engine.progress.in_flight(payload.pop("in_flight"))
-            engine.progress.add(**{**payload, "throttled": sum(throttled)})
-            return
-        outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
-        if kind != "done":
-            _stop(procs, outcomes)  # one worker failed or was interrupted: the others stop too
-
+    fleet = _Fleet(engine, jobs)
     try:
-        for proc in procs:
-            proc.start()
-        while len(outcomes) < len(procs):
+        fleet.start()
+        while not fleet.all_reported():
             try:
-                take(*await asyncio.to_thread(events.get, True, FLUSH_EVERY_S))
-            except queue.Empty:
-                _note_deaths(procs, outcomes, events)
+                fleet.take(*await asyncio.wait_for(fleet.inbox.get(), FLUSH_EVERY_S))
+            except TimeoutError:
+                fleet.note_deaths()
     finally:
-        # Also on Ctrl+C or an error here: stop the workers, and keep reading what they report on the way
-        # out, so their totals reach the manifest and none blocks on a full pipe.
-        _stop(procs, outcomes)
+        await fleet.shut_down()  # also on Ctrl+C or an error here
+        _fold(engine, fleet.outcomes.values())
+    silent = Outcome("died", message="a generate worker ended without a report")
+    return [fleet.outcomes.get(i, silent) for i in range(len(jobs))]
+
+
+class _Fleet:
+    """The worker processes of one dispatch, and what they report.
+
+    A thread reads the processes' queue and hands each report to the event loop, so the loop never
+    blocks on the pipe and a report read while the parent is being cancelled is not lost.
+    """
+
+    def __init__(self, engine: Engine, jobs: list[WorkerJob]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.engine = engine
+        self.events: Any = context.Queue()
+        self.procs = [
+            context.Process(target=worker_main, args=(job, self.events), name=f"generate-worker-{job.index}")
+            for job in jobs
+        ]
+        self.outcomes: dict[int, Outcome] = {}
+        self.inbox: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
+        self._throttled = [0] * len(jobs)
+        self._dead_since: dict[int, float] = {}
+        self._reading = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(asyncio.get_running_loop(),), daemon=True)
+
+    def start(self) -> None:
+        for proc in self.procs:
+            proc.start()
+        self._reading.set()
+        self._reader.start()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._reading.is_set():
+            try:
+                report = self.events.get(True, 0.1)
+            except queue.Empty:
+                continue
+            loop.call_soon_threadsafe(self.inbox.put_nowait, report)
+
+    def all_reported(self) -> bool:
+        return len(self.outcomes) == len(self.procs)
+
+    def take(self, kind: str, index: int, payload: dict[str, Any]) -> None:
+        if kind == "progress":
+            self._throttled[index] = payload["throttled"]
+            self.engine.progress.in_flight(payload.pop("in_flight"))
+            self.engine.progress.add(**{**payload, "throttled": sum(self._throttled)})
+            return
+        self.outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
+        if kind != "done":
+            self.stop()  # one worker failed or was interrupted: the others stop too
+
+    def note_deaths(self) -> None:
+        """A worker gone for a while without a report was killed (its finished calls are in its journal).
+
+        "A while" (two polls) lets a report it sent just before exiting reach the inbox first."""
+        now = time.monotonic()
+        for index, proc in enumerate(self.procs):
+            if index in self.outcomes or proc.is_alive():
+                continue
+            if now - self._dead_since.setdefault(index, now) < 2 * FLUSH_EVERY_S:
+                continue
+            code = proc.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            self.outcomes[index] = Outcome("died", message=f"generate worker {index} {how}")
+            self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM to every worker still at work: it cancels its calls, keeps what finished, reports."""
+        for index, proc in enumerate(self.procs):
+            if index not in self.outcomes and proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    async def shut_down(self) -> None:
+        """Stop the workers, wait for them (killing any that outlive the grace period) and read every report."""
+        self.stop()
         deadline = time.monotonic() + STOP_GRACE_S
-        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):
-                take(*events.get(True, 0.1))
-        for proc in procs:
+        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            while not self.inbox.empty():
+                self.take(*self.inbox.get_nowait())
+        for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
             proc.join()
+        self._reading.clear()
+        if self._reader.is_alive():
+            self._reader.join()
+        await asyncio.sleep(0)  # deliver what the reader handed over last
+        while not self.inbox.empty():
+            self.take(*self.inbox.get_nowait())
         with contextlib.suppress(queue.Empty):
             while True:
-                take(*events.get_nowait())
-        events.close()
-        events.join_thread()
-        engine.progress.running = 0
-        _fold(engine, outcomes.values())
-    silent = Outcome("died", message="a generate worker ended without a report")
-    return [outcomes.get(i, silent) for i in range(len(procs))]
-
-
-def _note_deaths(procs: list[Any], outcomes: dict[int, Outcome], events: Any) -> None:
-    """A worker that is gone without a word was killed (its finished calls are in its journal file)."""
-    for index, proc in enumerate(procs):
-        if index in outcomes or proc.is_alive() or not events.empty():
-            continue
-        code = proc.exitcode
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        outcomes[index] = Outcome("died", message=f"generate worker {index} {how}")
-        _stop(procs, outcomes)
-
-
-def _stop(procs: list[Any], outcomes: dict[int, Outcome]) -> None:
-    for index, proc in enumerate(procs):
-        if index not in outcomes and proc.is_alive() and proc.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+                self.take(*self.events.get_nowait())
+        self.events.close()
+        self.events.join_thread()
+        self.engine.progress.running = 0
 
 
 def _fold(engine: Engine, outcomes: Iterable[Outcome]) -> None:
