@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import litellm
+from pipeline.llm.litellm_env import warm_up
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
 from pipeline.progress import Progress
@@ -240,8 +240,12 @@ class Runner:
         self._begin()
         fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
         if any(s.needs_engine for s in stages):
-            # litellm takes seconds to import: do it while DuckDB plans (it releases the GIL), not after.
-            threading.Thread(target=litellm, name="import-litellm", daemon=True).start()
+            # litellm takes seconds to import and its first call more: do both while DuckDB plans (it releases
+            # the GIL), not after. The engine waits for this warm-up before its first call. Not a daemon: exit
+            # waits for it, because a daemon frozen mid-import deadlocks interpreter shutdown (litellm's
+            # finalizers import modules whose import lock it holds).
+            models = [(m.name, m.api_base) for m in [self.cfg.model, *fallbacks] if m.transport == "litellm"]
+            threading.Thread(target=warm_up, args=(models,), name="warm-up-litellm").start()
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
