@@ -4,9 +4,12 @@ exactly one HTTP request goes out per attempt (no hidden retries in litellm or t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import socket
+import struct
+import threading
 from typing import Any
 
 import pytest
@@ -156,6 +159,38 @@ def test_refused_connection_is_retryable() -> None:
     # server_error rather than connection; what matters to the engine is that it is retried.
     assert result.error_type in client.RETRYABLE, result.error_message
     assert result.error_type in ("connection", "server_error")
+
+
+def test_connection_reset_after_the_request_is_not_resent() -> None:
+    """A server that reads the request, then resets the connection, gets that request once.
+
+    Guards the transport litellm uses: its experimental own HTTP handler (EXPERIMENTAL_OPENAI_BASE_LLM_HTTP_HANDLER)
+    would send it a second time, a hidden retry the engine never sees.
+    """
+    received: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = listener.accept()
+                    data = b""
+                    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+                        data += chunk
+                    received.append(data)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+                    conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        endpoint = _endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", timeout_s=5.0)
+        result = asyncio.run(attempt(endpoint, MESSAGES, _params()))
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+    thread.join(timeout=10)
+    assert len([r for r in received if r.startswith(b"POST")]) == 1, "the request was sent again behind our back"
+    assert result.error_type in client.RETRYABLE, result.error_message
 
 
 def test_fake_server_rate_limit_retry_after_header_reaches_the_attempt(fake_server: FakeServer) -> None:

@@ -102,20 +102,7 @@ def test_changing_the_worker_count_reruns_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "transport",
-    [
-        "direct",
-        pytest.param(
-            "litellm",
-            marks=pytest.mark.xfail(
-                reason="known gap (open issue): each process's first litellm call stalls its event loop, so "
-                "queued requests reach the server together (1-3 429s); the direct transport meets the target",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("transport", ["direct", "litellm"])
 def test_workers_share_the_endpoint_rate_limit(tmp_path: Path, transport: str) -> None:
     """Two workers told the server's limit of 20 requests/s: together (almost) no 429, and most of the limit."""
     rps = 20.0

@@ -33,6 +33,7 @@ from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
 from pipeline.llm.journal import Claims, ResultLog
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
+from pipeline.llm.litellm_env import warm_up
 from pipeline.llm.prices import Price, price_for
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec, request_hash, response_id
 from pipeline.progress import Progress
@@ -332,13 +333,24 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------------------
 
+    def _warm_up(self) -> asyncio.Future[None] | None:
+        """Starts `litellm_env.warm_up` for the litellm targets in the loop's executor (now, not at the next await)."""
+        models = [(t.endpoint.model, t.endpoint.api_base) for t in self.targets if t.direct is None]
+        if not models:
+            return None
+        return asyncio.get_running_loop().run_in_executor(None, warm_up, models)
+
     async def execute(
         self, units: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> Mapping[str, Any]:
+        # litellm's first-call work runs in a thread while DuckDB plans (it releases the GIL), never on the loop.
+        warm = self._warm_up() if not self.cfg.dry_run else None
         pending = self._plan(units)
         todo = self.totals.units - self.totals.reused_journal
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
+        if warm is not None:
+            await warm
         self.progress.start(
             total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
         )

@@ -36,7 +36,7 @@ from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm.engine import Engine, Totals, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import close_clients, litellm
+from pipeline.llm.litellm_env import close_clients, warm_up
 from pipeline.llm.records import RequestSpec
 from pipeline.progress import Progress
 from pipeline.secrets import RedactingFilter, Redactor
@@ -360,8 +360,8 @@ class _Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         threading.Thread(target=_cancel_when_parent_dies, args=(loop, task), daemon=True).start()
-        if any(m.transport == "litellm" for m in job.models):
-            await asyncio.to_thread(litellm)
+        # litellm's first-call work (imports, a mock completion) in a thread, before the first real call.
+        await asyncio.to_thread(warm_up, [(m.name, m.api_base) for m in job.models if m.transport == "litellm"])
         con = duckdb.connect(config={"memory_limit": "1GB", "threads": 1, "autoinstall_known_extensions": False})
         relay = ProgressRelay(self.events, job.index)
         limits_dir = Path(job.limits_dir) if job.limits_dir else None
