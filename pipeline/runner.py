@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import logging
 import os
@@ -160,6 +161,13 @@ def check_reachable(model: ModelConfig) -> None:
         ) from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count: DuckDB threads
+    beyond them only take turns on the same cores."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return max(1, len(affinity(0)) if affinity is not None else os.cpu_count() or 1)
+
+
 def check_api_key(model: ModelConfig) -> None:
     if model.api_key_env and not os.environ.get(model.api_key_env):
         raise UserError(
@@ -195,7 +203,7 @@ class Runner:
         con = duckdb.connect(
             config={
                 "memory_limit": "2GB",
-                "threads": max(1, os.cpu_count() or 1),
+                "threads": usable_cores(),
                 "autoinstall_known_extensions": False,  # nothing may download at run time
                 "autoload_known_extensions": False,
             }
@@ -239,10 +247,12 @@ class Runner:
         stages = self._stages()
         self._begin()
         fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
+        con = self._connection()
+        importer, ending = None, threading.Event()
         if any(s.needs_engine for s in stages):
             # litellm takes seconds to import: do it while DuckDB plans (it releases the GIL), not after.
-            threading.Thread(target=litellm, name="import-litellm", daemon=True).start()
-        con = self._connection()
+            importer = threading.Thread(target=_import_litellm, args=(ending,), name="import-litellm", daemon=True)
+            importer.start()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
             targets: list[Target] = []
@@ -260,6 +270,11 @@ class Runner:
                         break
             finally:
                 con.close()
+                if importer is not None:
+                    # Never leave with an import half done: interpreter shutdown would freeze the thread
+                    # holding a module lock, and litellm's finalizers, importing, would wait on it forever.
+                    ending.set()
+                    importer.join()
                 await _close_litellm_clients()
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)
@@ -435,6 +450,17 @@ def _plain(obj: Any) -> Any:
 
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+
+
+def _import_litellm(ending: threading.Event) -> None:
+    """Import litellm, then what its first call would import on the event loop (the OpenAI SDK's resources,
+    litellm's file-id helpers: about 0.5 s) unless the run is already ending without a call."""
+    litellm()
+    for name in ("openai.resources", "litellm.proxy.openai_files_endpoints.common_utils"):
+        if ending.is_set():
+            return
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
 
 
 async def _close_litellm_clients() -> None:
