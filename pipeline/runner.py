@@ -160,6 +160,13 @@ def check_reachable(model: ModelConfig) -> None:
         ) from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count: DuckDB threads
+    beyond them only take turns on the same cores."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return max(1, len(affinity(0)) if affinity is not None else os.cpu_count() or 1)
+
+
 def check_api_key(model: ModelConfig) -> None:
     if model.api_key_env and not os.environ.get(model.api_key_env):
         raise UserError(
@@ -195,7 +202,7 @@ class Runner:
         con = duckdb.connect(
             config={
                 "memory_limit": "2GB",
-                "threads": max(1, os.cpu_count() or 1),
+                "threads": usable_cores(),
                 "autoinstall_known_extensions": False,  # nothing may download at run time
                 "autoload_known_extensions": False,
             }

@@ -35,10 +35,11 @@ class Engine(Protocol):
     """The generate engine (pipeline.llm.engine): plans, calls, journals, and yields the result tables.
 
     `units` has one row per unit of work with `question_id`, `sample_index`, `round`, `parent_response_id`
-    and `unit_key` (a hash of everything that shapes the request, so a rerun can tell what is done without
-    rendering anything); `build` renders one pending unit's request. `build` must pickle (a module-level
-    function, or an object of a module-level class): with `generate.workers > 1` it runs in worker
-    processes.
+    and `unit_key` (text that changes with everything that shapes the request, e.g. digests joined with
+    fixed widths, so a rerun can tell what is done without rendering anything; the engine prefixes it with
+    its model identity and does not hash it again); `build` renders one pending unit's request. `build`
+    must pickle (a module-level function, or an object of a module-level class): with
+    `generate.workers > 1` it runs in worker processes.
     """
 
     async def execute(

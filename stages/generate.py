@@ -1,9 +1,10 @@
 """Generate: decide what to ask each teacher — prompt, samples, schema — and hand it to the engine.
 
 The stage describes units of work (question x sample) and how to render one; the injected engine decides
-how to call (limits, retries, journal, cache). Each unit carries a `unit_key`, a hash of the question row
-and of every option that shapes its request, computed in DuckDB so a rerun can skip settled units without
-rendering their prompts.
+how to call (limits, retries, journal, cache). Each unit carries a `unit_key` that changes with the question
+row and with every option that shapes its request: a short hash of those options, the row's stored digest
+(the questions table's `row_digest`, see stages.ingest) and the sample index, joined in DuckDB without
+hashing anything per row, so a rerun can skip settled units without rendering their prompts.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pipeline.errors import UserError
 from pipeline.llm.records import RequestSpec
 from pipeline.prompts import PromptBuilder
 from pipeline.stage_api import Stage, StageContext, StageResult
+from stages.ingest import ROW_DIGEST, row_digest_sql
 
 OVERRIDE_COLUMNS = ("temperature", "max_tokens")  # per-row generation params, used when a question has them
 
 
 def _request_key(ctx: StageContext) -> str:
+    """16 hex digits of a hash of the options that shape every request (the prompt and generation params)."""
     gen = ctx.cfg.generate
     shaping = {
         "prompt": asdict(ctx.cfg.prompt),
@@ -30,7 +33,7 @@ def _request_key(ctx: StageContext) -> str:
         "max_tokens": gen.max_tokens,
         "use_schema": gen.use_schema,
     }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SpecBuilder:
@@ -65,29 +68,24 @@ def spec_builder(ctx: StageContext) -> SpecBuilder:
 def units_relation(ctx: StageContext) -> Any:
     """One row per question x sample, with the question's columns and the unit key (all in DuckDB).
 
-    A preset's `question_limit` (the slow embedded model has one) asks only the first questions.
+    The unit key is `<request key><row digest>:<sample>:0`: fixed-width hex fields, so distinct inputs never
+    give the same key. A questions table written before ingest stored `row_digest` gets it computed here,
+    with ingest's own expression. A preset's `question_limit` (the slow embedded model has one) asks only the
+    first questions.
     """
     questions = ctx.inputs["questions"]
+    columns = list(questions.columns)
+    digest = f"q.{ROW_DIGEST}" if ROW_DIGEST in columns else row_digest_sql(columns, "q")
     limit = ctx.cfg.model.question_limit
     ctx.con.register("g_questions", questions.order("source_row").limit(limit) if limit is not None else questions)
     return ctx.con.sql(
         f"""
         SELECT q.*, CAST(s.sample_index AS INTEGER) AS sample_index, 0 AS round,
                CAST(NULL AS VARCHAR) AS parent_response_id,
-               sha256('{_request_key(ctx)}' || {_row_digest_sql(list(questions.columns))}
-                      || ':' || s.sample_index || ':0') AS unit_key
+               '{_request_key(ctx)}' || {digest} || ':' || s.sample_index || ':0' AS unit_key
         FROM g_questions q CROSS JOIN range({ctx.cfg.generate.samples}) s(sample_index)
         """
     )
-
-
-def _row_digest_sql(columns: list[str]) -> str:
-    """A digest of the whole question row. The answer schema (often the same long text on every row) is
-    hashed on its own: serialising it into every row's JSON made keying a million rows three times slower."""
-    rest = [c for c in columns if c != "answer_schema"]
-    packed = "to_json(struct_pack(" + ", ".join(f'"{c}" := q."{c}"' for c in rest) + "))"
-    schema = "coalesce(md5(q.answer_schema), '-')" if "answer_schema" in columns else "'-'"
-    return f"md5({packed}) || ':' || {schema}"
 
 
 async def run(ctx: StageContext) -> StageResult:

@@ -4,7 +4,10 @@ Each target column is a DuckDB SQL expression over the source columns (`ingest.c
 dataset's quirks are handled in config; `ingest.columns` may also name extra columns, kept as they are
 (e.g. `document_id`, `temperature`). Source columns no expression uses are kept in `meta` (JSON).
 `question_id` is the source's own id (`json_id`) when mapped, else a hash of the normalised question, so
-it is stable across runs.
+it is stable across runs. The last column, `row_digest`, is an md5 of all the others (`row_digest_sql`):
+generate keys each unit on it, so planning a rerun of a million questions joins 32-character digests
+instead of hashing whole rows, and any change to a row (re-ingested with a new text, answer, schema or
+extra column) changes it.
 
 The source is read once, into a DuckDB temporary table (DuckDB spills it to disk past its memory limit);
 selection, dedupe and the checks run on that table, and the result is streamed to Parquet by DuckDB.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +33,8 @@ from pipeline.stage_api import Stage, StageContext, StageResult
 
 TARGETS = ("json_id", "category", "question", "golden_answer", "answer_schema")
 OUTPUT = ("question_id", *TARGETS, "source", "source_row", "meta")
+ROW_DIGEST = "row_digest"  # written last, after the extra columns
+RESERVED = ("question_id", "source", "source_row", "meta", ROW_DIGEST)  # set by ingest, never mapped
 HIDDEN = ("__source", "__source_row", "__source_file")  # bookkeeping columns of pipeline.sources' relations
 DEDUPE = ("json_id", "question", "none")
 ON_DUPLICATE = ("error", "keep_first")
@@ -38,6 +43,20 @@ MARK = "[ingest] "  # prefixes the errors our SQL raises with error(), to tell t
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
 _ROWS, _FINAL, _VIEW = "ingest_rows", "ingest_final", "ingest_source"
+
+
+def row_digest_sql(columns: Sequence[str], alias: str | None = None) -> str:
+    """SQL for the digest of a questions row: md5 over the names and values of every other column.
+
+    The answer schema (often the same long text on every row) is hashed on its own rather than serialised
+    into every row's JSON, which made digesting a million rows three times slower. Ingest stores the result
+    as `row_digest`; generate computes the same expression for a table written before that column existed.
+    """
+    col = (lambda c: f"{alias}.{_ident(c)}") if alias else _ident
+    names = [c for c in columns if c != ROW_DIGEST]
+    packed = "to_json(struct_pack(" + ", ".join(f"{_ident(c)} := {col(c)}" for c in names if c != "answer_schema")
+    schema = f"coalesce(md5({col('answer_schema')}), '-')" if "answer_schema" in names else "'-'"
+    return f"md5(CAST({packed})) AS VARCHAR) || ':' || {schema})"
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...] | None:
@@ -145,10 +164,10 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
     mapper = _Mapper(ctx.con, source, name)
     mapping = dict(cfg.columns)
     for target in mapping:
-        if not _IDENT.match(target) or target in OUTPUT[:1] + OUTPUT[-3:] or target.startswith("__"):
+        if not _IDENT.match(target) or target in RESERVED or target.startswith("__"):
             raise UserError(
                 f"ingest.columns.{target}: not a column name the questions table can have "
-                f"(use letters, digits and _; {', '.join(OUTPUT[:1] + OUTPUT[-3:])} are set by ingest)"
+                f"(use letters, digits and _; {', '.join(RESERVED)} are set by ingest)"
             )
     if "question" not in mapping:
         raise UserError(
@@ -386,7 +405,8 @@ def run(ctx: StageContext) -> StageResult:
         if cfg.dedupe != "json_id":  # else ids are unique already: a repeat failed or was dropped above
             _check_unique_ids(ctx, table)
         schemas = _check_schemas(ctx, table)
-        columns = ", ".join([*OUTPUT, *(_ident(e) for e in plan.extras)])
+        names = [*OUTPUT, *plan.extras]
+        columns = ", ".join([*map(_ident, names), f"{row_digest_sql(names)} AS {ROW_DIGEST}"])
         questions = con.sql(f"SELECT {columns} FROM {table}{_in_source_order(ctx)}")
         rows = ctx.writer.write_relation("questions", questions)
     except duckdb.Error as exc:

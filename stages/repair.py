@@ -28,6 +28,7 @@ from pipeline.errors import UserError
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec
 from pipeline.stage_api import Engine, Stage, StageContext, StageResult
 from stages.generate import SpecBuilder, spec_builder
+from stages.ingest import ROW_DIGEST, row_digest_sql
 from stages.validate import Validators, check_answer
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
@@ -61,7 +62,7 @@ def _repair_key(ctx: StageContext) -> str:
         "max_tokens": ctx.cfg.generate.max_tokens,
         "use_schema": ctx.cfg.generate.use_schema,
     }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Chains:
@@ -126,12 +127,18 @@ class _Chains:
         return invalid
 
     def units(self, round_: int, key: str) -> duckdb.DuckDBPyRelation:
-        """One unit per chain whose latest answer is invalid: the question's columns and the chain's history."""
+        """One unit per chain whose latest answer is invalid: the question's columns and the chain's history.
+
+        The unit key is `<repair key><parent response id>:<round>:<row digest>`: the parent's id stands for
+        the conversation so far (its request hash covers the messages), the row digest for the question row.
+        """
+        columns = list(self.ctx.inputs["questions"].columns)
+        digest = f"q.{ROW_DIGEST}" if ROW_DIGEST in columns else row_digest_sql(columns, "q")
         return self.con.sql(
             f"""
             SELECT q.*, h.sample_index, CAST({round_} AS INTEGER) AS round, h.response_id AS parent_response_id,
                    h.root_response_id, t.history,
-                   sha256('{key}' || h.response_id || ':{round_}:' || coalesce(md5(q.answer_schema), '')) AS unit_key
+                   '{key}' || h.response_id || ':{round_}:' || {digest} AS unit_key
             FROM repair_heads h
             SEMI JOIN (SELECT response_id FROM repair_turns WHERE round = {round_ - 1}) USING (response_id)
             JOIN repair_questions q ON q.question_id = h.question_id

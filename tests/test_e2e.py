@@ -435,3 +435,30 @@ def test_resume_of_an_unfinished_generate(tmp_path: Path) -> None:
     assert metrics["reused"] == 15, metrics
     assert metrics["calls"] == 15, metrics
     assert second.manifest["stages"]["generate"]["status"] == "done"
+
+
+@pytest.mark.slow
+def test_a_question_changed_in_the_source_is_asked_again(tmp_path: Path) -> None:
+    """Re-ingesting a source where one question's text changed: that question is asked again, the rest are
+    resumed from the journal (the row digest in the questions table is part of every unit's plan key)."""
+    source = tmp_path / "questions.jsonl"
+    rows = [json.loads(line) for line in QUESTIONS_FILE.read_text(encoding="utf-8").splitlines()[:6]]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run_dir, overrides = tmp_path / "run", (f"ingest.path={source}", "pipeline.stages=[ingest,generate]")
+    first = check_ok(run_math(run_dir, *overrides))
+    assert first.manifest["stages"]["generate"]["metrics"]["calls"] == 6
+    before = {r["question_id"]: r for r in read_table(run_dir, "responses").to_pylist()}
+
+    changed = rows[2]["id"]
+    rows[2]["question"] = "Evaluate 700 + 77."
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    second = check_ok(run_math(run_dir, *overrides))
+
+    assert stage_actions(second) == {"ingest": "ran", "generate": "ran"}
+    metrics = second.manifest["stages"]["generate"]["metrics"]
+    assert (metrics["calls"], metrics["reused_journal"]) == (1, 5), metrics
+    after = {r["question_id"]: r for r in read_table(run_dir, "responses").to_pylist()}
+    assert after.keys() == before.keys()
+    assert json.loads(after[changed]["content"])["answer"] == 777, "the answer to the new text, not the old one"
+    assert after[changed]["response_id"] != before[changed]["response_id"]
+    assert {q: r for q, r in after.items() if q != changed} == {q: r for q, r in before.items() if q != changed}

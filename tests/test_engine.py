@@ -201,6 +201,24 @@ def test_exactly_once_and_resume_from_journal(server: FakeServer, tmp_path: Path
     assert again.unsettled() == 0
 
 
+@pytest.mark.parametrize(("done", "total"), [(10, 40), (38, 40)], ids=["mostly-pending", "mostly-settled"])
+def test_resume_asks_exactly_the_pending_units(server: FakeServer, tmp_path: Path, done: int, total: int) -> None:
+    """Planning streams the pending units two ways (filtered when most are pending, joined back when few are):
+    both ask exactly the units the journal has not settled, each with its own plan key."""
+    first = run(make_engine(tmp_path, [model(server)], cache="off"), done)
+    assert first["calls"] == done
+    server.reset_stats()
+    engine = make_engine(tmp_path, [model(server)], cache="off")
+    summary = run(engine, total)
+    assert requests(server) == total - done
+    assert (summary["units"], summary["reused_journal"], summary["calls"]) == (total, done, total - done)
+    rows = responses(engine)
+    assert sorted(r["question_id"] for r in rows) == [f"q{i:05d}" for i in range(total)]
+    assert {r["status"] for r in rows} == {"ok"} and engine.unsettled() == 0
+    keys = [r["plan_key"] for r in journal_records(tmp_path / "journal")]
+    assert len(keys) == len(set(keys)) == total, "every unit journalled once, under its own plan key"
+
+
 # --------------------------------------------------------------------------- retries
 
 

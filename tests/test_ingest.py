@@ -144,7 +144,7 @@ def normalised_hash(question: str) -> str:
 def test_csv_maps_columns_and_keeps_the_rest_in_meta(tmp_path: Path) -> None:
     rows = [{**r, "difficulty": str(i)} for i, r in enumerate(ROWS)]
     got = run_ingest("csv", str(write_csv(tmp_path / "q.csv", rows)))
-    assert got.columns == list(ingest.OUTPUT)
+    assert got.columns == [*ingest.OUTPUT, ingest.ROW_DIGEST]
     assert got.column("question_id") == ["q1", "q2", "q3"]
     assert got.column("json_id") == ["q1", "q2", "q3"]
     assert got.column("golden_answer") == ["2", "2", "4"]
