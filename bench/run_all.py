@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("generate_throughput", "rate_limit", "memory", "resume", "ingest", "workers")
+BENCHES = ("generate_throughput", "direct_transport", "rate_limit", "memory", "resume", "ingest", "workers")
 
 
 def run(name: str, quick: bool) -> tuple[float, int, list[str]]:
