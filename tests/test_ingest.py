@@ -73,6 +73,7 @@ class Ingested:
     columns: list[str]
     files: list[Path] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)
+    table: Any = None  # the questions table as the stage wrote it (a pyarrow.Table)
 
     def column(self, name: str) -> list[Any]:
         return [r[name] for r in self.rows]
@@ -106,7 +107,9 @@ def run_ingest(fmt: str, path: Any, con: duckdb.DuckDBPyConnection | None = None
         )
         result = ingest.run(ctx)
         table = writer.tables["questions"]
-        return Ingested(table.to_pylist(), dict(result.metrics), table.column_names, source.files, source.digests())
+        return Ingested(
+            table.to_pylist(), dict(result.metrics), table.column_names, source.files, source.digests(), table
+        )
     finally:
         if own:
             con.close()

@@ -19,14 +19,13 @@ import duckdb
 import pyarrow as pa
 import pytest
 from test_ingest import ROWS as SOURCE_ROWS
-from test_ingest import FakeWriter, make_config, write_jsonl
+from test_ingest import run_ingest, write_jsonl
 
 from pipeline.config import Config, GenerateConfig, ModelConfig, PromptConfig
 from pipeline.errors import UserError
 from pipeline.llm.engine import Engine, target_for
 from pipeline.llm.journal import ResultLog
 from pipeline.progress import Progress
-from pipeline.sources import open_source
 from pipeline.stage_api import StageContext
 from stages import ingest
 from stages.generate import units_relation
@@ -40,23 +39,7 @@ Keys = dict[tuple[str, int], str]
 
 def ingest_questions(tmp_path: Path, rows: list[dict[str, Any]], name: str = "q.jsonl", **options: Any) -> pa.Table:
     """The `questions` table exactly as the ingest stage writes it."""
-    cfg = make_config("jsonl", str(write_jsonl(tmp_path / name, rows)), **options)
-    con = duckdb.connect()
-    try:
-        source = open_source(con, cfg.ingest)
-        writer = FakeWriter()
-        ctx = StageContext(
-            cfg=cfg,
-            con=con,
-            inputs={"source": source.relation},
-            writer=writer,
-            log=logging.getLogger("test.plan_keys"),
-            texts={"answer_schema": source.answer_schema, "source_name": source.name},
-        )
-        ingest.run(ctx)
-        return writer.tables["questions"]
-    finally:
-        con.close()
+    return run_ingest("jsonl", str(write_jsonl(tmp_path / name, rows)), **options).table
 
 
 def plan_keys(
