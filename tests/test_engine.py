@@ -9,6 +9,7 @@ once per attempt, retried only when it should be, and never lost or duplicated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -553,6 +554,20 @@ def test_dry_run_calls_nothing(server: FakeServer, tmp_path: Path) -> None:
 def test_unknown_price_with_budget_is_a_user_error(server: FakeServer, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="max_cost_usd"):
         make_engine(tmp_path, [model(server, prices=(None, None))], max_cost_usd=1.0)
+
+
+def test_a_lower_preset_max_tokens_is_a_new_request(server: FakeServer, tmp_path: Path) -> None:
+    """The preset's `max_tokens` caps what is sent, so neither the journal nor the cache may answer for it."""
+    run(make_engine(tmp_path, [model(server)], max_tokens=64), 4)
+    assert requests(server) == 4
+    server.reset_stats()
+    capped = dataclasses.replace(model(server), max_tokens=8)
+    summary = run(make_engine(tmp_path, [capped], max_tokens=64), 4)  # same journal folder, same cache
+    assert requests(server) == 4, "answers written under another cap were reused"
+    assert (summary["reused"], summary["cache_hits"]) == (0, 0)
+    server.reset_stats()
+    summary = run(make_engine(tmp_path, [capped], max_tokens=64), 4)
+    assert requests(server) == 0 and summary["reused_journal"] == 4
 
 
 def test_unknown_cache_mode_is_a_user_error(server: FakeServer, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ tasks, never more than a window of them alive, so memory follows concurrency, no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import hashlib
 import json
@@ -247,7 +248,8 @@ class Engine:
         format (and of the key layout's version), then the unit key as it is. No per-unit hashing: the stage's
         unit key is already a digest, so keying a million units is a string concatenation."""
         target = self.targets[0]
-        bound = f"plan-v{PLAN_KEY_VERSION}|{target.identity}|{target.endpoint.response_format}|"
+        cap = target.endpoint.max_tokens  # the preset's own cap shapes the request too
+        bound = f"plan-v{PLAN_KEY_VERSION}|{target.identity}|{target.endpoint.response_format}|{cap}|"
         return f"'{hashlib.sha256(bound.encode()).hexdigest()[:16]}' || {unit_key_column}"
 
     def _plan(self, units: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
@@ -307,6 +309,9 @@ class Engine:
                     units = []
                     for row in piece.to_pylist():
                         spec = build(row)
+                        capped = _min_opt(spec.max_tokens, target.endpoint.max_tokens)
+                        if capped != spec.max_tokens:  # the preset's cap is what is sent: key on that
+                            spec = dataclasses.replace(spec, max_tokens=capped)
                         digest = request_hash(target.identity, spec, kind, row["sample_index"])
                         units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
                     if units:
