@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run_all.py [--quick] [--only generate_throughput rate_limit ...]
 
-Takes about 10 minutes with the defaults (rate_limit and memory run about 3 minutes each); `--quick`
+Takes about 15 minutes with the defaults (rate_limit and memory run about 3 minutes each); `--quick`
 is a smoke run of about 1.5 minutes that checks the harness, not the targets.
 """
 
