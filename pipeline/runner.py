@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import close_clients, warm_up
+from pipeline.llm.litellm_env import close_clients, litellm
 from pipeline.llm.servers import serving
 from pipeline.manifest import environment, fingerprint, git_state
 from pipeline.progress import Progress
@@ -246,13 +246,12 @@ class Runner:
         stages = self._stages()
         self._begin()
         fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
-        warming: threading.Thread | None = None
+        importing: threading.Thread | None = None
         if any(s.needs_engine for s in stages):
-            # litellm takes seconds to import and its first call more: do both while DuckDB plans (it releases
-            # the GIL), not after. The engine waits for this warm-up before its first call.
-            models = [(m.name, m.api_base) for m in [self.cfg.model, *fallbacks] if m.transport == "litellm"]
-            warming = threading.Thread(target=warm_up, args=(models,), name="warm-up-litellm")
-            warming.start()
+            # litellm takes seconds to import: do it while the stages before generate run, not after. The
+            # engine then warms up each preset's first call (with its real api_base) while DuckDB plans.
+            importing = threading.Thread(target=litellm, name="import-litellm")
+            importing.start()
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
@@ -271,11 +270,11 @@ class Runner:
                         break
             finally:
                 con.close()
-                if warming is not None:
-                    # Never leave with the warm-up half done, even when every stage was skipped: interpreter
+                if importing is not None:
+                    # Never leave with the import half done, even when every stage was skipped: interpreter
                     # shutdown would freeze it holding a module lock (litellm's finalizers then wait on it
                     # forever) or refuse the thread pools it starts ("can't register atexit after shutdown").
-                    warming.join()
+                    importing.join()
                 await close_clients()
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)

@@ -186,10 +186,6 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
     )
 
 
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 @dataclass
 class Unit:
     """One pending unit of work with its rendered request."""
@@ -506,7 +502,7 @@ class Engine:
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
         try:
-            max_tokens = _min_opt(unit.spec.max_tokens, self.targets[0].endpoint.max_tokens)
+            max_tokens = unit.spec.max_tokens  # already capped by the first preset's max_tokens
             reservation = await self.budget.reserve(self.budget.worst_case(unit.est_tokens, max_tokens))
             if reservation is None:
                 self._stop_dispatch = True
