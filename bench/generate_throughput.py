@@ -1,7 +1,10 @@
 """Generate-engine throughput against the fake server (own process, core 1); the client runs on core 0.
 
 a. Latency-bound: N calls at 1,000 ms server latency and concurrency 100 should reach ~100 calls/s
-   (achieved/ideal, target >= 0.95).
+   (achieved/ideal, target >= 0.95). The engine runs with each transport, side by side: litellm (the default)
+   and direct (the project's aiohttp client for OpenAI-compatible endpoints). For reference, at the same
+   settings: a bare litellm loop and a bare openai SDK loop (the client litellm sends OpenAI calls through),
+   which show how much of a 1-core budget the client library itself costs per call.
 b. CPU-bound: client CPU per call at 0 ms latency, interleaved in one run: a bare `litellm.acompletion` +
    `asyncio.Semaphore` loop as litellm comes (untuned), the same loop after `litellm_env.warm_up` (tuned:
    what the engine's calls get) and the engine (target: engine/tuned bare <= 1.2).
@@ -106,40 +109,80 @@ async def run_bare(server: ServerProcess, n: int, concurrency: int, model: str =
     return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
 
 
+async def run_bare_sdk(server: ServerProcess, n: int, concurrency: int) -> Measure:
+    """The openai SDK alone (its own httpx client, no retries): the layer litellm's OpenAI calls go through."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.api_base, api_key="not-needed", max_retries=0)
+    window = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with window:
+            await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": f"What is {i} + 1?"}],
+                temperature=0.0,
+                max_tokens=MAX_TOKENS,
+                timeout=60.0,
+            )
+
+    try:
+        await one(0)  # the SDK's lazy imports and connection set-up, untimed
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
+    finally:
+        await client.close()
+
+
 async def latency_bound(
-    server: ServerProcess, n: int, concurrency: int, latency_ms: float, transport: str | None
+    server: ServerProcess, n: int, concurrency: int, latency_ms: float, transports: list[str]
 ) -> None:
     section(f"a. latency-bound: {n} calls, server latency {latency_ms:.0f} ms, concurrency {concurrency}")
     print(load_note())
-    server.control(latency_ms=latency_ms, reset_stats=True)
-    m = await run_engine(server, n, concurrency, transport)
     ideal = concurrency / (latency_ms / 1000)
-    ratio = m.per_s / ideal
-    requests = server.stats()["requests"]
-    print(f"engine: {m.per_s:.1f} calls/s, ideal {ideal:.1f} calls/s  (wall {m.wall_s:.1f} s, {requests} requests)")
-    print(f"achieved/ideal = {ratio:.3f}  (target >= 0.95: {verdict(ratio >= 0.95)})")
-    print(f"client CPU {m.cpu_ms_per_call:.2f} ms/call = {m.cpu_s / m.wall_s:.0%} of a core at this rate")
-    bare = await run_bare(server, min(n, 2000), concurrency)  # reference: same settings, litellm alone
-    print(
-        f"bare litellm reference, tuned ({bare.calls} calls): {bare.per_s:.1f} calls/s; "
-        f"engine/bare {m.per_s / bare.per_s:.2f}"
-    )
+    server.control(latency_ms=latency_ms, reset_stats=True)
+    engines: dict[str, Measure] = {}
+    for transport in transports:
+        server.reset()
+        m = engines[transport] = await run_engine(server, n, concurrency, transport)
+        requests = server.stats()["requests"]
+        print(
+            f"engine, {transport} transport: {m.per_s:.1f} calls/s = {m.per_s / ideal:.3f} of ideal "
+            f"(wall {m.wall_s:.1f} s, {requests} requests; client CPU {m.cpu_ms_per_call:.2f} ms/call = "
+            f"{m.cpu_s / m.wall_s:.0%} of a core)",
+            flush=True,
+        )
+    references = min(n, 2000)
+    bare = await run_bare(server, references, concurrency)
+    sdk = await run_bare_sdk(server, references, concurrency)
+    for name, ref in (("bare litellm loop, tuned", bare), ("bare openai SDK loop", sdk)):
+        print(
+            f"reference, {name} ({ref.calls} calls): {ref.per_s:.1f} calls/s = {ref.per_s / ideal:.3f} of ideal, "
+            f"{ref.cpu_ms_per_call:.2f} ms CPU/call"
+        )
+    print(load_note())
+    for transport, m in engines.items():
+        ratio = m.per_s / ideal
+        print(f"achieved/ideal, {transport} transport = {ratio:.3f}  (target >= 0.95: {verdict(ratio >= 0.95)})")
+    if "litellm" in engines:
+        print(f"engine/bare litellm, litellm transport = {engines['litellm'].per_s / bare.per_s:.2f}")
 
 
-async def cpu_bound(server: ServerProcess, n: int, concurrency: int, rounds: int, transport: str | None) -> None:
+async def cpu_bound(server: ServerProcess, n: int, concurrency: int, rounds: int) -> None:
     section(f"b. CPU per call at 0 ms latency: {n} calls, concurrency {concurrency}, {rounds} interleaved round(s)")
     print(load_note())
     server.control(latency_ms=0.0, reset_stats=True)
     await run_bare(server, 200, concurrency, UNTUNED_MODEL)  # warm-up: litellm's lazy imports and client cache
     await run_bare(server, 200, concurrency)
-    await run_engine(server, 200, concurrency, transport)
+    await run_engine(server, 200, concurrency, "litellm")
     untuned: list[Measure] = []
     bare: list[Measure] = []
     engine: list[Measure] = []
     for i in range(rounds):
         untuned.append(await run_bare(server, n, concurrency, UNTUNED_MODEL))
         bare.append(await run_bare(server, n, concurrency))
-        engine.append(await run_engine(server, n, concurrency, transport))
+        engine.append(await run_engine(server, n, concurrency, "litellm"))
         print(
             f"round {i + 1}: bare untuned {untuned[-1].cpu_ms_per_call:.2f} ms/call ({untuned[-1].per_s:.0f} calls/s), "
             f"bare tuned {bare[-1].cpu_ms_per_call:.2f} ms/call ({bare[-1].per_s:.0f} calls/s), "
@@ -168,9 +211,8 @@ async def main(args: argparse.Namespace) -> None:
     with fake_server(latency_ms=0.0) as server:
         tune(server)
         print(f"fake server {server.url} on core 1, client on core 0")
-        print(f"engine transport: {args.transport or 'preset default'}")
-        await latency_bound(server, args.calls, args.concurrency, args.latency_ms, args.transport)
-        await cpu_bound(server, args.cpu_calls, args.cpu_concurrency, args.rounds, args.transport)
+        await latency_bound(server, args.calls, args.concurrency, args.latency_ms, args.transports)
+        await cpu_bound(server, args.cpu_calls, args.cpu_concurrency, args.rounds)
 
 
 def parse() -> argparse.Namespace:
@@ -182,7 +224,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--cpu-calls", type=int, default=2000)
     parser.add_argument("--cpu-concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--transport", default=None, help="model.transport of the engine (default: the preset's)")
+    parser.add_argument(
+        "--transports",
+        nargs="+",
+        choices=("litellm", "direct"),
+        default=["litellm", "direct"],
+        help="model.transport values the engine runs with in (a); (b) always uses litellm",
+    )
     args = parser.parse_args()
     if args.quick:
         args.calls, args.cpu_calls, args.rounds = 500, 300, 1
