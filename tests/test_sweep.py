@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
 from pipeline.llm.engine import Engine, target_for
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
-from pipeline.llm.journal import ResultLog
+from pipeline.llm.journal import Claims, ResultLog
 from pipeline.llm.records import JOURNAL_COLUMNS, RequestSpec, request_hash
 from pipeline.progress import Progress
 
@@ -421,15 +421,15 @@ def test_a_failed_cache_lookup_after_a_claim_releases_the_claim(tmp_path: Path) 
         row = {"question": "What is 0 + 1?"}
         key = request_hash(target.identity, _build(row), target.endpoint.response_format, 0)
         claims = tmp_path / "cache" / "claims"
-        claims.mkdir(parents=True, exist_ok=True)  # the engine creates it too
-        (claims / key).write_text(str(os.getppid()))  # a live peer (another process) is sending this request
+        peer_claims = Claims(claims)  # a live peer job is sending this request: it holds the claim
+        assert peer_claims.try_claim(key)
         responses_dir = tmp_path / "cache" / "responses"
 
         async def peer() -> None:
             await asyncio.sleep(0.3)  # B is waiting for the claim by now
             responses_dir.mkdir(parents=True, exist_ok=True)
             (responses_dir / "part-00000000-000000-0-00000.parquet").write_bytes(b"not parquet")  # unreadable
-            (claims / key).unlink()  # the peer is done
+            peer_claims.release(key)  # the peer is done
 
         async def both() -> None:
             await asyncio.gather(b.execute(_units(b.con, 0, 1), _build), peer())
@@ -437,9 +437,8 @@ def test_a_failed_cache_lookup_after_a_claim_releases_the_claim(tmp_path: Path) 
         with pytest.raises(Exception) as failure:  # the look-up error itself is not what this test is about
             asyncio.run(both())
         sent = server.stats()["requests"]
-    assert not (claims / key).exists() or (claims / key).read_text() != str(os.getppid()), "the peer never let go"
-    leaked = {p.name: p.read_text() for p in claims.iterdir()}
-    assert not leaked, (
+    leaked = [p.name for p in claims.iterdir()]
+    assert not leaked and Claims(claims).try_claim(key), (
         f"B (pid {os.getpid()}, still alive) took the claim, its look-up failed ({failure.value!r:.150}), "
         f"and the claim was never released: {leaked}"
     )

@@ -170,47 +170,44 @@ class ResultLog:
 class Claims:
     """Cross-process claims on request hashes, so parallel sweep jobs pay for an identical request once.
 
-    The first process to create a request's claim file (O_EXCL) sends it; the others wait until the claim
-    is released and then find the answer in the shared cache. A claim whose owner died (kill -9) is taken
-    over.
+    A claim is an exclusive `flock` on the request's claim file, held while the request is in flight: the
+    process that gets it sends the request; the others wait until it is released and then find the answer
+    in the shared cache. The kernel drops the lock of a process that dies (kill -9), so a dead owner's
+    claim is free again with no pid to read and no stale file to judge (reading a pid the owner had not yet
+    written let two jobs take the same claim and both pay).
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, int] = {}
 
     def _path(self, key: str) -> Path:
         return self.folder / key
 
     def try_claim(self, key: str) -> bool:
+        if key in self._held:
+            return False  # this process already sends it
         path = self._path(key)
-        for _ in range(2):
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if self.owner_alive(key):
-                    return False
-                path.unlink(missing_ok=True)  # the owner died: take the claim over
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return True
-        return False
-
-    def owner_alive(self, key: str) -> bool:
-        try:
-            pid = int(self._path(key).read_text() or "0")
-        except (FileNotFoundError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self._held[key] = fd
+                return True
+            os.close(fd)  # the owner released (unlinked) it between our open and our lock: try the new file
 
     def release(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        fd = self._held.pop(key, None)
+        if fd is None:
+            return
+        self._path(key).unlink(missing_ok=True)  # unlink while locked: a waiter re-checks the inode it locked
+        os.close(fd)
