@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -21,10 +23,10 @@ import pytest
 
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
 from pipeline.errors import UserError
-from pipeline.llm.engine import Engine, estimate_tokens, target_for
+from pipeline.llm.engine import FIRST_BATCH, Engine, estimate_tokens, target_for
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import litellm
+from pipeline.llm.litellm_env import close_clients, litellm
 from pipeline.llm.records import RequestSpec
 from pipeline.progress import Progress
 
@@ -448,6 +450,37 @@ def test_fail_fast(server: FakeServer, tmp_path: Path) -> None:
     assert "first" in str(info.value)
     assert requests(server) <= 10 + concurrency
     assert time.monotonic() - started < 10
+
+
+def test_cancel_while_a_batch_renders_stops_cleanly(server: FakeServer, tmp_path: Path) -> None:
+    """Ctrl+C while the render thread is inside the unit generator: the cancellation itself comes out (closing
+    the generator under the thread raised 'generator already executing' and hid why the run stopped), and
+    the thread has let go of the DuckDB connection, which the caller can use again at once."""
+    rendered = itertools.count()
+    rendering = threading.Event()
+
+    def slow_build(row: dict[str, Any]) -> RequestSpec:
+        if next(rendered) >= FIRST_BATCH:  # the second piece: rendered while the first units are in flight
+            rendering.set()
+            time.sleep(0.005)
+        return build(row)
+
+    engine = make_engine(tmp_path, [model(server)])
+
+    async def cancel_mid_render() -> None:
+        task = asyncio.create_task(engine.execute(make_units(engine.con, 400), slow_build))
+        try:
+            while not rendering.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            await close_clients()
+
+    asyncio.run(cancel_mid_render())
+    assert engine.con.execute("SELECT 42").fetchall() == [(42,)]
+    assert requests(server) <= FIRST_BATCH  # nothing of the batch that was rendering went out after the cancel
 
 
 # --------------------------------------------------------------------------- what settles, what is cached

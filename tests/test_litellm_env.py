@@ -105,8 +105,11 @@ print(json.dumps({{"ok": result.ok, "new": sorted(set(sys.modules) - before)}}))
     out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["ok"]
     assert fake_server.stats()["requests"] == 1  # the warm-up sent nothing, the call one request
-    heavy = [m for m in out["new"] if m.startswith(("openai.resources", "litellm.proxy", "litellm.llms"))]
-    assert not heavy, heavy
+    # Without the warm-up the first call imported 473 modules, 0.4-1.2 s with the event loop blocked. A
+    # litellm release may add a small lazy import on the success path that a mock completion never takes
+    # (1.110 imports `litellm.proxy.spend_tracking.savings` there: 2 modules, under 2 ms); a stall is hundreds.
+    left = [m for m in out["new"] if m.startswith(("openai", "litellm"))]
+    assert len(left) <= 10, f"{len(left)} litellm/openai modules were left for the first call: {left[:20]}"
 
 
 def _build(row: dict[str, Any]) -> RequestSpec:

@@ -394,10 +394,16 @@ class Engine:
         gc.freeze()
         window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
         batches = self._pending_batches(pending, build)
+        fetch: asyncio.Future[Any] | None = None
         try:
             async with asyncio.TaskGroup() as group:
-                # Rendering, hashing and cache look-ups run in a worker thread, off the event loop.
-                while (item := await asyncio.to_thread(next, batches, None)) is not None:
+                # Rendering, hashing and cache look-ups run in a worker thread, off the event loop. Shielded, so
+                # that a cancelled dispatch can still wait below for the thread to leave the generator and the
+                # DuckDB connection (closing either under it raised and masked the reason for stopping).
+                while True:
+                    fetch = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+                    if (item := await asyncio.shield(fetch)) is None:
+                        break
                     batch, cached = item
                     for unit in batch:
                         hit = cached.get(unit.request_hash)
@@ -414,6 +420,10 @@ class Engine:
             raise _first_user_error(group_exc) from None
         finally:
             gc.unfreeze()
+            if fetch is not None and not fetch.done():
+                await asyncio.wait([fetch])  # the thread finishes the batch it is rendering, then lets go
+                if not fetch.cancelled():
+                    fetch.exception()  # retrieved: a stopping dispatch has no use for that batch or its error
             batches.close()
             for target in self.targets:
                 if target.direct is not None:

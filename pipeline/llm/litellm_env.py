@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -42,6 +43,14 @@ def litellm() -> ModuleType:
         module.drop_params = False
         for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm", "httpx", "openai"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A call cancelled (Ctrl+C, fail-fast, budget) while litellm builds its request in a thread leaves
+        # the provider coroutine that thread returned unawaited; Python's warning about it is noise at the
+        # very moment the user should see one clear line. Nothing was sent for such a call.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"coroutine '\w+\.(acompletion|async_completion)' was never awaited",
+            category=RuntimeWarning,
+        )
         _litellm = module
     return _litellm
 
