@@ -246,10 +246,13 @@ def test_parallel_jobs_use_the_whole_shared_limit(rate_limited_sweep: ParallelRu
     that call used to stall the job's event loop for 0.4-1.2 s, and the requests queued behind it then
     reached the server together (about 10 HTTP 429s and 0.8 x the limit per sweep).
     """
+    # A floor that catches a shared limiter that starves jobs (each held to a third of the limit, a lone
+    # job finishing at 3.3 req/s: about 0.75 x), not the figure: 3 jobs, the server and pytest share 2
+    # cores here, and under a full test run this measured 0.90-0.99 x. bench/rate_limit.py measures it.
     run = rate_limited_sweep
-    assert run.ok_rate >= 0.9 * RATE_RPS, (
+    assert run.ok_rate >= 0.85 * RATE_RPS, (
         f"{run.ok_rate:.2f} ok/s over {run.window_s:.1f}s = {run.ok_rate / RATE_RPS:.2f} x the {RATE_RPS} req/s limit "
-        f"(want >= 0.9 x); server {run.stats['by_status']}"
+        f"(want >= 0.85 x); server {run.stats['by_status']}"
     )
 
 
