@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def tune(server: ServerProcess) -> None:
     warm_up([(TUNED_MODEL, server.api_base)])
 
 
+async def timed_loop(n: int, one: Callable[[int], Awaitable[None]]) -> Measure:
+    """Wall time and client CPU of `one(0)` .. `one(n - 1)` run together (each caps itself)."""
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
+
+
 async def run_bare(server: ServerProcess, n: int, concurrency: int, model: str = TUNED_MODEL) -> Measure:
     """The floor: litellm alone, no planning, journal, limiter or retries."""
     from pipeline.llm.litellm_env import litellm
@@ -104,9 +112,7 @@ async def run_bare(server: ServerProcess, n: int, concurrency: int, model: str =
                 max_tokens=MAX_TOKENS,
             )
 
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
+    return await timed_loop(n, one)
 
 
 async def run_bare_sdk(server: ServerProcess, n: int, concurrency: int) -> Measure:
@@ -128,9 +134,7 @@ async def run_bare_sdk(server: ServerProcess, n: int, concurrency: int) -> Measu
 
     try:
         await one(0)  # the SDK's lazy imports and connection set-up, untimed
-        cpu0, t0 = cpu_seconds(), time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return Measure(n, time.perf_counter() - t0, cpu_seconds() - cpu0)
+        return await timed_loop(n, one)
     finally:
         await client.close()
 
@@ -141,7 +145,7 @@ async def latency_bound(
     section(f"a. latency-bound: {n} calls, server latency {latency_ms:.0f} ms, concurrency {concurrency}")
     print(load_note())
     ideal = concurrency / (latency_ms / 1000)
-    server.control(latency_ms=latency_ms, reset_stats=True)
+    server.control(latency_ms=latency_ms)
     engines: dict[str, Measure] = {}
     for transport in transports:
         server.reset()
