@@ -3,6 +3,7 @@
     python -m pipeline.review tui RUN_DIR [--reviewer NAME] [--invalid] [--mismatched] [--category C] [--unreviewed]
     python -m pipeline.review sheet-export RUN_DIR [-o SHEET.csv] [filters as above]
     python -m pipeline.review sheet-import RUN_DIR SHEET.csv [--reviewer NAME] [--overwrite]
+    python -m pipeline.review web RUN_DIR [--reviewer NAME] [--port N]   (or a sweep folder: its leaderboard)
 
 Then re-export with the labels: python run.py <same overrides> hydra.run.dir=RUN_DIR pipeline.stages=[export]
 """
@@ -46,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("sheet", type=Path)
     imp.add_argument("--reviewer", default=None, help=REVIEWER_HELP)
     imp.add_argument("--overwrite", action="store_true", help="replace other reviewers' conflicting labels")
+    web = commands.add_parser("web", help="review in the browser: a local server on 127.0.0.1 with a token")
+    web.add_argument("run_dir", type=Path, help="a run folder, or a sweep folder (its leaderboard)")
+    web.add_argument("--reviewer", default=None, help=REVIEWER_HELP)
+    web.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: any free port)")
     return parser
 
 
@@ -77,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = export_sheet(args.run_dir, out, _filters(args))
             console.print(f"wrote {rows} answers to {out}; fill in is_correct (and note), then sheet-import it",
                           highlight=False, soft_wrap=True)  # fmt: skip
+        elif args.command == "web":
+            import asyncio
+
+            from pipeline.review.web import serve
+
+            asyncio.run(serve(args.run_dir, args.reviewer or default_reviewer(), args.port))
         else:
             from pipeline.review.sheet import import_sheet
 

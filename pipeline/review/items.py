@@ -17,7 +17,7 @@ import duckdb
 from pipeline.errors import UserError
 from pipeline.labels import all_labels, latest_sql
 
-ANSWER_COLUMNS = "response_id, content, reasoning_content"
+ANSWER_COLUMNS = "response_id, content, reasoning_content, prompt_tokens, completion_tokens, cost_usd, latency_ms"
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Filters:
     mismatched: bool = False  # only scored answers that do not match the golden answer
     categories: list[str] = field(default_factory=list)  # only these categories
     unreviewed: bool = False  # only answers without a label
+    labelled_by: str | None = None  # only answers whose latest label is this reviewer's
+    search: str = ""  # only answers whose question or answer contains this text (case-insensitive)
 
     def where(self) -> str:
         conditions = ["TRUE"]
@@ -36,10 +38,15 @@ class Filters:
         if self.mismatched:
             conditions.append("matches_golden = false")
         if self.categories:
-            names = ", ".join("'" + c.replace("'", "''") + "'" for c in self.categories)
+            names = ", ".join(_quote(c) for c in self.categories)
             conditions.append(f"category IN ({names})")
         if self.unreviewed:
             conditions.append("is_correct IS NULL")
+        if self.labelled_by:
+            conditions.append(f"reviewer = {_quote(self.labelled_by)} AND is_correct IS NOT NULL")
+        if self.search:
+            text = _quote(self.search.lower())
+            conditions.append(f"(contains(lower(question), {text}) OR contains(lower(coalesce(content, '')), {text}))")
         return " AND ".join(conditions)
 
     def describe(self) -> str:
@@ -54,7 +61,16 @@ class Filters:
         ]
         if self.categories:
             parts.append("category " + ", ".join(self.categories))
+        if self.labelled_by:
+            parts.append(f"labelled by {self.labelled_by}")
+        if self.search:
+            parts.append(f"containing {self.search!r}")
         return ", ".join(parts) or "all answers"
+
+
+def _quote(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 class RunTables:
@@ -93,7 +109,8 @@ class RunTables:
             SELECT * FROM (
                 SELECT v.response_id, v.question_id, v.category, v.model_used, v.sample_index, v.round,
                        q.question, q.golden_answer, a.content, a.reasoning_content, v.is_valid, v.errors, v.parsed,
-                       v.score, v.matches_golden, l.is_correct, l.reviewer, l.note, l.labeled_at
+                       v.score, v.matches_golden, l.is_correct, l.reviewer, l.note, l.labeled_at,
+                       a.prompt_tokens, a.completion_tokens, a.cost_usd, a.latency_ms, v.root_response_id
                 FROM r_validations v
                 JOIN r_questions q USING (question_id)
                 LEFT JOIN r_answers a USING (response_id)
