@@ -15,7 +15,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("generate_throughput", "direct_transport", "rate_limit", "memory", "resume", "ingest", "workers")
+BENCHES = (
+    "generate_throughput",
+    "direct_transport",
+    "rate_limit",
+    "memory",
+    "resume",
+    "ingest",
+    "workers",
+    "review_web",
+)
 
 
 def run(name: str, quick: bool) -> tuple[float, int, list[str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -267,6 +268,33 @@ def test_paging_over_many_answers(tmp_path: Path) -> None:
         assert status == 200 and len(response_ids(html)) == 50, "a bad page number is page 1"
 
 
+@pytest.mark.slow
+def test_answer_view_shows_the_repair_chain(tmp_path: Path) -> None:
+    folder = tmp_path / "repaired"
+    folder.mkdir()
+    schema = json.loads((ROOT / "data" / "math" / "answer_schema.json").read_text())
+    schema["properties"]["answer"]["multipleOf"] = 4
+    (folder / "schema.json").write_text(json.dumps(schema))
+    stages = "pipeline.stages=[ingest,generate,repair,validate,export]"
+    args = ("+experiment=math", "ingest.limit=4", f"ingest.answer_schema_file={folder / 'schema.json'}", stages)
+    done = run_pipeline(folder / "run", *args, "repair.max_rounds=2")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rounds = duckdb.sql(
+        f"SELECT response_id, root_response_id FROM '{folder / 'run' / 'tables' / 'validations.parquet'}' "
+        "WHERE is_final AND round > 0"
+    ).fetchall()
+    assert rounds, "the fake teacher's first answers fail the schema, so some are repaired"
+    final, root = rounds[0]
+    with review_server(folder / "run") as server:
+        status, html, _ = http(f"{server.base}/answer/{final}?token={server.token}")
+        assert status == 200
+        chain = html[html.index('<section id="chain">') :]
+        assert re.findall(r"<h3>round (\d)", chain) == ["0", "1"]
+        assert "is not a multiple of 4" in chain.split("<h3>round 1")[0], "round 0's errors"
+        status, html, _ = http(f"{server.base}/answer/{root}?token={server.token}")
+        assert status == 404, "only final answers are listed"
+
+
 # -- the run page and a sweep's leaderboard -------------------------------------------------------------
 
 
@@ -302,6 +330,14 @@ def test_sweep_folder_shows_the_leaderboard_and_chart(tmp_path: Path) -> None:
         assert status == 200 and headers["Content-Type"] == "image/png" and png.startswith("\ufffdPNG")
         status, listed, headers = http(f"{server.base}/?token={server.token}", headers=cookie)
         assert status == 200 and "leaderboard" in listed, "the list redirects to the leaderboard for a sweep folder"
+
+
+def test_ctrl_c_stops_the_server_cleanly(run_dir: Path) -> None:
+    with review_server(run_dir) as server:
+        assert http(server.url)[0] == 200
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+    assert "review server stopped; every label is saved" in "".join(server.output)
 
 
 # -- usage errors: one line, exit 2 ---------------------------------------------------------------------
