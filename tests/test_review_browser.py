@@ -56,13 +56,19 @@ def find_browser() -> tuple[str | None, str]:
     return None, "no Chromium found (apt-get install chromium-headless-shell, or set DISTILLERY_CHROMIUM)"
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    executable, reason = find_browser()
-    if executable is None:
+@pytest.fixture(scope="module", autouse=True)
+def executable() -> str:
+    """The browser, looked for before anything else is set up: a skip (locally) or a failure (CI=true) comes first."""
+    path, reason = find_browser()
+    if path is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI needs the browser tests: {reason}")
         pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(executable: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

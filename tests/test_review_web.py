@@ -398,3 +398,14 @@ def test_every_page_file_ships_in_the_package() -> None:
         p.relative_to(package).as_posix() for d in ("web_static", "web_templates") for p in (package / d).iterdir()
     ]
     assert files and all(any(fnmatch.fnmatch(f, g) for g in globs["pipeline.review"]) for f in files), files
+
+
+@pytest.mark.parametrize(("ci", "expected"), [("true", "CI needs the browser tests"), ("", "1 skipped")])
+def test_browser_tests_without_a_browser_skip_locally_and_fail_in_ci(ci: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_review_browser.py", "-q", "-k", "token", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=run_env(CI=ci, DISTILLERY_CHROMIUM="/no/such/chromium"), capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert (done.returncode != 0) == (ci == "true"), done.stdout[-2000:]
+    assert expected in done.stdout and "DISTILLERY_CHROMIUM=/no/such/chromium does not exist" in done.stdout
