@@ -307,6 +307,7 @@ def test_run_page_has_stages_and_accuracy_per_category(run_dir: Path) -> None:
     assert "valid 35.7%" in html and "accuracy vs golden 85.7%" in html
     word = re.search(r"<tr><td>word_problem</td><td>2</td>\s*<td>100.0</td><td>0.0</td>", html)
     assert word, "per category: answers, valid %, accuracy %"
+    assert re.search(r"<tr><td>export</td><td>done</td>\s*<td>exported 5</td>", html)
     assert re.search(r'<tr class="total"><td>\(all\)</td><td>14</td>\s*<td>35.7</td><td>85.7</td>', html)
 
 
