@@ -177,7 +177,8 @@ class GenerateConfig:
 class ValidateConfig:
     scorer: Any = "numeric"  # exact | normalized_text | numeric | json_field | none | {_target_: module.function, ...}
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
-    tolerance: float = 1e-6
+    tolerance: float = 1e-6  # numeric: absolute difference still counted as a match
+    relative_tolerance: float | None = None  # numeric: also a match within this fraction of the golden (None: off)
 
 
 @dataclass
