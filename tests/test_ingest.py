@@ -465,3 +465,16 @@ def test_no_extension_is_ever_downloaded(tmp_path: Path) -> None:
     ).fetchone()
     assert settings == (False, False)
     con.close()
+
+
+def test_last_character_of_a_file_longer_than_one_read(tmp_path: Path) -> None:
+    """What the truncated-JSON check reports: the position of the last character that is not white space,
+    right across the 1 MiB reads (a line that starts in one read and ends in the next)."""
+    from pipeline.sources import last_character
+
+    path = tmp_path / "big.json"
+    head = "[" + ",\n".join(json.dumps({"id": i, "question": "x" * 50}) for i in range(1000)) + ",\n"
+    path.write_text(head + "z" * (1 << 20) + ",\n \n", encoding="utf-8")  # the last line spans two reads
+    lines = path.read_text(encoding="utf-8").rstrip().split("\n")
+    assert last_character(path) == (len(lines), len(lines[-1]), b",") == (1001, (1 << 20) + 1, b",")
+    assert len(head) < 1 << 20 < len(head) + len(lines[-1]), "the case under test"
