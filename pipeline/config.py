@@ -80,6 +80,7 @@ class IngestConfig:
     sql: SqlOptions = field(default_factory=SqlOptions)
     documents: DocumentsOptions = field(default_factory=DocumentsOptions)
     columns: dict[str, str] = field(default_factory=dict)
+    optional_columns: dict[str, str] = field(default_factory=dict)  # mapped only when the source has their columns
     answer_schema_file: str | None = None
     where: str | None = None
     categories: list[str] | None = None

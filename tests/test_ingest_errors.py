@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import RunResult, run_env, run_pipeline
 
-NO_CATEGORY = ("~ingest.columns.category", "~ingest.columns.golden_answer")  # for files with no such columns
+NO_ANSWER = ("~ingest.columns.golden_answer",)  # for files with no answer column
 
 
 def ingest_only(tmp_path: Path, fmt: str, *overrides: str, env: dict[str, str] | None = None) -> RunResult:
@@ -228,7 +228,7 @@ def test_question_mapped_to_a_struct_column(tmp_path: Path) -> None:
 def test_question_object_in_one_row_of_a_mixed_column(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text('{"id": "q1", "question": "One?"}\n{"id": "q2", "question": {"text": "Two?"}}\n', encoding="utf-8")
-    result = ingest_only(tmp_path, "jsonl", path_arg(path), *NO_CATEGORY)
+    result = ingest_only(tmp_path, "jsonl", path_arg(path), *NO_ANSWER)
     check_refused(result, "q.jsonl row 2", "JSON object")
 
 
@@ -252,7 +252,7 @@ def test_invalid_answer_schema_names_the_row(tmp_path: Path) -> None:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     check_refused(
-        ingest_only(tmp_path, "jsonl", path_arg(path), "+ingest.columns.answer_schema=schema", *NO_CATEGORY),
+        ingest_only(tmp_path, "jsonl", path_arg(path), "+ingest.columns.answer_schema=schema", *NO_ANSWER),
         "q.jsonl row 2",
         "answer_schema",
         "JSON Schema",
@@ -294,7 +294,7 @@ def test_unknown_encoding(tmp_path: Path) -> None:
 
 # -- XML attacks ----------------------------------------------------------------------------------------
 
-XML_FIELDS = ("ingest.xml.record=item", "ingest.xml.fields={id: '@id', question: q}", *NO_CATEGORY)
+XML_FIELDS = ("ingest.xml.record=item", "ingest.xml.fields={id: '@id', question: q}", *NO_ANSWER)
 BOMB = """<?xml version="1.0"?>
 <!DOCTYPE lolz [
  <!ENTITY lol "lol">
