@@ -66,11 +66,11 @@ class Source:
     name: str = "source"  # how messages and the `source` column name the input
     extra_digests: dict[str, str] = field(default_factory=dict)  # inputs that are no file (a SQL URL + query)
 
-    def digests(self) -> dict[str, str]:
-        """Input name -> sha256, for the fingerprint and `manifest.json` `inputs`."""
-        from pipeline.store import sha256_file
+    def digests(self, root: Path) -> dict[str, str]:
+        """Input name (a file's path relative to `root`) -> sha256, for the fingerprint and `manifest.json`."""
+        from pipeline.manifest import files_sha256
 
-        return {str(p): sha256_file(p) for p in self.files} | self.extra_digests
+        return files_sha256(self.files, root) | self.extra_digests
 
 
 def sql_str(text: str) -> str:

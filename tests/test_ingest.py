@@ -33,11 +33,13 @@ from pipeline.config import (
     XmlOptions,
 )
 from pipeline.errors import UserError
+from pipeline.manifest import relative_path
 from pipeline.sources import open_source
 from pipeline.sources_documents import Units, chunk_spans
 from pipeline.stage_api import StageContext
 from stages import ingest
 
+DIGEST_ROOT = Path("/")  # what input paths in digests are relative to (the runner passes the project root)
 DEFAULT_COLUMNS = {"json_id": "id", "category": "category", "question": "question", "golden_answer": "answer"}
 OPTION_TYPES = {
     "csv": CsvOptions,
@@ -107,9 +109,8 @@ def run_ingest(fmt: str, path: Any, con: duckdb.DuckDBPyConnection | None = None
         )
         result = ingest.run(ctx)
         table = writer.tables["questions"]
-        return Ingested(
-            table.to_pylist(), dict(result.metrics), table.column_names, source.files, source.digests(), table
-        )
+        digests = source.digests(DIGEST_ROOT)
+        return Ingested(table.to_pylist(), dict(result.metrics), table.column_names, source.files, digests, table)
     finally:
         if own:
             con.close()
@@ -160,7 +161,8 @@ def test_csv_maps_columns_and_keeps_the_rest_in_meta(tmp_path: Path) -> None:
     ]
     assert got.metrics["questions"] == 3
     assert got.files == [tmp_path / "q.csv"]
-    assert got.digests == {str(tmp_path / "q.csv"): hashlib.sha256((tmp_path / "q.csv").read_bytes()).hexdigest()}
+    digest = hashlib.sha256((tmp_path / "q.csv").read_bytes()).hexdigest()
+    assert got.digests == {relative_path(tmp_path / "q.csv", DIGEST_ROOT): digest}
 
 
 def test_csv_quotes_newlines_and_dialect_options(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, RunResult, run_pipeline
 from test_ingest import XML
 
+from pipeline.manifest import relative_path
 from pipeline.store import sha256_file
 
 ROWS = [
@@ -60,7 +61,7 @@ def test_each_tabular_format(tmp_path: Path, fmt: str) -> None:
     assert [r["question_id"] for r in rows] == ["e1", "e2"]
     assert [r["golden_answer"] for r in rows] == ["3", "8"]
     assert {r["source"] for r in rows} == {path.name}
-    assert result.manifest["inputs"] == {str(path): sha256_file(path)}
+    assert result.manifest["inputs"] == {relative_path(path, ROOT): sha256_file(path)}
     assert result.manifest["stages"]["ingest"]["metrics"]["questions"] == 2
 
 
@@ -144,7 +145,8 @@ def test_extract_experiment_runs_end_to_end(tmp_path: Path) -> None:
     result = ok(run_pipeline(tmp_path / "run", "+experiment=extract"))
     manifest = result.manifest
     documents = sorted(p.name for p in (ROOT / "data" / "extract" / "documents").iterdir())
-    assert sorted(Path(p).name for p in manifest["inputs"]) == documents
+    read = [*(f"data/extract/documents/{name}" for name in documents), "data/extract/schema.json"]
+    assert sorted(manifest["inputs"]) == sorted(read), "every document and the answer schema, relative"
     chunks = questions(result)
     assert {r["document_id"] for r in chunks} == set(documents)
     assert max(int(str(r["chunk_count"])) for r in chunks) > 1, "the incident report spans several chunks"
