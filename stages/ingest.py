@@ -3,11 +3,13 @@
 Each target column is a DuckDB SQL expression over the source columns (`ingest.columns`), so a real
 dataset's quirks are handled in config; `ingest.columns` may also name extra columns, kept as they are
 (e.g. `document_id`, `temperature`). Source columns no expression uses are kept in `meta` (JSON).
-`question_id` is the source's own id (`json_id`) when mapped, else a hash of the normalised question, so
-it is stable across runs. The last column, `row_digest`, is an md5 of all the others (`row_digest_sql`):
-generate keys each unit on it, so planning a rerun of a million questions joins 32-character digests
-instead of hashing whole rows, and any change to a row (re-ingested with a new text, answer, schema or
-extra column) changes it.
+`ingest.optional_columns` (the shipped `json_id` and `category`) apply only where the source has the columns
+they name, so a dataset without them (GSM8K: question and answer) needs no mapping to drop; a mapping in
+`ingest.columns` must work. `question_id` is the source's own id (`json_id`) when mapped, else a hash of the
+normalised question, so it is stable across runs. The last column, `row_digest`, is an md5 of all the
+others (`row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
+joins 32-character digests instead of hashing whole rows, and any change to a row (re-ingested with a
+new text, answer, schema or extra column) changes it.
 
 The source is read once, into a DuckDB temporary table (DuckDB spills it to disk past its memory limit);
 selection, dedupe and the checks run on that table, and the result is streamed to Parquet by DuckDB.
@@ -133,12 +135,10 @@ class _Mapper:
         """Whether every column `expr` names is in the source (any other problem with it is an error)."""
         try:
             self.con.sql(f"SELECT ({expr}) AS v FROM {_VIEW} LIMIT 0")
-        except duckdb.BinderException as exc:
-            if _NOT_FOUND.search(str(exc)):
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.BinderException) and _NOT_FOUND.search(str(exc)):
                 return False
-        except duckdb.Error:
-            pass
-        self.bind(expr, key)  # the error, worded, or the expression binds after all
+            self.bind(expr, key)  # raises, with the problem worded
         return True
 
     def text(self, expr: str, kind: str, key: str, nested: str) -> str:
