@@ -80,6 +80,7 @@ class IngestConfig:
     sql: SqlOptions = field(default_factory=SqlOptions)
     documents: DocumentsOptions = field(default_factory=DocumentsOptions)
     columns: dict[str, str] = field(default_factory=dict)
+    optional_columns: dict[str, str] = field(default_factory=dict)  # mapped only when the source has their columns
     answer_schema_file: str | None = None
     where: str | None = None
     categories: list[str] | None = None
@@ -177,7 +178,8 @@ class GenerateConfig:
 class ValidateConfig:
     scorer: Any = "numeric"  # exact | normalized_text | numeric | json_field | none | {_target_: module.function, ...}
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
-    tolerance: float = 1e-6
+    tolerance: float = 1e-6  # numeric: absolute difference still counted as a match
+    relative_tolerance: float | None = None  # numeric: also a match within this fraction of the golden (None: off)
 
 
 @dataclass

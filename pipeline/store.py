@@ -21,6 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": True, "write_statistics": True}
+# The folder of the database file a connection opened, as SQL: DuckDB resolves a relative path in a view against
+# the process's working directory, never the database's folder, and has no function returning the database's
+# path; but its temp_directory defaults to `<database file>.tmp`, so its folder is the run folder. Opening the
+# file directly (`duckdb RUN/run.duckdb`, `duckdb.connect(...)`) from any directory works; ATTACHing it to
+# another database does not (the setting is that database's), and neither does overriding temp_directory.
+RUN_FOLDER_SQL = "parse_dirpath(current_setting('temp_directory'))"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -76,16 +82,16 @@ class TableStore:
     def rebuild_views(self, db_path: Path) -> None:
         """Recreate `run.duckdb` with one view per table, swapped in atomically and never held open.
 
-        Views use absolute paths (DuckDB resolves relative ones against the reader's working directory);
-        a moved run folder gets correct views again on its next run.
+        The views hold no path: each reads `tables/<name>.parquet` next to the database file it is opened from,
+        so a moved or copied run folder reads its own tables (see `RUN_FOLDER_SQL`).
         """
         tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         con = duckdb.connect(str(tmp))
         try:
             for name in self.names():
-                target = str(self.path(name).resolve()).replace("'", "''")
-                con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{target}')")
+                target = f"/{self.tables_dir.name}/{name}.parquet".replace("'", "''")
+                con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet({RUN_FOLDER_SQL} || '{target}')")
         finally:
             con.close()
         os.replace(tmp, db_path)

@@ -3,11 +3,13 @@
 Each target column is a DuckDB SQL expression over the source columns (`ingest.columns`), so a real
 dataset's quirks are handled in config; `ingest.columns` may also name extra columns, kept as they are
 (e.g. `document_id`, `temperature`). Source columns no expression uses are kept in `meta` (JSON).
-`question_id` is the source's own id (`json_id`) when mapped, else a hash of the normalised question, so
-it is stable across runs. The last column, `row_digest`, is an md5 of all the others (`row_digest_sql`):
-generate keys each unit on it, so planning a rerun of a million questions joins 32-character digests
-instead of hashing whole rows, and any change to a row (re-ingested with a new text, answer, schema or
-extra column) changes it.
+`ingest.optional_columns` (the shipped `json_id` and `category`) apply only where the source has the columns
+they name, so a dataset without them (GSM8K: question and answer) needs no mapping to drop; a mapping in
+`ingest.columns` must work. `question_id` is the source's own id (`json_id`) when mapped, else a hash of the
+normalised question, so it is stable across runs. The last column, `row_digest`, is an md5 of all the
+others (`row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
+joins 32-character digests instead of hashing whole rows, and any change to a row (re-ingested with a
+new text, answer, schema or extra column) changes it.
 
 The source is read once, into a DuckDB temporary table (DuckDB spills it to disk past its memory limit);
 selection, dedupe and the checks run on that table, and the result is streamed to Parquet by DuckDB.
@@ -101,6 +103,7 @@ class _Plan:
     pushed_limit: bool  # the limit was applied while reading (nothing after it could change which rows)
     origin: str  # the source with its bookkeeping columns
     expressions: list[tuple[str, str]]  # (config key, expression): where to look when a row fails
+    mapping: dict[str, str]  # target -> expression: `ingest.columns` and the optional mappings that apply
 
 
 class _Mapper:
@@ -112,17 +115,31 @@ class _Mapper:
         self.columns = [c for c in source.columns if c not in HIDDEN]
 
     def bind(self, expr: str, key: str) -> str:
-        """The DuckDB type of `expr` over the source; a typo fails here, naming the key and the columns there are."""
+        """The DuckDB type of `expr` over the source; a typo fails here, naming the key, the columns there are
+        and how to change (or drop) the mapping."""
         try:
             return str(self.con.sql(f"SELECT ({expr}) AS v FROM {_VIEW} LIMIT 0").types[0])
         except duckdb.ParserException as exc:
-            raise UserError(f"{key}: {expr!r} is not a valid SQL expression ({first_line(str(exc))})") from None
+            raise UserError(
+                f"{key}: {expr!r} is not a valid SQL expression ({first_line(str(exc))}); {_fix_hint(key)}"
+            ) from None
         except duckdb.Error as exc:
             missing = _NOT_FOUND.search(str(exc))
             what = f"no column {missing.group(1)!r}" if missing else first_line(str(exc))
             raise UserError(
-                f"{key}: {expr!r} fails on {self.name}: {what}; the source columns are: {', '.join(self.columns)}"
+                f"{key}: {expr!r} fails on {self.name}: {what}; the source columns are: {', '.join(self.columns)}; "
+                f"{_fix_hint(key)}"
             ) from None
+
+    def has_columns_for(self, expr: str, key: str) -> bool:
+        """Whether every column `expr` names is in the source (any other problem with it is an error)."""
+        try:
+            self.con.sql(f"SELECT ({expr}) AS v FROM {_VIEW} LIMIT 0")
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.BinderException) and _NOT_FOUND.search(str(exc)):
+                return False
+            self.bind(expr, key)  # raises, with the problem worded
+        return True
 
     def text(self, expr: str, kind: str, key: str, nested: str) -> str:
         """`expr` as VARCHAR. nested: 'json' (objects become JSON text) or 'refuse' (objects are an error)."""
@@ -148,6 +165,13 @@ class _Mapper:
         return f"CAST({e} AS VARCHAR)"
 
 
+def _fix_hint(key: str) -> str:
+    """How to change a mapping on the command line, and how to drop it where it may be dropped."""
+    if key.count(".") == 2 and key != "ingest.columns.question":  # a mapping, and not the required one
+        return f"change it ({key}=<expression>) or drop it ('~{key}')"
+    return f"change it: {key}=<expression>"
+
+
 def _used_columns(columns: list[str], expressions: list[str]) -> set[str]:
     """Source columns some expression mentions (by name, as a word): the rest go into `meta`."""
     text = "\n".join(expressions)
@@ -159,10 +183,38 @@ def _used_columns(columns: list[str], expressions: list[str]) -> set[str]:
     return used
 
 
+@dataclass
+class _Mapping:
+    """`ingest.columns`, plus each `ingest.optional_columns` entry whose columns the source has and that
+    `columns` does not map itself."""
+
+    expressions: dict[str, str]  # target -> expression
+    optional: set[str]  # targets mapped by ingest.optional_columns
+    skipped: list[str]  # optional mappings left out for want of their columns: "target (expression)"
+
+    def key(self, target: str) -> str:
+        """The config key a target's expression comes from, for messages."""
+        return f"ingest.{'optional_columns' if target in self.optional else 'columns'}.{target}"
+
+
+def _mapping(cfg: IngestConfig, mapper: _Mapper) -> _Mapping:
+    found = _Mapping(dict(cfg.columns), set(), [])
+    for target, expr in cfg.optional_columns.items():
+        if target in found.expressions:
+            continue
+        if mapper.has_columns_for(expr, f"ingest.optional_columns.{target}"):
+            found.expressions[target] = expr
+            found.optional.add(target)
+        else:
+            found.skipped.append(f"{target} ({expr})")
+    return found
+
+
 def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Plan:
     cfg = ctx.cfg.ingest
     mapper = _Mapper(ctx.con, source, name)
-    mapping = dict(cfg.columns)
+    mapped_by = _mapping(cfg, mapper)
+    mapping = mapped_by.expressions
     for target in mapping:
         if not _IDENT.match(target) or target in RESERVED or target.startswith("__"):
             raise UserError(
@@ -191,7 +243,7 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
             value = _lit(default_schema) if target == "answer_schema" else "NULL"
             select.append(f"CAST({value} AS VARCHAR) AS {target}")
             continue
-        key = f"ingest.columns.{target}"
+        key = mapped_by.key(target)
         kind = mapper.bind(mapping[target], key)
         nested = "json" if target in ("golden_answer", "answer_schema") else "refuse"
         expr = mapper.text(mapping[target], kind, key, nested)
@@ -200,12 +252,20 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
         select.append(f"{expr} AS {target}")
     extras = [t for t in mapping if t not in TARGETS]
     for target in extras:
-        mapper.bind(mapping[target], f"ingest.columns.{target}")
+        mapper.bind(mapping[target], mapped_by.key(target))
         select.append(f"({mapping[target]}) AS {_ident(target)}")
     where = cfg.where.strip() if cfg.where else None
     if where:
         mapper.bind(where, "ingest.where")
-    unused = [c for c in mapper.columns if c not in _used_columns(mapper.columns, list(mapping.values()))]
+    used = _used_columns(mapper.columns, list(mapping.values()))
+    unused = [c for c in mapper.columns if c not in used]
+    ctx.log.info(
+        "ingest: source columns mapped: %s; kept in meta: %s; optional mappings skipped (%s lacks their columns): %s",
+        ", ".join(c for c in mapper.columns if c in used) or "none",
+        ", ".join(unused) or "none",
+        name,
+        ", ".join(mapped_by.skipped) or "none",
+    )
     meta = (
         "to_json(struct_pack(" + ", ".join(f"{_ident(c)} := {_ident(c)}" for c in unused) + "))" if unused else "'{}'"
     )
@@ -223,10 +283,10 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
     pushable = cfg.limit is not None and cfg.sample is None and (cfg.dedupe == "none" or cfg.on_duplicate == "error")
     if pushable:
         rows += f" LIMIT {int(cfg.limit or 0)}"  # reading stops after the first N selected rows
-    expressions = [(f"ingest.columns.{t}", e) for t, e in mapping.items()] + (
-        [("ingest.where", where)] if where else []
+    expressions = [(mapped_by.key(t), e) for t, e in mapping.items()] + ([("ingest.where", where)] if where else [])
+    return _Plan(
+        rows_sql=rows, extras=extras, pushed_limit=pushable, origin=origin, expressions=expressions, mapping=mapping
     )
-    return _Plan(rows_sql=rows, extras=extras, pushed_limit=pushable, origin=origin, expressions=expressions)
 
 
 def _first_rows(rows: list[tuple[str, int]]) -> str:
@@ -395,7 +455,7 @@ def run(ctx: StageContext) -> StageResult:
             raise UserError(f"{name}: no rows to ingest (check the file, ingest.where and ingest.categories)")
         _check_empty_questions(ctx)
         key = {"json_id": "question_id", "question": "__qkey"}.get(cfg.dedupe)
-        label = {"json_id": "json_id" if "json_id" in cfg.columns else "question", "question": "question"}
+        label = {"json_id": "json_id" if "json_id" in plan.mapping else "question", "question": "question"}
         duplicates = _duplicates(ctx, key, label[cfg.dedupe]) if key else 0
         final = _final_sql(cfg, ctx.cfg.seed, key, duplicates, plan.pushed_limit)
         table = _ROWS

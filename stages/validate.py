@@ -182,6 +182,17 @@ def _as_text(value: Any) -> str:
 
 
 Scorer = Callable[[Any, str, str], "float | None"]
+FLOAT_SLACK = 1e-9  # relative: 100.01 - 100 is 0.0100000000000051 in binary floating point, still "within 0.01"
+
+
+def within_tolerance(got: float, expected: float, absolute: float, relative: float | None) -> bool:
+    """Whether `got` is within `absolute` of `expected`, or (only when `relative` is set) within that fraction
+    of it. The two never blend: with absolute 0.01 alone, 101 does not match 100."""
+    diff = abs(got - expected)
+    slack = FLOAT_SLACK * max(abs(got), abs(expected), 1.0)
+    if diff <= absolute + slack:
+        return True
+    return relative is not None and diff <= relative * abs(expected) + slack
 
 
 def _builtin(cfg: ValidateConfig, name: str) -> Scorer:
@@ -201,8 +212,7 @@ def _builtin(cfg: ValidateConfig, name: str) -> Scorer:
         got = _as_number(value) if found and value is not None else _as_number(content)
         if expected is None or got is None or math.isnan(got):
             return 0.0
-        diff = abs(got - expected)
-        return float(diff <= cfg.tolerance or diff <= cfg.tolerance * abs(expected))
+        return float(within_tolerance(got, expected, cfg.tolerance, cfg.relative_tolerance))
 
     def json_field(parsed: Any, content: str, golden: str) -> float:
         found, value = field_value(parsed, cfg.answer_field)
@@ -245,8 +255,15 @@ def _user_function(spec: dict[str, Any]) -> tuple[str, Scorer]:
     return target, call
 
 
+def _check_tolerances(cfg: ValidateConfig) -> None:
+    for key, value in (("tolerance", cfg.tolerance), ("relative_tolerance", cfg.relative_tolerance)):
+        if value is not None and not value >= 0:
+            raise UserError(f"validate.{key}={value}: must be 0 or more (e.g. validate.{key}=0.01)")
+
+
 def build_scorer(cfg: ValidateConfig) -> tuple[str, Scorer | None]:
     """The configured scorer by name (None: no scoring), checked before any answer is read."""
+    _check_tolerances(cfg)
     spec = cfg.scorer
     if isinstance(spec, dict):
         return _user_function(spec)

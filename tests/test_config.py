@@ -82,6 +82,7 @@ def test_math_experiment_values(hydra_conf: None) -> None:
     assert Path(cfg.ingest.path).is_file()
     assert cfg.validate.scorer == "numeric"
     assert cfg.validate.tolerance == pytest.approx(0.01)
+    assert cfg.validate.relative_tolerance is None, "absolute only: 101 must not match 100"
     assert cfg.prompt.system, "the math experiment uses the math prompt, which has a system prompt"
 
 

@@ -33,11 +33,13 @@ from pipeline.config import (
     XmlOptions,
 )
 from pipeline.errors import UserError
+from pipeline.manifest import relative_path
 from pipeline.sources import open_source
 from pipeline.sources_documents import Units, chunk_spans
 from pipeline.stage_api import StageContext
 from stages import ingest
 
+DIGEST_ROOT = Path("/")  # what input paths in digests are relative to (the runner passes the project root)
 DEFAULT_COLUMNS = {"json_id": "id", "category": "category", "question": "question", "golden_answer": "answer"}
 OPTION_TYPES = {
     "csv": CsvOptions,
@@ -107,9 +109,8 @@ def run_ingest(fmt: str, path: Any, con: duckdb.DuckDBPyConnection | None = None
         )
         result = ingest.run(ctx)
         table = writer.tables["questions"]
-        return Ingested(
-            table.to_pylist(), dict(result.metrics), table.column_names, source.files, source.digests(), table
-        )
+        digests = source.digests(DIGEST_ROOT)
+        return Ingested(table.to_pylist(), dict(result.metrics), table.column_names, source.files, digests, table)
     finally:
         if own:
             con.close()
@@ -160,7 +161,8 @@ def test_csv_maps_columns_and_keeps_the_rest_in_meta(tmp_path: Path) -> None:
     ]
     assert got.metrics["questions"] == 3
     assert got.files == [tmp_path / "q.csv"]
-    assert got.digests == {str(tmp_path / "q.csv"): hashlib.sha256((tmp_path / "q.csv").read_bytes()).hexdigest()}
+    digest = hashlib.sha256((tmp_path / "q.csv").read_bytes()).hexdigest()
+    assert got.digests == {relative_path(tmp_path / "q.csv", DIGEST_ROOT): digest}
 
 
 def test_csv_quotes_newlines_and_dialect_options(tmp_path: Path) -> None:
@@ -465,3 +467,65 @@ def test_no_extension_is_ever_downloaded(tmp_path: Path) -> None:
     ).fetchone()
     assert settings == (False, False)
     con.close()
+
+
+def test_last_character_of_a_file_longer_than_one_read(tmp_path: Path) -> None:
+    """What the truncated-JSON check reports: the position of the last character that is not white space,
+    right across the 1 MiB reads (a line that starts in one read and ends in the next)."""
+    from pipeline.sources import last_character
+
+    path = tmp_path / "big.json"
+    head = "[" + ",\n".join(json.dumps({"id": i, "question": "x" * 50}) for i in range(1000)) + ",\n"
+    path.write_text(head + "z" * (1 << 20) + ",\n \n", encoding="utf-8")  # the last line spans two reads
+    lines = path.read_text(encoding="utf-8").rstrip().split("\n")
+    assert last_character(path) == (len(lines), len(lines[-1]), b",") == (1001, (1 << 20) + 1, b",")
+    assert len(head) < 1 << 20 < len(head) + len(lines[-1]), "the case under test"
+
+
+# -- optional mappings: json_id and category apply only where the source has them --------------------------
+
+OPTIONAL = {"json_id": "id", "category": "category"}  # conf/ingest/*.yaml's optional_columns
+GSM8K = [  # GSM8K's shape: question and answer, no id, no category
+    {"question": "Tom has 2 apples and buys 3. What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+    {"question": "What is 6 * 7?", "answer": "6 * 7 = 42\n#### 42"},
+]
+GSM8K_COLUMNS = {"question": "question", "golden_answer": "regexp_extract(answer, '#### (.*)$', 1)"}
+
+
+def test_optional_mappings_are_skipped_when_their_columns_are_absent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_jsonl(tmp_path / "gsm.jsonl", GSM8K)
+    with caplog.at_level(logging.INFO, logger="test.ingest"):
+        got = run_ingest("jsonl", str(path), columns=GSM8K_COLUMNS, optional_columns=OPTIONAL)
+    assert got.column("json_id") == [None, None] and got.column("category") == [None, None]
+    assert got.column("question_id") == [normalised_hash(r["question"]) for r in GSM8K]
+    assert got.column("golden_answer") == ["5", "42"]
+    assert got.column("meta") == ["{}", "{}"], "question and answer are both used"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "source columns mapped: question, answer; kept in meta: none" in logged
+    assert "optional mappings skipped (gsm.jsonl lacks their columns): json_id (id), category (category)" in logged
+
+
+def test_optional_mappings_apply_where_the_source_has_their_columns(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "q.jsonl", ROWS)
+    columns = {"question": "question", "golden_answer": "answer"}
+    got = run_ingest("jsonl", str(path), columns=columns, optional_columns=OPTIONAL)
+    assert got.column("json_id") == ["q1", "q2", "q3"] and got.column("category") == ["add", "sub", "add"]
+    assert got.column("question_id") == ["q1", "q2", "q3"]
+    mine = run_ingest("jsonl", str(path), columns={**columns, "category": "upper(category)"}, optional_columns=OPTIONAL)
+    assert mine.column("category") == ["ADD", "SUB", "ADD"], "what ingest.columns maps wins over the optional one"
+
+
+def test_a_mapping_the_user_wrote_that_fails_says_how_to_change_or_drop_it(tmp_path: Path) -> None:
+    path = str(write_jsonl(tmp_path / "gsm.jsonl", GSM8K))
+    with pytest.raises(UserError) as caught:
+        run_ingest("jsonl", path, columns={**GSM8K_COLUMNS, "category": "topic"}, optional_columns=OPTIONAL)
+    message = str(caught.value)
+    assert message.startswith("ingest.columns.category: 'topic' fails on gsm.jsonl: no column 'topic'")
+    assert "the source columns are: question, answer" in message
+    assert "change it (ingest.columns.category=<expression>) or drop it ('~ingest.columns.category')" in message
+    with pytest.raises(UserError, match=r"change it: ingest\.columns\.question=<expression>$"):
+        run_ingest("jsonl", path, columns={"question": "prompt"}, optional_columns=OPTIONAL)
+    with pytest.raises(UserError, match=r"^ingest\.optional_columns\.json_id: 'id \+' is not a valid SQL expression"):
+        run_ingest("jsonl", path, columns=GSM8K_COLUMNS, optional_columns={"json_id": "id +"})

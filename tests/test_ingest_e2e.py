@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, RunResult, run_pipeline
 from test_ingest import XML
 
+from pipeline.manifest import relative_path
 from pipeline.store import sha256_file
 
 ROWS = [
@@ -60,7 +61,7 @@ def test_each_tabular_format(tmp_path: Path, fmt: str) -> None:
     assert [r["question_id"] for r in rows] == ["e1", "e2"]
     assert [r["golden_answer"] for r in rows] == ["3", "8"]
     assert {r["source"] for r in rows} == {path.name}
-    assert result.manifest["inputs"] == {str(path): sha256_file(path)}
+    assert result.manifest["inputs"] == {relative_path(path, ROOT): sha256_file(path)}
     assert result.manifest["stages"]["ingest"]["metrics"]["questions"] == 2
 
 
@@ -102,11 +103,50 @@ def test_selection_keys_from_the_command_line(tmp_path: Path) -> None:
     assert all(r["category"] == "even" and int(str(r["golden_answer"])) >= 10 for r in got)
 
 
+def test_gsm8k_shaped_file_needs_only_a_golden_answer_mapping(tmp_path: Path) -> None:
+    """GSM8K has question and answer (worked solution ending in `#### 42`) and no id or category: the default
+    json_id and category mappings are skipped (and logged), the golden answer is the one mapping to write."""
+    path = tmp_path / "gsm8k.jsonl"
+    rows = [
+        {"question": "Tom has 2 apples and buys 3 more. What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+        {"question": "A box holds 6 rows of 7 eggs. What is 6 * 7?", "answer": "6 * 7 = 42\n#### 42"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    golden = "ingest.columns.golden_answer=\"regexp_extract(answer, '#### (.*)$', 1)\""
+    result = ok(run_pipeline(tmp_path / "run", "+experiment=math", f"ingest.path='{path}'", golden))
+    got = questions(result)
+    assert [r["golden_answer"] for r in got] == ["5", "42"]
+    assert [(r["json_id"], r["category"]) for r in got] == [(None, None)] * 2
+    assert [r["question"] for r in got] == [r["question"] for r in rows]
+    validations = pq.read_table(result.run_dir / "tables" / "validations.parquet").to_pylist()
+    assert [v["matches_golden"] for v in validations] == [True, True]
+    log = (result.run_dir / "run.log").read_text(encoding="utf-8")
+    assert "source columns mapped: question, answer; kept in meta: none" in log
+    assert "optional mappings skipped (gsm8k.jsonl lacks their columns): json_id (id), category (category)" in log
+
+
+def test_a_failing_mapping_the_user_wrote_says_how_to_change_or_drop_it(tmp_path: Path) -> None:
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps({"question": "What is 1 + 1?", "answer": "#### 2"}) + "\n", encoding="utf-8")
+    command = ("pipeline.stages=[ingest]", f"ingest.path='{path}'", "+ingest.columns.category=topic")
+    result = run_pipeline(tmp_path / "run", *command)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "ingest.columns.category: 'topic' fails on gsm8k.jsonl: no column 'topic'" in output
+    assert "change it (ingest.columns.category=<expression>) or drop it ('~ingest.columns.category')" in output
+    assert not (result.run_dir / "tables" / "questions.parquet").exists()
+    dropped = ok(run_pipeline(tmp_path / "run", *command, "~ingest.columns.category"))
+    assert [r["category"] for r in questions(dropped)] == [None], "the hint's drop works as written"
+    changed = ok(run_pipeline(tmp_path / "run", *command, "ingest.columns.category='upper(answer)'"))
+    assert [r["category"] for r in questions(changed)] == ["#### 2"], "the hint's change works as written"
+
+
 def test_extract_experiment_runs_end_to_end(tmp_path: Path) -> None:
     result = ok(run_pipeline(tmp_path / "run", "+experiment=extract"))
     manifest = result.manifest
     documents = sorted(p.name for p in (ROOT / "data" / "extract" / "documents").iterdir())
-    assert sorted(Path(p).name for p in manifest["inputs"]) == documents
+    read = [*(f"data/extract/documents/{name}" for name in documents), "data/extract/schema.json"]
+    assert sorted(manifest["inputs"]) == sorted(read), "every document and the answer schema, relative"
     chunks = questions(result)
     assert {r["document_id"] for r in chunks} == set(documents)
     assert max(int(str(r["chunk_count"])) for r in chunks) > 1, "the incident report spans several chunks"

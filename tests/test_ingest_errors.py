@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import RunResult, run_env, run_pipeline
 
-NO_CATEGORY = ("~ingest.columns.category", "~ingest.columns.golden_answer")  # for files with no such columns
+NO_ANSWER = ("~ingest.columns.golden_answer",)  # for files with no answer column
 
 
 def ingest_only(tmp_path: Path, fmt: str, *overrides: str, env: dict[str, str] | None = None) -> RunResult:
@@ -105,6 +105,77 @@ def test_not_a_parquet_file(tmp_path: Path) -> None:
     check_refused(ingest_only(tmp_path, "parquet", path_arg(path)), str(path))
 
 
+# -- truncated files: a file cut short is refused, never ingested in part --------------------------------
+
+RECORDS = [{"id": f"q{i}", "category": "a", "question": f"Question {i}?", "answer": str(i)} for i in range(3)]
+
+
+def test_json_array_cut_after_a_complete_record(tmp_path: Path) -> None:
+    """DuckDB's reader alone accepts this (one question, exit 0)."""
+    path = tmp_path / "q.json"
+    whole = json.dumps(RECORDS, indent=1)
+    path.write_text(whole[: whole.index("{", whole.index("}"))].rstrip(), encoding="utf-8")  # `[{...},`
+    assert path.read_text(encoding="utf-8").endswith("},")
+    line = check_refused(ingest_only(tmp_path, "json", path_arg(path)), str(path), "line 7 column 3", "']'")
+    assert "cut off" in line
+
+
+def test_json_array_cut_inside_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    whole = json.dumps(RECORDS)
+    path.write_text(whole[: whole.index('"question": "Question 1')], encoding="utf-8")
+    check_refused(ingest_only(tmp_path, "json", path_arg(path)), str(path), "line 1", "malformed JSON")
+
+
+def test_json_array_without_its_closing_bracket(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(RECORDS)[:-1] + "\n", encoding="utf-8")
+    check_refused(ingest_only(tmp_path, "json", path_arg(path)), str(path), "line 2 column 1", "malformed JSON")
+
+
+def test_json_object_with_records_key_cut_off(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    whole = json.dumps({"data": RECORDS})
+    path.write_text(whole[: whole.index("{", whole.index("}"))], encoding="utf-8")  # `{"data": [{...}, `
+    check_refused(
+        ingest_only(tmp_path, "json", path_arg(path), "ingest.json.records_key=data"),
+        str(path),
+        "line 1 column 84",
+        "malformed JSON",
+    )
+
+
+def test_jsonl_last_line_cut(tmp_path: Path) -> None:
+    path = tmp_path / "q.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    path.write_text(text[: text.rindex('"question"')], encoding="utf-8")
+    check_refused(ingest_only(tmp_path, "jsonl", path_arg(path)), str(path), "line 3", "malformed JSON")
+
+
+def test_csv_last_line_cut_inside_quotes(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text('id,category,question,answer\nq0,a,"Zero?",0\nq1,a,"One, and', encoding="utf-8")
+    check_refused(ingest_only(tmp_path, "csv", path_arg(path)), str(path), "line 3", "quote")
+
+
+def test_parquet_without_its_footer(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "q.parquet"
+    pq.write_table(pa.Table.from_pylist(RECORDS), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the footer (schema, row groups) and the end magic are gone
+    check_refused(ingest_only(tmp_path, "parquet", path_arg(path)), str(path), "not a whole Parquet file", "cut off")
+
+
+def test_xml_cut_off(tmp_path: Path) -> None:
+    path = tmp_path / "q.xml"
+    items = "".join(f'<item id="{r["id"]}"><q>{r["question"]}</q></item>\n' for r in RECORDS)
+    path.write_text(f"<items>\n{items}", encoding="utf-8")  # the closing </items> is missing
+    check_refused(ingest_only(tmp_path, "xml", path_arg(path), *XML_FIELDS), str(path), "line 5")
+
+
 # -- columns and types ----------------------------------------------------------------------------------
 
 
@@ -157,7 +228,7 @@ def test_question_mapped_to_a_struct_column(tmp_path: Path) -> None:
 def test_question_object_in_one_row_of_a_mixed_column(tmp_path: Path) -> None:
     path = tmp_path / "q.jsonl"
     path.write_text('{"id": "q1", "question": "One?"}\n{"id": "q2", "question": {"text": "Two?"}}\n', encoding="utf-8")
-    result = ingest_only(tmp_path, "jsonl", path_arg(path), *NO_CATEGORY)
+    result = ingest_only(tmp_path, "jsonl", path_arg(path), *NO_ANSWER)
     check_refused(result, "q.jsonl row 2", "JSON object")
 
 
@@ -181,7 +252,7 @@ def test_invalid_answer_schema_names_the_row(tmp_path: Path) -> None:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     check_refused(
-        ingest_only(tmp_path, "jsonl", path_arg(path), "+ingest.columns.answer_schema=schema", *NO_CATEGORY),
+        ingest_only(tmp_path, "jsonl", path_arg(path), "+ingest.columns.answer_schema=schema", *NO_ANSWER),
         "q.jsonl row 2",
         "answer_schema",
         "JSON Schema",
@@ -223,7 +294,7 @@ def test_unknown_encoding(tmp_path: Path) -> None:
 
 # -- XML attacks ----------------------------------------------------------------------------------------
 
-XML_FIELDS = ("ingest.xml.record=item", "ingest.xml.fields={id: '@id', question: q}", *NO_CATEGORY)
+XML_FIELDS = ("ingest.xml.record=item", "ingest.xml.fields={id: '@id', question: q}", *NO_ANSWER)
 BOMB = """<?xml version="1.0"?>
 <!DOCTYPE lolz [
  <!ENTITY lol "lol">

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_env, run_pipeline
+from conftest import run_env, run_pipeline
 from test_ingest import run_ingest
 from test_ingest_errors import check_refused
 
@@ -228,12 +228,6 @@ def test_postgres_end_to_end_failing_query(tmp_path: Path, postgres: Postgres) -
     assert postgres.reader_password not in result.stdout + result.stderr
 
 
-RUNNER_RECORDS_SQL = "source.digests()" in (ROOT / "pipeline" / "runner.py").read_text(encoding="utf-8")
-
-
-@pytest.mark.skipif(
-    not RUNNER_RECORDS_SQL, reason="the runner does not yet take Source.digests()/name (see ingest notes)"
-)
 def test_postgres_end_to_end(tmp_path: Path, postgres: Postgres) -> None:
     env = run_env(**{PASSWORD_ENV: postgres.reader_password})
     result = run_pipeline(

@@ -129,7 +129,11 @@ def test_manifest_is_self_describing(run_a: RunA) -> None:
     for name in ("litellm", "duckdb", "hydra-core"):
         assert packages.get(name) == metadata.version(name), (name, packages)
     assert m["environment"]["python"] == sys.version.split()[0]
-    assert m["inputs"] == {str(QUESTIONS_FILE): hashlib.sha256(QUESTIONS_FILE.read_bytes()).hexdigest()}
+    schema = ROOT / "data" / "math" / "answer_schema.json"
+    assert m["inputs"] == {
+        "data/math/questions.jsonl": hashlib.sha256(QUESTIONS_FILE.read_bytes()).hexdigest(),
+        "data/math/answer_schema.json": hashlib.sha256(schema.read_bytes()).hexdigest(),
+    }
     assert m["seed"] == 0
     assert (m["model"]["preset"], m["model"]["name"]) == ("fake", "openai/fake-teacher"), m["model"]
     overrides = m["invocations"][-1]["overrides"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def test_rebuild_views_creates_one_view_per_table(
     assert db.is_file()
     assert leftovers(run_dir) == []
 
-    monkeypatch.chdir(tmp_path)  # views use absolute paths: they work from any working directory
+    monkeypatch.chdir(tmp_path)  # views read the tables next to the database file, from any working directory
     with duckdb.connect(str(db), read_only=True) as view_con:
         views = view_names(view_con)
         assert views == ["questions", "responses"]
@@ -197,6 +198,32 @@ def test_rebuild_views_creates_one_view_per_table(
         views = view_names(view_con)
         assert views == ["questions", "responses", "validations"]
         assert view_con.execute("SELECT count(*) FROM validations").fetchone() == (1,)
+
+
+def test_a_moved_and_a_copied_run_folder_read_their_own_tables(
+    tmp_path: Path, con: duckdb.DuckDBPyConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = tmp_path / "built"
+    store = TableStore(built)
+    writer = StagedWriter(store)
+    writer.write_relation("questions", con.sql("SELECT range AS id FROM range(6)"))
+    writer.commit()
+    store.rebuild_views(built / "run.duckdb")
+    moved, copied = tmp_path / "moved", tmp_path / "elsewhere" / "copied"
+    copied.parent.mkdir()
+    subprocess.run(["mv", str(built), str(moved)], check=True)
+    subprocess.run(["cp", "-r", str(moved), str(copied)], check=True)
+    con.sql("SELECT range AS id FROM range(100, 103)").write_parquet(str(copied / "tables" / "questions.parquet"))
+
+    def ids(db: str) -> list[int]:
+        with duckdb.connect(db, read_only=True) as view_con:
+            return [row[0] for row in view_con.execute("SELECT id FROM questions ORDER BY id").fetchall()]
+
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither folder, nor the folder the views were built in
+    assert ids(str(moved / "run.duckdb")) == list(range(6)), "the moved folder reads its tables at their new place"
+    assert ids(str(copied / "run.duckdb")) == [100, 101, 102], "the copy reads its own tables, not the original's"
+    assert ids("copied/run.duckdb") == [100, 101, 102], "a relative path to the database works too"
+    assert ids(str(moved / "run.duckdb")) == list(range(6)), "and the original is untouched"
 
 
 def test_rebuild_views_with_no_tables(tmp_path: Path) -> None:

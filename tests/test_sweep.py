@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,9 @@ def test_parallel_sweep_completes_every_job(rate_limited_sweep: ParallelRun) -> 
     for job in result.job_dirs():
         rows = responses(job)
         assert len(rows) == PER_JOB and all(r["status"] == "ok" for r in rows), job
+        environment = json.loads((job / "manifest.json").read_text(encoding="utf-8"))["environment"]
+        assert environment["launcher"]["package"] == "hydra-joblib-launcher", environment["launcher"]
+        assert environment["packages"]["hydra-joblib-launcher"] == metadata.version("hydra-joblib-launcher")
     # One endpoint, one shared limiter state file.
     states = list((result.output_dir / ".cache" / "limits").glob("*.state"))
     assert len(states) == 1, states

@@ -225,6 +225,27 @@ def test_numeric_field_text_and_tolerance() -> None:
     assert score("numeric", {"answer": "none"}, "", "5") == 0.0
 
 
+def test_numeric_tolerance_is_absolute_unless_a_relative_one_is_set() -> None:
+    math_experiment = {"tolerance": 0.01}  # conf/experiment/math.yaml: rounded to cents, no relative slack
+    assert score("numeric", {"answer": 101}, "", "100", **math_experiment) == 0.0
+    assert score("numeric", {"answer": 1_460_000}, "", "1,450,000", **math_experiment) == 0.0
+    assert score("numeric", {"answer": 100.01}, "", "100", **math_experiment) == 1.0  # 0.0100000000000051 in floats
+    assert score("numeric", {"answer": 100.02}, "", "100", **math_experiment) == 0.0
+    assert score("numeric", {"answer": -0.005}, "", "0", **math_experiment) == 1.0
+    relative = {"tolerance": 0.0, "relative_tolerance": 0.01}
+    assert score("numeric", {"answer": 101}, "", "100", **relative) == 1.0
+    assert score("numeric", {"answer": 1_460_000}, "", "1450000", **relative) == 1.0
+    assert score("numeric", {"answer": 102}, "", "100", **relative) == 0.0
+    assert score("numeric", {"answer": 0.001}, "", "0", **relative) == 0.0  # 1 % of 0 is 0
+    assert score("numeric", {"answer": 0.001}, "", "0", tolerance=0.01, relative_tolerance=0.01) == 1.0  # either one
+
+
+@pytest.mark.parametrize("key", ["tolerance", "relative_tolerance"])
+def test_negative_tolerance_is_refused(key: str) -> None:
+    with pytest.raises(UserError, match=rf"validate\.{key}=-0\.1: must be 0 or more"):
+        build_scorer(ValidateConfig(scorer="numeric", **{key: -0.1}))
+
+
 def test_json_field() -> None:
     parsed = {"invoice": {"lines": [{"sku": "A1", "qty": 2}]}, "total": 10}
     assert score("json_field", parsed, "", '"A1"', answer_field="invoice.lines.0.sku") == 1.0
