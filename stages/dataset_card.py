@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ExportConfig
+from pipeline.config import MISSING, ExportConfig
 from stages.export_formats import FORMATS, features, file_name
 
 CARD_FILE = "README.md"
@@ -82,7 +82,7 @@ def header(d: CardData) -> dict[str, Any]:
     """The card's YAML metadata, in the Hub's field names."""
     configs, _ = hub_configs(d)
     card = d.export.card
-    tags = [*BASE_TAGS, *(m for m in dict.fromkeys(d.model_ids) if m not in BASE_TAGS)]
+    tags = [*BASE_TAGS, *(m for m in dict.fromkeys(d.model_ids) if m and m != MISSING and m not in BASE_TAGS)]
     return {
         "pretty_name": card.pretty_name or d.name,
         "license": card.license,

@@ -56,6 +56,9 @@ def check_options(cfg: ExportConfig) -> dict[str, float]:
     unknown = [f for f in cfg.formats if f not in FORMATS]
     if unknown or not cfg.formats:
         raise UserError(f"export.formats={list(cfg.formats)}: use one or more of {', '.join(FORMATS)}")
+    repeated = sorted({f for f in cfg.formats if list(cfg.formats).count(f) > 1})
+    if repeated:
+        raise UserError(f"export.formats={list(cfg.formats)} names {', '.join(repeated)} twice: list each format once")
     for key, value, allowed in (
         ("is_correct", is_correct_rule(cfg), IS_CORRECT),
         ("dedupe", cfg.dedupe, DEDUPE),

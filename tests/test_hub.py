@@ -22,6 +22,7 @@ from test_export import check_ok, exported, files_under, jsonl, many_questions
 from test_validate import run_stage
 
 from pipeline.config import Config, ExportConfig, PromptConfig, SplitConfig
+from pipeline.errors import UserError
 from pipeline.hub_record import HUB_RECORD, open_hub_view, read_repo_id, write_repo_id
 from stages import export
 from stages.dataset_card import hub_line, portable_command, with_hub_id
@@ -116,6 +117,12 @@ def test_a_tabular_default_makes_the_other_tabular_formats_configs(tmp_path: Pat
     assert "Not configs, because `datasets` reads one file type per dataset: openai_chat, csv" in card.text
     loaded = load(run_dir / "export", tmp_path)
     assert loaded["train"][0] == metrics["exported"] == 7
+
+
+def test_a_format_named_twice_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"names alpaca twice: list each format once$"):
+        exported(tmp_path, ExportConfig(formats=["openai_chat", "alpaca", "alpaca"]))
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def table_rows(text: str, first_header: str) -> list[str]:
