@@ -158,9 +158,10 @@ def _loading(d: CardData) -> list[str]:
         files = {f: {s: file_name(f, s) for s in d.splits} for f in others}
         out += [
             "",
-            f"Not configs, because `datasets` reads one file type per dataset: {', '.join(others)}; load them with "
+            f"Not configs, because `datasets` reads one file type per dataset: {', '.join(others)}. From this "
+            "folder: "
             + ", ".join(f'`load_dataset("{FORMATS[f].loader}", data_files={files[f]})`' for f in others)
-            + " from this folder.",
+            + ".",
         ]
     return out
 
