@@ -202,6 +202,15 @@ class SplitConfig:
 
 
 @dataclass
+class CardConfig:
+    """The Hub card's header fields that the run cannot know (the data's license and language)."""
+
+    license: str = "unknown"  # a Hub license id (apache-2.0, cc-by-4.0, ...); unknown until the user says
+    language: list[str] = field(default_factory=lambda: ["en"])
+    pretty_name: str | None = None  # None: the experiment's name
+
+
+@dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["openai_chat"])
     require_valid: bool = True
@@ -215,6 +224,7 @@ class ExportConfig:
     reasoning: str = "keep"  # keep | drop | think
     reasoning_field: str = "reasoning"
     split: SplitConfig = field(default_factory=SplitConfig)
+    card: CardConfig = field(default_factory=CardConfig)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from rich.console import Console
 from pipeline import exit_codes
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import UserError
+from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
@@ -56,9 +57,11 @@ from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
 
-# Append-only logs of a run folder a stage may declare in `Stage.logs`: name -> (relation, content digest).
+# Records that tools outside the pipeline add to a run folder (review labels, the Hub id `pipeline.publish`
+# records), which a stage may declare in `Stage.logs`: name -> (relation, content digest).
 RUN_LOGS: dict[str, Callable[[duckdb.DuckDBPyConnection, Path], tuple[duckdb.DuckDBPyRelation, str]]] = {
     "labels": open_label_view,
+    "hub": open_hub_view,
 }
 
 

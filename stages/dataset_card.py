@@ -1,15 +1,29 @@
 """The dataset card: what is in an export, how it was selected, what it cost, and how to make it again.
 
-Plain Markdown built only from the run's tables and config (no clock, no host names), so a rerun of the same
-folder writes the same bytes.
+`export/README.md`, the file the Hugging Face Hub shows: a YAML header the Hub and `datasets` read (configs
+with their data files and features, license, task, language, size, tags) over Markdown built only from the
+run's tables and config (no clock, no host names, no absolute paths), so a rerun of the same folder writes
+the same bytes. The Hub id appears once `pipeline.publish` has recorded it.
 """
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ExportConfig
+import yaml
+
+from pipeline.config import MISSING, ExportConfig
+from stages.export_formats import FORMATS, features, file_name
+
+CARD_FILE = "README.md"
+HUB_HEADING = "## Hugging Face Hub"
+HUB_URL = "https://huggingface.co/datasets/"
+BASE_TAGS = ("distillation", "synthetic", "distillery")
+TASKS = ("text-generation", "question-answering")
+SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
 
 
 @dataclass
@@ -33,6 +47,9 @@ class CardData:
     export: ExportConfig
     prompt_system: bool
     teacher: str
+    splits: list[str]  # the splits in use, in order
+    model_ids: list[str]  # the teacher's litellm id and its fallback presets: tags on the Hub
+    hub_repo_id: str | None = None  # recorded by pipeline.publish
 
 
 def _pct(part: Any, whole: Any) -> str:
@@ -49,7 +66,107 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def size_category(n: int) -> str:
+    return next((label for bound, label in SIZES if n < bound), "n>1M")
+
+
+def hub_configs(d: CardData) -> tuple[list[str], list[str]]:
+    """(configs, other formats): the first format is the default config; the others are configs when the
+    same `datasets` builder reads them (a dataset has one builder: a JSON config next to a CSV one fails)."""
+    loader = FORMATS[d.export.formats[0]].loader
+    configs = [f for f in d.export.formats if FORMATS[f].loader == loader]
+    return configs, [f for f in d.export.formats if f not in configs]
+
+
+def header(d: CardData) -> dict[str, Any]:
+    """The card's YAML metadata, in the Hub's field names."""
+    configs, _ = hub_configs(d)
+    card = d.export.card
+    tags = [*BASE_TAGS, *(m for m in dict.fromkeys(d.model_ids) if m and m != MISSING and m not in BASE_TAGS)]
+    return {
+        "pretty_name": card.pretty_name or d.name,
+        "license": card.license,
+        "language": list(card.language),
+        "task_categories": list(TASKS),
+        "size_categories": [size_category(d.exported)],
+        "tags": tags,
+        "configs": [
+            {
+                "config_name": fmt,
+                **({"default": True} if i == 0 else {}),
+                "data_files": [{"split": s, "path": file_name(fmt, s)} for s in d.splits],
+            }
+            for i, fmt in enumerate(configs)
+        ],
+        "dataset_info": [{"config_name": fmt, "features": features(fmt, d.export.include_system)} for fmt in configs],
+    }
+
+
+def hub_line(repo_id: str | None) -> str:
+    """The one line of the card that depends on the Hub id (`with_hub_id` swaps it after publishing)."""
+    if repo_id is None:
+        return (
+            "Not published yet: `python -m pipeline.publish RUN_DIR --repo-id ORG/NAME` uploads this folder "
+            "and records its id here."
+        )
+    return (
+        f'Published as [`{repo_id}`]({HUB_URL}{repo_id}): `load_dataset("{repo_id}")` loads the default '
+        f'config, `load_dataset("{repo_id}", CONFIG)` another.'
+    )
+
+
+def with_hub_id(card: str, repo_id: str) -> str:
+    """The card as the export stage renders it once `repo_id` is recorded (what `pipeline.publish` uploads)."""
+    lines = card.split("\n")
+    if HUB_HEADING not in lines:
+        raise ValueError(f"the card has no {HUB_HEADING!r} section")
+    lines[lines.index(HUB_HEADING) + 2] = hub_line(repo_id)
+    return "\n".join(lines)
+
+
+def portable_command(command: str, root_dir: str) -> str:
+    """The rerun command without where this machine keeps things: `paths.*` overrides dropped (they never
+    change the data), project paths made relative, other absolute paths cut to their file name."""
+    root = root_dir.rstrip("/") + "/"
+
+    def strip(match: re.Match[str]) -> str:
+        path = match.group(0)
+        return path[len(root) :] if path.startswith(root) else ".../" + path.rsplit("/", 1)[-1]
+
+    kept = [t for t in shlex.split(command) if not t.lstrip("+~").startswith("paths.")]
+    return shlex.join(re.sub(r"(?<![\w.])/[^\s,\[\]'\"]+", strip, t) for t in kept)
+
+
 def render_card(d: CardData) -> str:
+    head = yaml.safe_dump(header(d), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    return f"---\n{head}---\n\n{_body(d)}"
+
+
+def _loading(d: CardData) -> list[str]:
+    configs, others = hub_configs(d)
+    out = ["## Loading", ""]
+    out.append(
+        f'`datasets.load_dataset("path/to/export")` loads the default config, `{configs[0]}`, with its splits '
+        f"({', '.join(d.splits)})"
+        + (
+            f'; `load_dataset("path/to/export", CONFIG)` loads {", ".join(f"`{c}`" for c in configs[1:])}.'
+            if configs[1:]
+            else "."
+        )
+    )
+    if others:
+        files = {f: {s: file_name(f, s) for s in d.splits} for f in others}
+        out += [
+            "",
+            f"Not configs, because `datasets` reads one file type per dataset: {', '.join(others)}. From this "
+            "folder: "
+            + ", ".join(f'`load_dataset("{FORMATS[f].loader}", data_files={files[f]})`' for f in others)
+            + ".",
+        ]
+    return out
+
+
+def _body(d: CardData) -> str:
     q, cfg = d.quality, d.export
     out = [f"# Dataset card: {d.name}", ""]
     out += [
@@ -59,15 +176,22 @@ def render_card(d: CardData) -> str:
         "## Files",
         "",
     ]
-    splits = list(d.per_split) or ["train"]
-    out += _table(["file", "format"], [[f"`export/{f}`", f.rsplit(".", 1)[-1]] for f in d.files])
-    out += ["", *_table(["split", "examples"], [[s, d.per_split.get(s, 0)] for s in splits]), ""]
+    out += _table(["file", "format"], [[f"`{f}`", f.split("/", 1)[0]] for f in d.files])
+    out += ["", *_table(["split", "examples"], [[s, d.per_split.get(s, 0)] for s in d.splits]), ""]
     split = cfg.split
     out.append(
         f"Split: train {split.train}, validation {split.validation}, test {split.test} of the questions, "
         f"grouped by question_id (no question on two sides), seeded"
         + (", stratified by category." if split.stratify else ".")
     )
+    out += ["", *_loading(d), "", HUB_HEADING, "", hub_line(d.hub_repo_id), "", "## License", ""]
+    if cfg.card.license == "unknown":
+        out.append(
+            "Unknown: nobody has said yet. Check the teacher model's terms and your questions' license, then set "
+            "`export.card.license` (a Hub license id such as `apache-2.0` or `cc-by-4.0`)."
+        )
+    else:
+        out.append(f"`{cfg.card.license}` (`export.card.license`).")
     out += ["", "## Selection", "", "Answers kept after each filter, in order:", ""]
     out += _table(["step", "answers"], [[label, n] for label, n in d.steps])
     out += ["", "## Quality", ""]

@@ -1,4 +1,5 @@
-"""Export: the selected answers as fine-tuning files under `export/`, with a `dataset_card.md`.
+"""Export: the selected answers as fine-tuning files under `export/<format>/<split>.<ext>`, with the dataset card
+as `export/README.md`, so `datasets.load_dataset(export_dir)` and the Hugging Face Hub read the folder as is.
 
 Selection runs in DuckDB, one filter at a time so the card (and the warning on an empty export) can say how
 many answers each filter kept: final answers (after repair) → call succeeded → valid → matches golden →
@@ -27,7 +28,7 @@ from pipeline.config import Config, ExportConfig, as_plain
 from pipeline.errors import UserError
 from pipeline.prompts import compile_template
 from pipeline.stage_api import Stage, StageContext, StageResult
-from stages.dataset_card import CardData, render_card
+from stages.dataset_card import CARD_FILE, CardData, portable_command, render_card
 from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
 from stages.ingest import NORMALISED_QUESTION
 from stages.validate import extract_json
@@ -55,6 +56,9 @@ def check_options(cfg: ExportConfig) -> dict[str, float]:
     unknown = [f for f in cfg.formats if f not in FORMATS]
     if unknown or not cfg.formats:
         raise UserError(f"export.formats={list(cfg.formats)}: use one or more of {', '.join(FORMATS)}")
+    repeated = sorted({f for f in cfg.formats if list(cfg.formats).count(f) > 1})
+    if repeated:
+        raise UserError(f"export.formats={list(cfg.formats)} names {', '.join(repeated)} twice: list each format once")
     for key, value, allowed in (
         ("is_correct", is_correct_rule(cfg), IS_CORRECT),
         ("dedupe", cfg.dedupe, DEDUPE),
@@ -260,17 +264,14 @@ class Written:
 
 def _write(ctx: StageContext, fractions: dict[str, float], student: Student) -> tuple[Written, list[str]]:
     cfg = ctx.cfg.export
-    named_splits = len(fractions) > 1 or "train" not in fractions
-    files: dict[tuple[str, str], str] = {
-        (fmt, split): file_name(fmt, split if named_splits else None) for fmt in cfg.formats for split in fractions
-    }
+    files = {(fmt, split): file_name(fmt, split) for fmt in cfg.formats for split in fractions}
     written = Written()
     order = "CASE split WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END"
     rows = ctx.con.sql(f"SELECT * FROM export_selected ORDER BY {order}, question_id, sample_index, round, response_id")
     with contextlib.ExitStack() as stack:
         writers: dict[tuple[str, str], FormatWriter] = {}
         for (fmt, split), name in files.items():
-            opener: Callable[[str], Any] = ctx.writer.open_binary if FORMATS[fmt][2] else ctx.writer.open_file
+            opener: Callable[[str], Any] = ctx.writer.open_binary if FORMATS[fmt].binary else ctx.writer.open_file
             writers[(fmt, split)] = make_writer(fmt, stack.enter_context(opener(name)), cfg.include_system)
         for batch in rows.to_arrow_reader(2048):
             for row in batch.to_pylist():
@@ -320,8 +321,18 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[dict[str, Any]]:
     return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
 
 
-def _card_data(ctx: StageContext, sel: Selection, written: Written, files: list[str], has_repairs: bool) -> CardData:
+def _hub_repo_id(ctx: StageContext) -> str | None:
+    if "hub" not in ctx.inputs:  # run outside the runner (e.g. a test): never published
+        return None
+    rows = ctx.inputs["hub"].fetchall()
+    return str(rows[0][0]) if rows else None
+
+
+def _card_data(
+    ctx: StageContext, sel: Selection, written: Written, files: list[str], has_repairs: bool, splits: list[str]
+) -> CardData:
     con = ctx.con
+    rerun = ctx.texts.get("rerun")
     quality = _rows(
         con,
         """
@@ -357,7 +368,7 @@ def _card_data(ctx: StageContext, sel: Selection, written: Written, files: list[
     return CardData(
         name=ctx.cfg.name,
         config_hash=config_hash(ctx.cfg),
-        rerun=ctx.texts.get("rerun"),
+        rerun=portable_command(rerun, ctx.cfg.paths.root_dir) if rerun else None,
         steps=sel.steps,
         empty=written.empty,
         exported=written.total,
@@ -377,6 +388,9 @@ def _card_data(ctx: StageContext, sel: Selection, written: Written, files: list[
             [f"preset {ctx.cfg.model.preset} (`{ctx.cfg.model.name}`)"]
             + ([f"with fallbacks {', '.join(ctx.cfg.model.fallbacks)}"] if ctx.cfg.model.fallbacks else [])
         ),
+        splits=splits,
+        model_ids=[ctx.cfg.model.name, *ctx.cfg.model.fallbacks],
+        hub_repo_id=_hub_repo_id(ctx),
     )
 
 
@@ -389,8 +403,8 @@ def run(ctx: StageContext) -> StageResult:
     written, files = _write(ctx, fractions, student)
     steps = [*sel.steps, ("non-empty turns after rendering", written.total)]
     sel.steps = steps
-    with ctx.writer.open_file("dataset_card.md") as out:
-        out.write(render_card(_card_data(ctx, sel, written, files, has_repairs)))
+    with ctx.writer.open_file(CARD_FILE) as out:
+        out.write(render_card(_card_data(ctx, sel, written, files, has_repairs, list(fractions))))
     if written.total == 0:
         ctx.log.warning(
             "export selected 0 answers; kept at each filter: %s", "; ".join(f"{label}: {n}" for label, n in steps)
@@ -413,5 +427,5 @@ STAGE = Stage(
     config_sections=CONFIG_SECTIONS,  # the card records a hash of all of them
     files_dir="export",
     optional_inputs=("repairs",),
-    logs=("labels",),
+    logs=("labels", "hub"),
 )

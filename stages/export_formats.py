@@ -150,20 +150,48 @@ class ParquetFile(FormatWriter):
         self.writer.close()
 
 
-# format -> (file stem, extension, binary)
-FORMATS: dict[str, tuple[str, str, bool]] = {
-    "openai_chat": ("openai_chat", "jsonl", False),
-    "alpaca": ("alpaca", "json", False),
-    "sharegpt": ("sharegpt", "jsonl", False),
-    "csv": ("dataset", "csv", False),
-    "json": ("dataset", "json", False),
-    "parquet": ("dataset", "parquet", True),
+@dataclass(frozen=True)
+class Format:
+    """Where a format's files go and which Hugging Face `datasets` builder reads them."""
+
+    extension: str
+    binary: bool
+    loader: str  # datasets' packaged builder: one per dataset, so only formats sharing it can be configs
+
+
+FORMATS: dict[str, Format] = {
+    "openai_chat": Format("jsonl", False, "json"),
+    "alpaca": Format("json", False, "json"),
+    "sharegpt": Format("jsonl", False, "json"),
+    "csv": Format("csv", False, "csv"),
+    "json": Format("json", False, "json"),
+    "parquet": Format("parquet", True, "parquet"),
 }
 
 
-def file_name(fmt: str, split: str | None) -> str:
-    stem, ext, _ = FORMATS[fmt]
-    return f"{stem}.{split}.{ext}" if split else f"{stem}.{ext}"
+def file_name(fmt: str, split: str) -> str:
+    """`<format>/<split>.<ext>`: the files of one format together, one file per split (the Hub's layout)."""
+    return f"{fmt}/{split}.{FORMATS[fmt].extension}"
+
+
+_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.bool_(): "bool", pa.float64(): "float64"}
+
+
+def _string_list(name: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {"name": name, "list": [{"name": key, "dtype": "string"} for key in keys]}
+
+
+def features(fmt: str, with_system: bool) -> list[dict[str, Any]]:
+    """A format's columns as the Hub card's `dataset_info.features`, so `datasets` loads the same types every
+    time (a column that is empty in one split would otherwise come out as null there)."""
+    if fmt == "openai_chat":
+        return [_string_list("messages", ("role", "content"))]
+    if fmt == "sharegpt":
+        return [_string_list("conversations", ("from", "value"))]
+    if fmt == "alpaca":
+        names = ("instruction", "input", "output", *(("system",) if with_system else ()))
+        return [{"name": name, "dtype": "string"} for name in names]
+    return [{"name": f.name, "dtype": _DTYPES[f.type]} for f in TABULAR]
 
 
 def make_writer(fmt: str, out: Any, with_system: bool) -> FormatWriter:

@@ -80,7 +80,7 @@ def read_table(run_dir: Path, name: str) -> pa.Table:
 
 
 def export_lines(run_dir: Path) -> list[dict[str, Any]]:
-    text = (run_dir / "export" / "openai_chat.jsonl").read_text(encoding="utf-8")
+    text = (run_dir / "export" / "openai_chat" / "train.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -257,15 +257,17 @@ def test_forced_export_alone_reruns_only_export(tmp_path: Path) -> None:
     first = check_ok(run_math(run_dir, f"ingest.limit={LIMIT}"))
     manifest_before = first.manifest
     tables_before = snapshot(run_dir, "tables", "journal")
-    export_before = (run_dir / "export" / "openai_chat.jsonl").read_bytes()
-    (run_dir / "export" / "openai_chat.jsonl").write_text("tampered\n")
+    export_before = (run_dir / "export" / "openai_chat" / "train.jsonl").read_bytes()
+    (run_dir / "export" / "openai_chat" / "train.jsonl").write_text("tampered\n")
 
     second = check_ok(run_math(run_dir, f"ingest.limit={LIMIT}", "pipeline.stages=[export]", "pipeline.force=[export]"))
 
     actions = stage_actions(second)
     assert actions["export"] == "ran"
     assert all(actions.get(name) != "ran" for name in ("ingest", "generate", "validate")), actions
-    assert (run_dir / "export" / "openai_chat.jsonl").read_bytes() == export_before, "export is rewritten the same"
+    assert (run_dir / "export" / "openai_chat" / "train.jsonl").read_bytes() == export_before, (
+        "export is rewritten the same"
+    )
     assert snapshot(run_dir, "tables", "journal") == tables_before
     assert fingerprints(second.manifest) == fingerprints(manifest_before)
     assert second.manifest["stages"]["export"]["started_at"] >= manifest_before["stages"]["export"]["started_at"]

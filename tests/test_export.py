@@ -1,5 +1,6 @@
 """Export: formats, what the student sees, selection with its counts, seeded grouped splits, deterministic
-bytes, the dataset card; the chat JSONL checked as OpenAI documents and loaded with Hugging Face `datasets`."""
+bytes, the dataset card (export/README.md); the chat JSONL checked as OpenAI documents and loaded with Hugging
+Face `datasets` (tests/test_hub.py loads the whole folder)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ SCHEMA = json.dumps(
     }
 )
 ALL_FORMATS = ["openai_chat", "alpaca", "sharegpt", "csv", "json", "parquet"]
+CHAT = Path("export", "openai_chat", "train.jsonl")  # the default format's file when the split is train only
 
 
 def answer(value: float, reasoning: str = "worked it out") -> str:
@@ -91,11 +93,15 @@ def exported(
     return run_dir, result.metrics
 
 
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
 def jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def ids_of(run_dir: Path, name: str = "dataset.csv") -> list[str]:
+def ids_of(run_dir: Path, name: str = "csv/train.csv") -> list[str]:
     with open(run_dir / "export" / name, encoding="utf-8", newline="") as fh:
         return [row["response_id"] for row in csv.DictReader(fh)]
 
@@ -156,7 +162,7 @@ def test_default_selection_and_its_counts(tmp_path: Path) -> None:
     labels = [("q1s0", False, "alice"), ("q3s0", True, "bob")]
     run_dir, metrics = exported(tmp_path, ExportConfig(formats=["openai_chat", "csv"]), labels=labels)
     assert ids_of(run_dir) == ["q1s1", "q2s1", "q3s0", "q3s1", "q4s1", "q5s0"]
-    assert len(jsonl(run_dir / "export" / "openai_chat.jsonl")) == 6
+    assert len(jsonl(run_dir / CHAT)) == 6
     assert [(s["step"], s["kept"]) for s in metrics["selection"]] == [
         ("final answers (one per sample, after repair)", 9),
         ("call succeeded", 8),
@@ -164,7 +170,7 @@ def test_default_selection_and_its_counts(tmp_path: Path) -> None:
         ("not marked incorrect (export.is_correct=not_false)", 6),
         ("non-empty turns after rendering", 6),
     ]
-    assert metrics["exported"] == 6 and metrics["files"] == ["openai_chat.jsonl", "dataset.csv"]
+    assert metrics["exported"] == 6 and metrics["files"] == ["openai_chat/train.jsonl", "csv/train.csv"]
 
 
 MATCH = "matches the golden answer (export.require_match)"
@@ -219,22 +225,22 @@ def test_best_sample_prefers_valid_then_golden_then_not_incorrect(tmp_path: Path
 def test_every_format_at_once(tmp_path: Path) -> None:
     run_dir, metrics = exported(tmp_path, ExportConfig(formats=ALL_FORMATS), prompt=PromptConfig(system="Add."))
     out = run_dir / "export"
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert files_under(out) == sorted(
         [
-            "openai_chat.jsonl",
-            "alpaca.json",
-            "sharegpt.jsonl",
-            "dataset.csv",
-            "dataset.json",
-            "dataset.parquet",
-            "dataset_card.md",
+            "openai_chat/train.jsonl",
+            "alpaca/train.json",
+            "sharegpt/train.jsonl",
+            "csv/train.csv",
+            "json/train.json",
+            "parquet/train.parquet",
+            "README.md",
         ]
     )
-    chat = jsonl(out / "openai_chat.jsonl")
-    alpaca = json.loads((out / "alpaca.json").read_text())
-    sharegpt = jsonl(out / "sharegpt.jsonl")
-    table = json.loads((out / "dataset.json").read_text())
-    parquet = pq.read_table(out / "dataset.parquet").to_pylist()
+    chat = jsonl(out / "openai_chat" / "train.jsonl")
+    alpaca = json.loads((out / "alpaca" / "train.json").read_text())
+    sharegpt = jsonl(out / "sharegpt" / "train.jsonl")
+    table = json.loads((out / "json" / "train.json").read_text())
+    parquet = pq.read_table(out / "parquet" / "train.parquet").to_pylist()
     ids = ids_of(run_dir)
     assert (
         len(chat) == len(alpaca) == len(sharegpt) == len(table) == len(parquet) == len(ids) == metrics["exported"] == 7
@@ -261,7 +267,7 @@ def test_every_format_at_once(tmp_path: Path) -> None:
 
 def test_chat_jsonl_passes_openai_checks(tmp_path: Path) -> None:
     run_dir, _ = exported(tmp_path, ExportConfig(is_correct="any"), prompt=PromptConfig(system="You add numbers."))
-    examples = jsonl(run_dir / "export" / "openai_chat.jsonl")
+    examples = jsonl(run_dir / CHAT)
     assert examples and openai_format_errors(examples) == {}
     assert openai_format_errors([{"messages": [{"role": "user", "content": ""}], "extra": 1}]) == {
         "example_unrecognized_key": 1,
@@ -278,7 +284,7 @@ def test_student_sees_no_few_shot_or_schema_instructions(tmp_path: Path) -> None
         schema_in_system=True,
     )
     run_dir, _ = exported(tmp_path, prompt=prompt)
-    first = jsonl(run_dir / "export" / "openai_chat.jsonl")[0]["messages"]
+    first = jsonl(run_dir / CHAT)[0]["messages"]
     assert first == [
         {"role": "system", "content": "You are a tutor for a."},
         {"role": "user", "content": "Solve: What is 1 + 1?"},
@@ -292,20 +298,18 @@ def test_student_and_assistant_templates_and_reasoning(tmp_path: Path) -> None:
         student_template="{{ question }} ({{ category }})",
         assistant_template="The answer is {{ parsed.answer }}.",
     )
-    lines = jsonl(
-        exported(tmp_path / "t", cfg, prompt=PromptConfig(system="ignored"))[0] / "export" / "openai_chat.jsonl"
-    )
+    lines = jsonl(exported(tmp_path / "t", cfg, prompt=PromptConfig(system="ignored"))[0] / CHAT)
     assert lines[0]["messages"] == [
         {"role": "user", "content": "What is 1 + 1? (a)"},
         {"role": "assistant", "content": "The answer is 2."},
     ]
-    dropped = jsonl(exported(tmp_path / "d", ExportConfig(reasoning="drop"))[0] / "export" / "openai_chat.jsonl")
+    dropped = jsonl(exported(tmp_path / "d", ExportConfig(reasoning="drop"))[0] / CHAT)
     assert [json.loads(line["messages"][-1]["content"]) for line in dropped][:3] == [
         {"answer": 2},
         {"answer": 3},
         {"answer": 4},
     ]
-    think = jsonl(exported(tmp_path / "k", ExportConfig(reasoning="think"))[0] / "export" / "openai_chat.jsonl")
+    think = jsonl(exported(tmp_path / "k", ExportConfig(reasoning="think"))[0] / CHAT)
     assert think[2]["messages"][-1]["content"] == f"<think>\n2 and 2 make 4\n</think>\n\n{answer(4)}"
     assert think[0]["messages"][-1]["content"] == answer(2), "no reasoning trace: the answer alone"
 
@@ -329,7 +333,7 @@ def many_questions(n: int = 40) -> dict[str, Any]:
 
 
 def split_of(run_dir: Path, split: str) -> list[dict[str, Any]]:
-    with open(run_dir / "export" / f"dataset.{split}.csv", encoding="utf-8", newline="") as fh:
+    with open(run_dir / "export" / "csv" / f"{split}.csv", encoding="utf-8", newline="") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -342,10 +346,10 @@ def test_split_is_grouped_seeded_and_exact(tmp_path: Path) -> None:
     assert [len(q) for q in questions.values()] == [20, 10, 10]
     assert not (questions["train"] & questions["validation"] or questions["train"] & questions["test"])
     assert all(r["split"] == s for s, rows in sides.items() for r in rows)
-    assert sorted(p.name for p in (run_dir / "export").glob("openai_chat.*")) == [
-        "openai_chat.test.jsonl",
-        "openai_chat.train.jsonl",
-        "openai_chat.validation.jsonl",
+    assert sorted(p.name for p in (run_dir / "export" / "openai_chat").iterdir()) == [
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
     ]
     again, _ = exported(tmp_path / "b", cfg, tables=many_questions())
     assert {r["question_id"] for r in split_of(again, "test")} == questions["test"], "same seed, same split"
@@ -367,15 +371,15 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
     cfg = ExportConfig(formats=ALL_FORMATS, split=SplitConfig(train=0.75, validation=0.25))
     first, _ = exported(tmp_path / "a", cfg, tables=many_questions())
     second, _ = exported(tmp_path / "b", cfg, tables=many_questions())
-    files = sorted(p.name for p in (first / "export").iterdir())
-    assert files == sorted(p.name for p in (second / "export").iterdir())
+    files = files_under(first / "export")
+    assert files == files_under(second / "export") and len(files) == 6 * 2 + 1
     for name in files:
         assert (first / "export" / name).read_bytes() == (second / "export" / name).read_bytes(), name
 
 
 def test_dataset_card(tmp_path: Path) -> None:
     run_dir, _ = exported(tmp_path, labels=[("q1s0", False, "alice"), ("q3s0", True, "bob")])
-    card = (run_dir / "export" / "dataset_card.md").read_text()
+    card = (run_dir / "export" / "README.md").read_text()
     for expected in (
         "| valid (export.require_valid) | 7 |",
         "| not marked incorrect (export.is_correct=not_false) | 6 |",
@@ -418,9 +422,9 @@ def test_zero_selected_rows_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
         in caplog.text
     )
     assert "marked correct (export.is_correct=true): 0" in caplog.text
-    assert (run_dir / "export" / "openai_chat.jsonl").read_text() == ""
-    assert json.loads((run_dir / "export" / "alpaca.json").read_text()) == []
-    assert pq.read_table(run_dir / "export" / "dataset.parquet").num_rows == 0
+    assert (run_dir / CHAT).read_text() == ""
+    assert json.loads((run_dir / "export" / "alpaca" / "train.json").read_text()) == []
+    assert pq.read_table(run_dir / "export" / "parquet" / "train.parquet").num_rows == 0
 
 
 @pytest.mark.parametrize(
@@ -476,32 +480,30 @@ def test_e2e_files_load_with_hugging_face_datasets(e2e: dict[str, RunResult], tm
     out = e2e["first"].run_dir / "export"
     splits = e2e["first"].manifest["stages"]["export"]["metrics"]["splits"]
     assert splits == {"train": 16, "validation": 4}
-    chat = {s: str(out / f"openai_chat.{s}.jsonl") for s in splits}
+    chat = {s: str(out / "openai_chat" / f"{s}.jsonl") for s in splits}
     loaded = load_with_datasets(chat, tmp_path)
     assert {s: loaded[s][0] for s in splits} == splits
     assert loaded["train"][1] == ["messages"]
     assert [m["role"] for m in loaded["train"][2]["messages"]] == ["system", "user", "assistant"]
     for path in chat.values():
         assert openai_format_errors(jsonl(Path(path))) == {}
-    parquet = load_with_datasets({s: str(out / f"dataset.{s}.parquet") for s in splits}, tmp_path, "parquet")
+    parquet = load_with_datasets({s: str(out / "parquet" / f"{s}.parquet") for s in splits}, tmp_path, "parquet")
     assert {s: parquet[s][0] for s in splits} == splits
 
 
 @pytest.mark.slow
 def test_e2e_same_command_same_bytes_and_card(e2e: dict[str, RunResult]) -> None:
     a, b = (e2e[k].run_dir / "export" for k in ("first", "second"))
-    names = sorted(p.name for p in a.iterdir())
-    assert len(names) == 6 * 2 + 1
-    for name in names:
-        if name != "dataset_card.md":  # the two runs were given different paths.output_dir overrides
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    card_a, card_b = (p.joinpath("dataset_card.md").read_text() for p in (a, b))
-    assert card_a.replace(str(e2e["first"].run_dir.parent), "X") == card_b.replace(
-        str(e2e["second"].run_dir.parent), "X"
-    )
+    names = files_under(a)
+    assert len(names) == 6 * 2 + 1 and names == files_under(b)
+    for name in names:  # the card too: the runs' different paths.output_dir overrides are not in it
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    card_a = (a / "README.md").read_text()
+    assert str(e2e["first"].run_dir.parent) not in card_a and str(ROOT) not in card_a, "no absolute paths"
     manifest = e2e["first"].manifest
     command = manifest["rerun"].rsplit(" hydra.run.dir=", 1)[0]  # the manifest's command, minus its folder
-    assert command in card_a and "hydra.run.dir" not in card_a
+    portable = " ".join(word for word in command.split() if not word.startswith("paths."))
+    assert portable in card_a and "hydra.run.dir" not in card_a and "paths." not in card_a
     for expected in (
         "| final answers (one per sample, after repair) | 20 |",
         "| valid (export.require_valid) | 20 |",

@@ -151,7 +151,7 @@ def test_extract_experiment_runs_end_to_end(tmp_path: Path) -> None:
     assert {r["document_id"] for r in chunks} == set(documents)
     assert max(int(str(r["chunk_count"])) for r in chunks) > 1, "the incident report spans several chunks"
     assert manifest["stages"]["validate"]["metrics"]["valid"] == len(chunks)
-    lines = (result.run_dir / "export" / "openai_chat.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (result.run_dir / "export" / "openai_chat" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(chunks)
     schema = json.loads((ROOT / "data" / "extract" / "schema.json").read_text(encoding="utf-8"))
     answer = json.loads(json.loads(lines[0])["messages"][-1]["content"])

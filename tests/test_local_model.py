@@ -44,7 +44,7 @@ def test_math_on_the_embedded_model(tmp_path: Path) -> None:
     validations = pq.read_table(first.run_dir / "tables" / "validations.parquet").to_pylist()
     assert len(validations) == 6
     assert sum(v["is_valid"] for v in validations) / len(validations) >= 0.8  # grammar-constrained JSON
-    lines = (first.run_dir / "export" / "openai_chat.jsonl").read_text().splitlines()
+    lines = (first.run_dir / "export" / "openai_chat" / "train.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)
     assert (first.run_dir / "llama_server.log").is_file()
     assert _holders(first.run_dir / "llama_server.log") == []  # no server left behind

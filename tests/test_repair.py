@@ -165,13 +165,13 @@ def test_validate_reports_first_pass_and_after_repair(repaired: dict[str, Any]) 
     assert (metrics["valid_pct_first_pass"], metrics["valid_pct"], metrics["validations"]) == (0.0, 100.0, 7)
     finals = [v for v in table(run_dir, "validations") if v["is_final"]]
     assert len(finals) == 3 and all(v["is_valid"] and v["round"] >= 1 for v in finals)
-    lines = (run_dir / "export" / "openai_chat.jsonl").read_text().splitlines()
+    lines = (run_dir / "export" / "openai_chat" / "train.jsonl").read_text().splitlines()
     answers = {json.loads(line)["messages"][-1]["content"] for line in lines}
     repaired_contents = {
         r["content"] for r in table(run_dir, "repairs") if r["response_id"] in {v["response_id"] for v in finals}
     }
     assert len(lines) == 3 and answers == repaired_contents
-    card = (run_dir / "export" / "dataset_card.md").read_text()
+    card = (run_dir / "export" / "README.md").read_text()
     assert "| valid at first pass | 0 of 3 (0.0%) |" in card
     assert "| valid after repair | 3 of 3 (100.0%) |" in card
 
@@ -207,5 +207,5 @@ def test_repair_gives_up_after_max_rounds_and_export_warns(tmp_path: Path, fake_
     assert manifest["stages"]["export"]["metrics"]["exported"] == 0
     output = result.stdout + result.stderr
     assert "export selected 0 answers" in output and "valid (export.require_valid): 0" in output
-    assert (tmp_path / "run" / "export" / "openai_chat.jsonl").read_text() == ""
-    assert "| valid (export.require_valid) | 0 |" in (tmp_path / "run" / "export" / "dataset_card.md").read_text()
+    assert (tmp_path / "run" / "export" / "openai_chat" / "train.jsonl").read_text() == ""
+    assert "| valid (export.require_valid) | 0 |" in (tmp_path / "run" / "export" / "README.md").read_text()

@@ -115,7 +115,7 @@ def test_rerun_command_rebuilds_identical_tables_and_exports(run_a: RunA) -> Non
 
     files_a, files_b = tree(a.run_dir, "tables", "export"), tree(b_dir, "tables", "export")
     assert sorted(files_a) == sorted(files_b)
-    assert {"tables/questions.parquet", "tables/responses.parquet", "export/openai_chat.jsonl"} <= set(files_a)
+    assert {"tables/questions.parquet", "tables/responses.parquet", "export/openai_chat/train.jsonl"} <= set(files_a)
     differing = {name: _first_difference(files_a[name], files_b[name]) for name in files_a}
     differing = {name: diff for name, diff in differing.items() if diff}
     assert not differing, f"not byte-identical between A and B: {differing}"

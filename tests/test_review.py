@@ -331,7 +331,7 @@ def check_ok(result: RunResult) -> RunResult:
 
 
 def exported_count(run_dir: Path) -> int:
-    return len((run_dir / "export" / "openai_chat.jsonl").read_text().splitlines())
+    return len((run_dir / "export" / "openai_chat" / "train.jsonl").read_text().splitlines())
 
 
 @pytest.mark.slow
@@ -356,13 +356,10 @@ def test_new_labels_reach_the_export_with_stages_export(tmp_path: Path) -> None:
         k: v["fingerprint"] for k, v in first["stages"].items() if k != "export"
     }
     assert exported_count(run_dir) == 4
-    lines = (run_dir / "export" / "openai_chat.jsonl").read_text()
+    lines = (run_dir / "export" / "openai_chat" / "train.jsonl").read_text()
     questions = {r["response_id"]: r["question"] for r in rows}
     assert all(json.dumps(questions[rid])[1:-1] not in lines for rid in marked)
-    assert (
-        "| reviewed | 2 (0 correct, 2 incorrect, 1 reviewer(s)) |"
-        in (run_dir / "export" / "dataset_card.md").read_text()
-    )
+    assert "| reviewed | 2 (0 correct, 2 incorrect, 1 reviewer(s)) |" in (run_dir / "export" / "README.md").read_text()
 
     third = check_ok(run_pipeline(run_dir, *base))  # the whole pipeline again: labels survive, nothing reruns
     assert third.manifest["stages"]["export"]["fingerprint"] == manifest["stages"]["export"]["fingerprint"]

@@ -124,7 +124,7 @@ def test_two_sequential_jobs_in_one_process(tmp_path: Path) -> None:
         assert "failure" not in manifest, manifest.get("failure")
         assert {name: manifest["stages"][name]["status"] for name in STAGES} == dict.fromkeys(STAGES, "done")
         assert manifest["totals"]["calls"] + manifest["totals"]["cache_hits"] == 10
-        export = job / "export" / "openai_chat.jsonl"
+        export = job / "export" / "openai_chat" / "train.jsonl"
         lines = export.read_text(encoding="utf-8").splitlines()
         assert len(lines) == 10, f"{export}: {len(lines)} lines"
         assert all(json.loads(line)["messages"] for line in lines)
