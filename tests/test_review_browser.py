@@ -258,7 +258,7 @@ def test_two_reviewers_label_at_once(run_dir: Path, new_page: Any) -> None:
 
 @pytest.mark.slow
 def test_export_afterwards_honours_the_labels(run_dir: Path, new_page: Any) -> None:
-    chat = run_dir / "export" / "openai_chat.jsonl"
+    chat = run_dir / "export" / "openai_chat" / "train.jsonl"
     before = chat.read_text().splitlines()
     assert len(before) == 5, "the valid answers"
     with review_server(run_dir) as server:
@@ -278,7 +278,7 @@ def test_export_afterwards_honours_the_labels(run_dir: Path, new_page: Any) -> N
     assert not any(json.dumps(question)[1:-1] in line for line in after)
     assert (
         "| reviewed | 1 (0 correct, 1 incorrect, 1 reviewer(s)) |"
-        in (run_dir / "export" / "dataset_card.md").read_text()
+        in (run_dir / "export" / "README.md").read_text()
     )
 
 
