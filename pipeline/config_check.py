@@ -187,6 +187,7 @@ _TYPES = {"integer": "an integer", "float": "a number", "boolean": "true or fals
 _VALUE = re.compile(r"[Vv]alue '(.*?)'")
 _CONVERT = re.compile(r"could not be converted to (\w+)|is not a valid (bool)")
 _EXPECTED = re.compile(r"expected one of \[(.*?)\]")
+_SOURCE = re.compile(r"^In '([^']+)': ")  # Hydra's prefix for an error inside a config file
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -218,6 +219,9 @@ def one_line(exc: BaseException) -> str:
         text = str(omega)
         value = _VALUE.search(text)
         shown = override or (f"{key}={value.group(1)}" if value else key)
+        source = next((m.group(1) for e in chain if (m := _SOURCE.match(str(e)))), None)
+        if override is None and source:
+            shown = f"{shown} (in {source}.yaml)"
         expected = _EXPECTED.search(text)
         if expected:
             allowed = [a.strip() for a in expected.group(1).split(",")]
