@@ -140,12 +140,19 @@ def check(cfg: DictConfig) -> None:
         raise UserError(problem)
 
 
+def sweep_arguments(config: DictConfig) -> list[str]:
+    """A sweep's arguments as Hydra's basic sweeper takes them: `hydra.sweeper.params` (an experiment's grid),
+    then the command line's overrides."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{key}={value}" for key, value in params.items()] + [str(o) for o in config.hydra.overrides.task]
+
+
 def _job_overrides(config: DictConfig) -> list[list[str]]:
     """Each job's overrides of a sweep, the way Hydra's basic sweeper expands them."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     loader = GlobalHydra.instance().config_loader()
-    overrides = OverridesParser.create(config_loader=loader).parse_overrides(list(config.hydra.overrides.task))
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(sweep_arguments(config))
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
+from pipeline.config_check import sweep_arguments
 from pipeline.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,11 @@ def swept_keys(sweep_dir: Path) -> list[str]:
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         return []
-    task = OmegaConf.load(path).hydra.overrides.task
-    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
-    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+    config = OmegaConf.load(path)
+    assert isinstance(config, DictConfig)
+    parsed = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys(keys))  # a key swept by the experiment and again on the command line: once
 
 
 def _sql_path(path: Path) -> str:

@@ -67,8 +67,10 @@ class SweepResult:
         return json.loads((self.sweep_dir / str(job) / "manifest.json").read_text(encoding="utf-8"))
 
 
-def run_sweep(tmp: Path, *overrides: str, timeout: float = 180, sweep: str = "sweep") -> SweepResult:
-    """`python run.py -m +experiment=math ...` into `tmp/<sweep>`, with the shared cache under `tmp/outputs`.
+def run_sweep(
+    tmp: Path, *overrides: str, timeout: float = 180, sweep: str = "sweep", experiment: str = "math"
+) -> SweepResult:
+    """`python run.py -m +experiment=<experiment> ...` into `tmp/<sweep>`, the shared cache in `tmp/outputs`.
 
     Runs on `model=fake` (the project's fake server) unless the overrides pick a model."""
     sweep_dir, output_dir = tmp / sweep, tmp / "outputs"
@@ -77,7 +79,7 @@ def run_sweep(tmp: Path, *overrides: str, timeout: float = 180, sweep: str = "sw
         sys.executable,
         str(ROOT / "run.py"),
         "-m",
-        "+experiment=math",
+        f"+experiment={experiment}",
         *model,
         *overrides,
         f"hydra.sweep.dir={sweep_dir}",
@@ -209,6 +211,18 @@ def test_swept_values_are_plain_in_their_columns(tmp_path: Path) -> None:
     assert "\\" in rows[0]["overrides"], "Hydra's own record is escaped: this test checks the unescaping"
     header = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8").splitlines()[0]
     assert header.startswith("| job | prompt.system | status |"), header
+
+
+@pytest.mark.slow
+def test_an_experiment_grid_gets_its_columns(tmp_path: Path) -> None:
+    """math_sweep sweeps through `hydra.sweeper.params`, not the command line: those keys are columns too."""
+    result = run_sweep(tmp_path, "ingest.limit=3", experiment="math_sweep")
+    assert result.returncode == 0, result.tail()
+    rows = result.summary()
+    assert [(r["generate.temperature"], r["generate.samples"]) for r in rows] == [
+        ("0.0", "1"), ("0.0", "2"), ("0.7", "1"), ("0.7", "2")
+    ]  # fmt: skip
+    assert [r["calls"] for r in rows] == [3, 6, 3, 6]
 
 
 def test_wilson_interval() -> None:
