@@ -92,7 +92,7 @@ def _run(job: _Job, hydra_context: HydraContext, config: DictConfig, task_functi
 class ProcessPerJobLauncher(Launcher):
     """A Hydra launcher with joblib's `n_jobs` (-1: one job per core) running each job in its own process."""
 
-    def __init__(self, n_jobs: int = -1, **_ignored: Any) -> None:
+    def __init__(self, n_jobs: int = -1) -> None:
         self.n_jobs = n_jobs
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
