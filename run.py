@@ -1,22 +1,21 @@
 """Entry point: `python run.py +experiment=math`. Composes the Hydra config and hands it to the runner."""
 
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.config_check import accepted, refuse
 from pipeline.config_store import register
-from pipeline.exit_codes import USAGE, exit_code_for_hydra_failure
+from pipeline.exit_codes import USAGE
 from pipeline.secrets import password_in_arguments
 
 register()
-_job_started = False
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    global _job_started
-    _job_started = True
     from pipeline.runner import run_job  # imported here so --help and --cfg stay fast
 
     run_job(cfg)
@@ -31,7 +30,10 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(USAGE)
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose: we print it as one line
     try:
         main()
-    except SystemExit as exc:
-        sys.exit(exit_code_for_hydra_failure(exc.code, _job_started))
+    except Exception as exc:
+        if accepted():
+            raise  # the config was fine: a failure of the job itself keeps its traceback
+        refuse(exc)

@@ -1,13 +1,17 @@
 """Typed schemas for every config group.
 
 Plain dataclasses with no Hydra import, so stages can take them as arguments without depending on Hydra.
-`pipeline.config_store` registers them in Hydra's ConfigStore; composing a YAML key or a command-line
-override that is not declared here then fails with Hydra's message naming the key.
+`pipeline.config_store` registers them in Hydra's ConfigStore, and `pipeline.config_check` refuses any key
+not declared here (with or without `+`) and any value outside a fixed set before a stage runs. A key with
+a fixed set of values is a `StrEnum` (equal to its plain string, so stage code may compare with text); one
+whose YAML spelling cannot be an Enum name (`export.is_correct=true` is a bool to Hydra) lists its values
+in the field's `choices` metadata instead. `dict` fields (`ingest.columns`, `ingest.xml.fields`) stay open.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out to keep Hydra out of stages
@@ -17,10 +21,95 @@ MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out 
 STAGE_ORDER = ("ingest", "generate", "repair", "validate", "export")
 
 
+def choices(*values: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata for a text key with a fixed set of values that cannot be an Enum (see the docstring)."""
+    return {"choices": values}
+
+
+class StageName(StrEnum):
+    ingest = "ingest"
+    generate = "generate"
+    repair = "repair"
+    validate = "validate"
+    export = "export"
+
+
+class InputFormat(StrEnum):
+    csv = "csv"
+    tsv = "tsv"
+    json = "json"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    xml = "xml"
+    sqlite = "sqlite"
+    sql = "sql"
+    documents = "documents"
+
+
+class IngestDedupe(StrEnum):
+    json_id = "json_id"
+    question = "question"
+    none = "none"
+
+
+class OnDuplicate(StrEnum):
+    error = "error"
+    keep_first = "keep_first"
+
+
+class ChunkUnit(StrEnum):
+    chars = "chars"
+    tokens = "tokens"
+
+
+class Served(StrEnum):
+    fake = "fake"
+    llama_cpp = "llama_cpp"
+
+
+class ResponseFormat(StrEnum):
+    json_schema = "json_schema"
+    json_object_schema = "json_object_schema"
+    json_object = "json_object"
+    none = "none"
+
+
+class Transport(StrEnum):
+    litellm = "litellm"
+    direct = "direct"
+
+
+class CacheMode(StrEnum):
+    on = "on"
+    read_only = "read_only"
+    off = "off"
+
+
+class ExportFormat(StrEnum):
+    openai_chat = "openai_chat"
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+class ExportDedupe(StrEnum):
+    none = "none"
+    answer = "answer"
+    question = "question"
+
+
+class Reasoning(StrEnum):
+    keep = "keep"
+    drop = "drop"
+    think = "think"
+
+
 @dataclass
 class PipelineConfig:
-    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
-    force: list[str] = field(default_factory=list)
+    stages: list[StageName] = field(default_factory=lambda: [StageName(s) for s in STAGE_ORDER])
+    force: list[StageName] = field(default_factory=list)
 
 
 @dataclass
@@ -63,7 +152,7 @@ class SqlOptions:
 
 @dataclass
 class DocumentsOptions:
-    unit: str = "chars"  # chars | tokens
+    unit: ChunkUnit = ChunkUnit.chars
     chunk_size: int = 2000
     chunk_overlap: int = 200
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])
@@ -71,7 +160,7 @@ class DocumentsOptions:
 
 @dataclass
 class IngestConfig:
-    format: str = "jsonl"
+    format: InputFormat = InputFormat.jsonl
     path: Any = MISSING  # a file, a glob, or a list of them (None for format=sql)
     encoding: str = "utf-8"
     csv: CsvOptions = field(default_factory=CsvOptions)
@@ -86,8 +175,8 @@ class IngestConfig:
     categories: list[str] | None = None
     limit: int | None = None
     sample: int | None = None
-    dedupe: str = "json_id"  # json_id | question | none
-    on_duplicate: str = "error"  # error | keep_first
+    dedupe: IngestDedupe = IngestDedupe.json_id
+    on_duplicate: OnDuplicate = OnDuplicate.error
 
 
 @dataclass
@@ -130,12 +219,12 @@ class ModelConfig:
     name: str = MISSING
     api_base: str | None = None
     api_key_env: str | None = None
-    serve: str | None = None
+    serve: Served | None = None
     identity: str | None = None
-    response_format: str = "json_schema"
+    response_format: ResponseFormat = ResponseFormat.json_schema
     max_tokens: int | None = None
     timeout_s: float = 60.0
-    transport: str = "litellm"
+    transport: Transport = Transport.litellm
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     fallbacks: list[str] = field(default_factory=list)
@@ -168,7 +257,7 @@ class GenerateConfig:
     fail_fast_after: int = 20
     fail_on_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
     fail_on_empty: bool = True
-    cache: str = "on"
+    cache: CacheMode = CacheMode.on
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
@@ -176,7 +265,9 @@ class GenerateConfig:
 
 @dataclass
 class ValidateConfig:
-    scorer: Any = "numeric"  # exact | normalized_text | numeric | json_field | none | {_target_: module.function, ...}
+    scorer: Any = field(  # or {_target_: module.function, ...}
+        default="numeric", metadata=choices("exact", "normalized_text", "numeric", "json_field", "none")
+    )
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
     tolerance: float = 1e-6  # numeric: absolute difference still counted as a match
     relative_tolerance: float | None = None  # numeric: also a match within this fraction of the golden (None: off)
@@ -212,16 +303,16 @@ class CardConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["openai_chat"])
+    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.openai_chat])
     require_valid: bool = True
     require_match: bool = False
-    is_correct: str = "not_false"  # any | not_false | true
+    is_correct: str = field(default="not_false", metadata=choices("any", "not_false", "true"))
     best_per_question: bool = False
-    dedupe: str = "none"  # none | answer | question
+    dedupe: ExportDedupe = ExportDedupe.none
     include_system: bool = True
     student_template: str | None = None
     assistant_template: str | None = None
-    reasoning: str = "keep"  # keep | drop | think
+    reasoning: Reasoning = Reasoning.keep
     reasoning_field: str = "reasoning"
     split: SplitConfig = field(default_factory=SplitConfig)
     card: CardConfig = field(default_factory=CardConfig)

@@ -7,15 +7,21 @@ stages can use the dataclasses without importing Hydra.
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
 from pipeline.config import Config
+from pipeline.sweep_launcher import LauncherConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    # `hydra/launcher=joblib` runs each job in a process of its own (pipeline.sweep_launcher). Hydra's plugin
+    # scan (once per process) registers the joblib plugin's node: scan now, then replace that node with ours.
+    Plugins.instance()
+    ConfigStore.instance().store(group="hydra/launcher", name="joblib", node=LauncherConf, provider="distillery")
     # `${project_root:}`: where conf/ and the shipped data live, whatever the working directory.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))

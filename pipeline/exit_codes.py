@@ -4,10 +4,3 @@ OK = 0
 FAILED = 1  # a bug or an unexpected failure: the traceback is in run.log
 USAGE = 2  # bad config, input or environment: one line says what to fix
 INTERRUPTED = 130  # Ctrl+C: finished work is kept, a rerun resumes
-
-
-def exit_code_for_hydra_failure(code: object, job_started: bool) -> object:
-    """Hydra exits 1 for a config it cannot compose; that is a usage error (2) for our users."""
-    if code == FAILED and not job_started:
-        return USAGE
-    return code

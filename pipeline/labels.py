@@ -30,7 +30,7 @@ LABEL_COLUMNS: dict[str, str] = {
     "note": "VARCHAR",
     "created_at": "VARCHAR",  # UTC, ISO 8601 with microseconds: sorts as text
     "source": "VARCHAR",  # tui | sheet:<file name>
-    "action": "VARCHAR",  # label | undo
+    "action": "VARCHAR",  # label | undo | note (the note changed, the value kept)
 }
 VIEW_COLUMNS = ("response_id", "is_correct", "reviewer", "note", "labeled_at")
 

@@ -1,109 +1,190 @@
 """The sweep leaderboard: at the end of a multirun, one table and one chart comparing every job.
 
-Built from the jobs' manifests (a failed job records its error there and returns normally, because
-Hydra 1.3's basic sweeper skips `on_multirun_end` when a job raises), so a failed job shows up in the
-table with its error and never hides the others. The sweep still exits non-zero when a job failed.
+Built from the job folders (a failed job records its error in its manifest and returns normally, because
+Hydra 1.3's basic sweeper skips `on_multirun_end` when a job raises; a job whose process died gets its cause
+written there by `pipeline.sweep_launcher`), so a failed job shows up with its error and never hides the
+others. The sweep exits 1 when a job failed, whatever the launcher.
+
+Each swept key gets a column with its plain value. The figures compare settings by what the setting costs:
+calls, tokens and cost are those of every answer in the job's tables (`responses` and `repairs`, an answer
+served from the cache with the cost its call had), whichever invocation made them; the `run_*` columns are
+what this invocation spent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
+from pipeline.config_check import sweep_arguments
 from pipeline.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "job",
-    "overrides",
-    "status",
-    "error",
-    "model",
-    "valid_pct",
-    "accuracy_pct",
-    "cost_usd",
-    "calls",
-    "cache_hits",
-    "tokens",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "seconds",
-)
-SCHEMA = pa.schema(
-    [
-        ("job", pa.string()),
-        ("overrides", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("model", pa.string()),
-        ("valid_pct", pa.float64()),
-        ("accuracy_pct", pa.float64()),
-        ("cost_usd", pa.float64()),
-        ("calls", pa.int64()),
-        ("cache_hits", pa.int64()),
-        ("tokens", pa.int64()),
-        ("latency_p50_ms", pa.float64()),
-        ("latency_p95_ms", pa.float64()),
-        ("seconds", pa.float64()),
-    ]
-)
+FIELDS: dict[str, pa.DataType] = {
+    "status": pa.string(),
+    "error": pa.string(),
+    "model": pa.string(),
+    "questions": pa.int64(),
+    "valid_pct": pa.float64(),
+    "accuracy_pct": pa.float64(),
+    "accuracy_low_pct": pa.float64(),  # Wilson 95 % interval of accuracy_pct over the scored answers
+    "accuracy_high_pct": pa.float64(),
+    "scored": pa.int64(),
+    "calls": pa.int64(),  # answers in the job's tables (cumulative over invocations, cache hits included)
+    "tokens": pa.int64(),
+    "cost_usd": pa.float64(),  # what those answers cost (null: a price is unknown)
+    "latency_p50_ms": pa.float64(),
+    "latency_p95_ms": pa.float64(),
+    "run_calls": pa.int64(),  # calls this invocation paid for
+    "run_cache_hits": pa.int64(),
+    "run_cost_usd": pa.float64(),
+    "run_seconds": pa.float64(),
+    "overrides": pa.string(),
+}
+Z95 = 1.959964  # two-sided 95 % normal quantile
 
 
-def _latency(run_dir: Path) -> tuple[float | None, float | None]:
-    responses = run_dir / "tables" / "responses.parquet"
-    if not responses.is_file():
-        return None, None
+def wilson(successes: int, n: int) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a proportion, in percent (None without observations)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denominator
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denominator
+    return round(100 * max(0.0, centre - half), 2), round(100 * min(1.0, centre + half), 2)
+
+
+def _plain(value: Any) -> str:
+    """An override's value as the user means it: no Hydra escapes, lists as JSON."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """`key=value` overrides -> {key: plain value} (`+experiment=math` -> experiment: math)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group: _plain(o.value()) for o in parsed if not o.is_sweep_override()}
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys the sweep varies, in command-line order, from Hydra's `multirun.yaml`."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return []
+    config = OmegaConf.load(path)
+    assert isinstance(config, DictConfig)
+    parsed = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    return list(dict.fromkeys(keys))  # a key swept by the experiment and again on the command line: once
+
+
+def _sql_path(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _answers(run_dir: Path) -> dict[str, Any]:
+    """Cumulative figures of a job folder's answer tables (responses, and repairs when the stage ran)."""
+    tables = [run_dir / "tables" / f"{name}.parquet" for name in ("responses", "repairs")]
+    present = [t for t in tables if t.is_file()]
+    empty = dict.fromkeys(("calls", "tokens", "cost_usd", "latency_p50_ms", "latency_p95_ms"))
+    if not present:
+        return empty
+    files = "[" + ", ".join(_sql_path(t) for t in present) + "]"
     con = duckdb.connect()
     try:
-        rows = con.execute(
-            "SELECT quantile_cont(latency_ms, 0.5), quantile_cont(latency_ms, 0.95) "
-            f"FROM read_parquet('{str(responses).replace(chr(39), chr(39) * 2)}') WHERE status = 'ok'"
-        ).fetchall()
+        row = con.execute(
+            f"""
+            SELECT count(*), sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)),
+                   CASE WHEN count(*) FILTER (WHERE status = 'ok' AND cost_usd IS NULL) > 0 THEN NULL
+                        ELSE coalesce(sum(cost_usd), 0) END,
+                   quantile_cont(latency_ms, 0.5) FILTER (WHERE status = 'ok'),
+                   quantile_cont(latency_ms, 0.95) FILTER (WHERE status = 'ok')
+            FROM read_parquet({files}, union_by_name = true)
+            """
+        ).fetchone()
     finally:
         con.close()
-    p50, p95 = rows[0] if rows else (None, None)
-    return (round(p50, 1) if p50 is not None else None), (round(p95, 1) if p95 is not None else None)
+    assert row is not None
+    calls, tokens, cost, p50, p95 = row
+    return {
+        "calls": calls,
+        "tokens": int(tokens or 0),
+        "cost_usd": cost,
+        "latency_p50_ms": round(p50, 1) if p50 is not None else None,
+        "latency_p95_ms": round(p95, 1) if p95 is not None else None,
+    }
 
 
-def job_row(manifest_path: Path) -> dict[str, Any]:
+def _job_overrides(run_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    invocations = manifest.get("invocations") or []
+    if invocations:
+        return [str(o) for o in invocations[-1].get("overrides", [])]
+    hydra_overrides = run_dir / ".hydra" / "overrides.yaml"  # a job that died before writing its manifest
+    return [str(o) for o in OmegaConf.load(hydra_overrides)] if hydra_overrides.is_file() else []
+
+
+def job_row(manifest_path: Path, keys: list[str] | None = None) -> dict[str, Any]:
     run_dir = manifest_path.parent
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     stages = manifest.get("stages", {})
     validate = stages.get("validate", {}).get("metrics", {})
     totals = manifest.get("totals", {})
     failure = manifest.get("failure")
-    p50, p95 = _latency(run_dir)
-    invocations = manifest.get("invocations") or [{}]
-    return {
-        "job": run_dir.name,
-        "overrides": " ".join(invocations[-1].get("overrides", [])),
-        "status": "failed" if failure else "ok",
-        "error": failure,
-        "model": manifest.get("model", {}).get("preset"),
-        "valid_pct": validate.get("valid_pct"),
-        "accuracy_pct": validate.get("accuracy_pct"),
-        "cost_usd": totals.get("cost_usd"),
-        "calls": totals.get("calls"),
-        "cache_hits": totals.get("cache_hits"),
-        "tokens": (totals.get("prompt_tokens") or 0) + (totals.get("completion_tokens") or 0) if totals else None,
-        "latency_p50_ms": p50,
-        "latency_p95_ms": p95,
-        "seconds": totals.get("seconds"),
-    }
+    overrides = _job_overrides(run_dir, manifest)
+    values = parse_overrides(overrides)
+    interval = wilson(validate.get("matches_golden") or 0, validate.get("scored") or 0)
+    row: dict[str, Any] = {"job": run_dir.name}
+    row.update({key: values.get(key) for key in keys or [] if key not in FIELDS and key != "job"})
+    row.update(
+        {
+            "status": "failed" if failure else "ok",
+            "error": failure,
+            "model": manifest.get("model", {}).get("preset") or values.get("model"),
+            "questions": stages.get("ingest", {}).get("rows", {}).get("questions"),
+            "valid_pct": validate.get("valid_pct"),
+            "accuracy_pct": validate.get("accuracy_pct"),
+            "accuracy_low_pct": interval[0] if interval and validate.get("accuracy_pct") is not None else None,
+            "accuracy_high_pct": interval[1] if interval and validate.get("accuracy_pct") is not None else None,
+            "scored": validate.get("scored"),
+            **_answers(run_dir),
+            "run_calls": totals.get("calls"),
+            "run_cache_hits": totals.get("cache_hits"),
+            "run_cost_usd": totals.get("cost_usd"),
+            "run_seconds": totals.get("seconds"),
+            "overrides": " ".join(overrides),
+        }
+    )
+    return row
 
 
-def _markdown(rows: list[dict[str, Any]]) -> str:
+def _schema(keys: list[str]) -> pa.Schema:
+    swept = [(k, pa.string()) for k in keys if k not in FIELDS and k != "job"]
+    return pa.schema([("job", pa.string()), *swept, *FIELDS.items()])
+
+
+def _markdown(rows: list[dict[str, Any]], schema: pa.Schema) -> str:
+    columns = schema.names
+
     def cell(value: Any) -> str:
         if value is None:
             return "-"
@@ -111,55 +192,35 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
         return str(value).replace("|", "\\|").replace("\n", " ")
 
-    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return header + "".join("| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |\n" for r in rows)
-
-
-def _chart(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render straight to a file
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['job']}: {' '.join(o) or '(defaults)'}" for r, o in zip(rows, _varying(rows), strict=True)]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 1.4 + 0.45 * len(rows)), sharey=True)
-    panels = (
-        ("valid_pct", "valid %"),
-        ("accuracy_pct", "accuracy vs golden %"),
-        ("cost_usd", "cost (USD)"),
-        ("latency_p95_ms", "p95 latency (ms)"),
-    )
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        values = [r[key] or 0.0 for r in rows]
-        colors = ["tab:red" if r["status"] == "failed" else "tab:blue" for r in rows]
-        ax.barh(range(len(rows)), values, color=colors)
-        ax.set_title(title)
-    axes[0].invert_yaxis()  # the axes share y: invert once, job 0 on top
-    axes[0].set_yticks(range(len(rows)), labels=labels, fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _varying(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Each job's overrides without those every job shares: what the sweep actually varies."""
-    split = [str(r["overrides"] or "").split() for r in rows]
-    common = set.intersection(*(set(o) for o in split)) if split else set()
-    return [[o for o in overrides if o not in common] for overrides in split]
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return header + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = [job_row(p) for p in sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))]
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    keys = swept_keys(sweep_dir)
+    manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    rows = [job_row(p, keys) for p in manifests]
+    schema = _schema(keys)
+    table = pa.Table.from_pylist(rows, schema=schema)
     tmp = sweep_dir / ".sweep_summary.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(sweep_dir / "sweep_summary.parquet")
-    atomic_write_text(sweep_dir / "sweep_summary.md", _markdown(rows))
+    atomic_write_text(sweep_dir / "sweep_summary.md", _markdown(rows, schema))
     if rows:
-        _chart(rows, sweep_dir / "sweep_summary.png")
+        from pipeline.sweep_chart import draw
+
+        name = next((json.loads(p.read_text()).get("name") for p in manifests), None) or sweep_dir.parent.parent.name
+        draw(rows, keys, sweep_dir / "sweep_summary.png", title=_title(name, rows))
     return rows
+
+
+def _title(name: str, rows: list[dict[str, Any]]) -> str:
+    counts = sorted({r["questions"] for r in rows if r["questions"] is not None})
+    if not counts:
+        questions = "no questions read"
+    else:
+        questions = f"{counts[0]} questions" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} questions"
+    return f"sweep {name}: {len(rows)} jobs, {questions}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
 
 
 def _job_order(name: str) -> tuple[int, str]:
@@ -172,7 +233,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
-        print(_markdown(rows), flush=True)
+        print(_markdown(rows, _schema(swept_keys(sweep_dir))), flush=True)
         print(f"sweep summary: {sweep_dir / 'sweep_summary.md'} (+ .parquet, .png)", flush=True)
         failed = [r["job"] for r in rows if r["status"] == "failed"]
         if failed:

@@ -74,8 +74,9 @@ def hub_configs(d: CardData) -> tuple[list[str], list[str]]:
     """(configs, other formats): the first format is the default config; the others are configs when the
     same `datasets` builder reads them (a dataset has one builder: a JSON config next to a CSV one fails)."""
     loader = FORMATS[d.export.formats[0]].loader
-    configs = [f for f in d.export.formats if FORMATS[f].loader == loader]
-    return configs, [f for f in d.export.formats if f not in configs]
+    formats = [str(f) for f in d.export.formats]
+    configs = [f for f in formats if FORMATS[f].loader == loader]
+    return configs, [f for f in formats if f not in configs]
 
 
 def header(d: CardData) -> dict[str, Any]:

@@ -209,8 +209,7 @@ def test_typo_inside_yaml_is_a_usage_error(tmp_path: Path) -> None:
     with open(conf / "generate" / "default.yaml", "a", encoding="utf-8") as fh:
         fh.write("tempreture: 0.5  # a typo\n")
     done = run_py("--config-path", str(conf), "+experiment=math", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_usage_error(done, "tempreture")
-    assert "generate" in done.stderr
+    assert_usage_error(done, "generate.tempreture", "generate/default.yaml", "did you mean generate.temperature?")
     assert not (tmp_path / "run").exists()
 
 
@@ -233,3 +232,124 @@ def test_help_and_cfg_are_fast_and_skip_litellm(args: tuple[str, ...]) -> None:
         assert cfg.validate.scorer == "numeric"
     else:
         assert "experiment" in done.stdout or "model" in done.stdout
+
+
+# -- every config mistake: one line naming the key, the value and the closest valid ones, exit 2 -----------
+
+MISTAKES = [
+    # (override, what the line must name: the key, the bad value, the suggestion)
+    ("generate.concurency=5", ("generate.concurency", "5", "did you mean model.limits.concurrency?")),
+    ("+generate.concurency=5", ("generate.concurency", "5", "did you mean model.limits.concurrency?")),
+    ("+generate.temprature=0.5", ("generate.temprature", "0.5", "did you mean generate.temperature?")),
+    ("+model.limits.concurrrency=3", ("model.limits.concurrrency", "did you mean model.limits.concurrency?")),
+    ("+foo=1", ("foo=1", "no such key", "--cfg job")),
+    ("+experiment=mathh", ("+experiment=mathh", "did you mean math?", "extract")),
+    ("+experiment=nope", ("+experiment=nope", "math_sweep")),
+    ("model=fak", ("model=fak", "did you mean fake?", "openai_gpt4o_mini")),
+    ("generate.temperature=abc", ("generate.temperature", "abc", "a number")),
+    ("ingest.limit=ten", ("ingest.limit", "ten", "an integer")),
+    ("generate.use_schema=maybe", ("generate.use_schema", "maybe", "true or false")),
+    ("export.dedupe=answr", ("export.dedupe", "answr", "did you mean answer?")),
+    ("export.reasoning=kep", ("export.reasoning", "kep", "did you mean keep?")),
+    ("export.is_correct=tru", ("export.is_correct", "tru", "did you mean true?")),
+    ("export.formats=[openai_chat,alpacca]", ("export.formats", "alpacca", "did you mean alpaca?")),
+    ("generate.cache=of", ("generate.cache", "did you mean off?")),
+    ("model.transport=drect", ("model.transport", "drect", "did you mean direct?")),
+    ("model.response_format=json", ("model.response_format", "json_schema")),
+    ("ingest.dedupe=questions", ("ingest.dedupe", "did you mean question?")),
+    ("ingest.on_duplicate=keep", ("ingest.on_duplicate", "keep_first")),
+    ("ingest.format=csvv", ("ingest.format", "did you mean csv")),
+    ("ingest.documents.unit=token", ("ingest.documents.unit", "did you mean tokens?")),
+    ("validate.scorer=numerc", ("validate.scorer", "did you mean numeric?")),
+    ("pipeline.stages=[ingest,exprt]", ("pipeline.stages", "exprt", "did you mean export?")),
+    ("pipeline.force=[valdate]", ("pipeline.force", "did you mean validate?")),
+]
+
+
+def assert_one_line(done: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Exit 2 and exactly one line on the terminal, naming everything in `names`; no Hydra block."""
+    assert_usage_error(done, *names)
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    assert len(lines) == 1, f"{len(lines)} lines:\n{done.stderr}{done.stdout}"
+    assert lines[0].startswith("error: ")
+    assert "HYDRA_FULL_ERROR" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(("override", "names"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_each_mistake_is_one_line_before_anything_is_written(
+    tmp_path: Path, override: str, names: tuple[str, ...]
+) -> None:
+    run_dir = tmp_path / "run"
+    done = run_py("+experiment=math", "model=fake", override, f"hydra.run.dir={run_dir}")
+    assert_one_line(done, *names)
+    assert not run_dir.exists(), "nothing is written for a config that is refused"
+
+
+SWEPT_MISTAKES = [
+    # the bad value is in the last job only: still refused before the first job starts
+    ("export.dedupe=none,answr", ("export.dedupe=answr", "did you mean answer?")),
+    ("+generate.concurency=5,6", ("generate.concurency=5", "did you mean model.limits.concurrency?")),
+    ("model=fake,fak", ("model=fak", "did you mean fake?")),
+    ("generate.temperature=0,abc", ("generate.temperature=abc", "a number")),
+]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize(("override", "names"), SWEPT_MISTAKES, ids=[m[0] for m in SWEPT_MISTAKES])
+def test_a_mistake_in_any_job_of_a_sweep_is_refused_before_the_first_job(
+    tmp_path: Path, override: str, names: tuple[str, ...], launcher: str
+) -> None:
+    sweep_dir = tmp_path / "sweep"
+    done = run_py(
+        "-m",
+        "+experiment=math",
+        f"hydra/launcher={launcher}",
+        "generate.dry_run=true",
+        override,
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.output_dir={tmp_path / 'outputs'}",
+    )
+    assert_one_line(done, *names)
+    assert not sweep_dir.exists(), "no sweep folder (and no job) for a refused sweep"
+
+
+def test_open_keys_stay_open_and_choices_ignore_case(hydra_conf: None) -> None:
+    """`ingest.columns.*` and `ingest.xml.fields.*` take any key; `export.is_correct=true` (a bool to Hydra)
+    is a valid choice; declared keys added with `+` are fine, undeclared ones are refused."""
+    from pipeline.config_check import check
+    from pipeline.errors import UserError
+
+    def composed(*overrides: str) -> DictConfig:
+        cfg = compose(config_name="config", overrides=list(overrides))
+        check(cfg)
+        return cfg
+
+    cfg = composed("+ingest.columns.difficulty=level", "+ingest.xml.fields.level=@level", "export.is_correct=true")
+    assert cfg.ingest.columns.difficulty == "level"
+    composed("validate.scorer={_target_: my_scorers.contains}")
+    typo = r"^ingest\.csv\.delimeter=x: no such key; did you mean ingest\.csv\.delimiter\?$"
+    with pytest.raises(UserError, match=typo):
+        composed("+ingest.csv.delimeter=x")
+    with pytest.raises(UserError, match=r"^export\.is_correct=maybe: not one of any, not_false, true$"):
+        composed("export.is_correct=maybe")
+
+
+def test_fixed_choices_are_enums_equal_to_their_text(hydra_conf: None) -> None:
+    cfg = compose_typed(["+experiment=math", "export.dedupe=answer", "generate.cache=read_only"])
+    from enum import StrEnum
+
+    for value in (cfg.export.dedupe, cfg.generate.cache, cfg.ingest.format, cfg.model.transport, cfg.export.formats[0]):
+        assert isinstance(value, StrEnum)
+    assert cfg.export.dedupe == "answer" and cfg.generate.cache == "read_only" and f"{cfg.ingest.format}" == "jsonl"
+
+
+def test_did_you_mean_prefers_the_leaf_across_sections() -> None:
+    from pipeline.config_check import closest, schema_keys
+
+    keys = schema_keys()
+    assert "model.limits.concurrency" in keys and "export.split.stratify" in keys and "model.limits" in keys
+    assert closest("generate.concurency", keys) == ["model.limits.concurrency"]
+    assert closest("generate.temprature", keys) == ["generate.temperature"]
+    assert closest("export.formts", keys) == ["export.formats"]
+    assert closest("zzz", keys) == []

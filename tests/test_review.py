@@ -294,6 +294,82 @@ def test_tui_keys_correct_incorrect_skip_undo_quit(run_dir: Path) -> None:
     ]
 
 
+def records(run_dir: Path) -> list[tuple[str, bool | None, str | None, str]]:
+    """Every label line written, in order: (response_id, is_correct, note, action)."""
+    lines = [json.loads(line) for p in labels_folder(run_dir).glob("*.jsonl") for line in p.read_text().splitlines()]
+    ordered = sorted(lines, key=lambda r: r["created_at"])
+    return [(r["response_id"], r["is_correct"], r["note"], r["action"]) for r in ordered]
+
+
+def type_note(child: pexpect.spawn, text: str) -> None:
+    child.send("n")
+    child.expect("note \\(Enter to keep\\)")
+    child.sendline(text)
+    child.expect("saved when you leave it")
+
+
+def test_tui_a_note_is_saved_by_any_key_that_leaves_the_answer(run_dir: Path) -> None:
+    child = spawn(run_dir)
+    child.expect("answer 1/9")
+    type_note(child, "skipped with a note")
+    child.send("s")  # skip: the note is kept although nothing was labelled
+    child.expect("answer 2/9")
+    child.send("c")
+    child.expect("answer 3/9")
+    child.send("b")  # back to answer 2: its label and nothing else
+    child.expect("answer 2/9")
+    child.expect(r"label (?:\x1b\[[0-9;]*m)*correct")  # the value is styled
+    type_note(child, "right, but verbose")
+    child.send("g")
+    child.expect("go to answer \\(1-9\\)")
+    child.sendline("7")
+    child.expect("answer 7/9")
+    child.send("g")
+    child.sendline("12")
+    child.expect("no answer '12': give a number from 1 to 9")
+    child.send("b")
+    child.expect("answer 6/9")
+    type_note(child, "look again")
+    child.send("q")  # quitting leaves the answer too
+    child.expect("labelled 1 answer")
+    finish(child)
+    assert records(run_dir) == [
+        ("q1s0", None, "skipped with a note", "note"),
+        ("q1s1", True, None, "label"),
+        ("q1s1", True, "right, but verbose", "note"),
+        ("q3s1", None, "look again", "note"),
+    ]
+    labels = view(run_dir)
+    assert (labels["q1s1"]["is_correct"], labels["q1s1"]["note"]) == (True, "right, but verbose")
+    child = spawn(run_dir)  # the notes are on screen when the answers come back
+    child.expect("answer 1/9")
+    child.expect("note: skipped with a note")
+    child.send("g")
+    child.sendline("6")
+    child.expect("answer 6/9")
+    child.expect("note: look again")
+    child.send("q")
+    finish(child)
+
+
+def test_tui_undo_after_a_note_takes_back_the_last_decision(run_dir: Path) -> None:
+    child = spawn(run_dir)
+    child.expect("answer 1/9")
+    child.send("i")
+    child.expect("answer 2/9")
+    type_note(child, "kept")
+    child.send("u")  # leaves answer 2 (its note is saved), undoes the label of answer 1
+    child.expect("answer 1/9")
+    child.expect("undone")
+    child.send("q")
+    finish(child)
+    assert records(run_dir) == [
+        ("q1s0", False, None, "label"),
+        ("q1s1", None, "kept", "note"),
+        ("q1s0", None, None, "undo"),
+    ]
+
+
 def test_tui_filters_and_resume_where_left(run_dir: Path) -> None:
     child = spawn(run_dir, "--invalid")
     child.expect("answer 1/2")

@@ -276,10 +276,7 @@ def test_export_afterwards_honours_the_labels(run_dir: Path, new_page: Any) -> N
     after = chat.read_text().splitlines()
     assert len(after) == 4
     assert not any(json.dumps(question)[1:-1] in line for line in after)
-    assert (
-        "| reviewed | 1 (0 correct, 1 incorrect, 1 reviewer(s)) |"
-        in (run_dir / "export" / "README.md").read_text()
-    )
+    assert "| reviewed | 1 (0 correct, 1 incorrect, 1 reviewer(s)) |" in (run_dir / "export" / "README.md").read_text()
 
 
 def test_answer_view_screenshot_is_not_blank(run_dir: Path, new_page: Any, tmp_path: Path) -> None:

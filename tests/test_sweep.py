@@ -68,17 +68,19 @@ class SweepResult:
         return json.loads((self.sweep_dir / str(job) / "manifest.json").read_text(encoding="utf-8"))
 
 
-def run_sweep(tmp: Path, *overrides: str, timeout: float = 180) -> SweepResult:
-    """`python run.py -m +experiment=math ...` into `tmp/sweep`, with the shared cache under `tmp/outputs`.
+def run_sweep(
+    tmp: Path, *overrides: str, timeout: float = 180, sweep: str = "sweep", experiment: str = "math"
+) -> SweepResult:
+    """`python run.py -m +experiment=<experiment> ...` into `tmp/<sweep>`, the shared cache in `tmp/outputs`.
 
     Runs on `model=fake` (the project's fake server) unless the overrides pick a model."""
-    sweep_dir, output_dir = tmp / "sweep", tmp / "outputs"
+    sweep_dir, output_dir = tmp / sweep, tmp / "outputs"
     model = [] if any(o.startswith("model=") for o in overrides) else [FAKE_MODEL]  # not the slow embedded LLM
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
         "-m",
-        "+experiment=math",
+        f"+experiment={experiment}",
         *model,
         *overrides,
         f"hydra.sweep.dir={sweep_dir}",
@@ -136,16 +138,22 @@ def test_two_sequential_jobs_in_one_process(tmp_path: Path) -> None:
     assert all(r["error"] is None for r in rows)
     assert all(r["valid_pct"] is not None and r["accuracy_pct"] is not None for r in rows)
     assert "generate.temperature=0.7" in rows[1]["overrides"]
+    assert [r["generate.temperature"] for r in rows] == ["0", "0.7"], "one column per swept key, plain values"
+    assert [r["calls"] for r in rows] == [10, 10], "every answer of the job's tables, cache hits included"
+    assert all(r["accuracy_low_pct"] <= r["accuracy_pct"] <= r["accuracy_high_pct"] for r in rows)
     markdown = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8")
     assert markdown.count("\n| 0 |") == 1 and markdown.count("\n| 1 |") == 1, markdown
     png = (result.sweep_dir / "sweep_summary.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
 
 
-def test_a_failed_job_does_not_hide_the_others(tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_failed_job_does_not_hide_the_others(tmp_path: Path, launcher: str) -> None:
     missing = "/nonexistent.jsonl"
-    result = run_sweep(tmp_path, f"ingest.path={missing},{QUESTIONS_FILE}", "ingest.limit=10")
-    assert result.returncode != 0, result.tail()
+    result = run_sweep(
+        tmp_path, f"hydra/launcher={launcher}", f"ingest.path={missing},{QUESTIONS_FILE}", "ingest.limit=10"
+    )
+    assert result.returncode == 1, f"a failed job makes the sweep exit 1 with every launcher\n{result.tail()}"
     assert "Traceback" not in result.output, result.tail()
 
     rows = result.summary()
@@ -158,13 +166,136 @@ def test_a_failed_job_does_not_hide_the_others(tmp_path: Path) -> None:
     assert failed["valid_pct"] is None and failed["accuracy_pct"] is None
     assert ok["job"] == "1" and ok["error"] is None
     assert ok["valid_pct"] is not None and ok["accuracy_pct"] is not None, ok
-    assert ok["calls"] + ok["cache_hits"] == 10
+    assert ok["calls"] == 10 and ok["run_calls"] + ok["run_cache_hits"] == 10
+    assert [r["ingest.path"] for r in rows] == [missing, str(QUESTIONS_FILE)]
 
     assert missing in result.manifest(0)["failure"]
     assert "failure" not in result.manifest(1)
     markdown = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8")
     assert "failed" in markdown and missing in markdown
     assert (result.sweep_dir / "sweep_summary.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+PRICED = ("model.prices.input_per_mtok=1.0", "model.prices.output_per_mtok=4.0")  # the fake model, at a price
+
+
+def test_summary_counts_the_folder_and_this_invocation_apart(tmp_path: Path) -> None:
+    """Rerunning a finished sweep (same folder) and the same sweep in a new folder (all from the cache) show
+    what each setting costs, not $0; the run_* columns show what each invocation spent."""
+    args = ("generate.temperature=0,0.7", "ingest.limit=6", *PRICED)
+    first = run_sweep(tmp_path, *args)
+    assert first.returncode == 0, first.tail()
+    paid = first.summary()
+    assert all(r["cost_usd"] > 0 and r["run_cost_usd"] == pytest.approx(r["cost_usd"]) for r in paid), paid
+    assert [(r["calls"], r["run_calls"]) for r in paid] == [(6, 6), (6, 6)]
+
+    again = run_sweep(tmp_path, *args)  # same sweep folder: every stage is current
+    assert again.returncode == 0, again.tail()
+    rows = again.summary()
+    assert [r["cost_usd"] for r in rows] == pytest.approx([r["cost_usd"] for r in paid])
+    assert [(r["calls"], r["run_calls"], r["run_cost_usd"]) for r in rows] == [(6, 0, 0.0), (6, 0, 0.0)]
+
+    elsewhere = run_sweep(tmp_path, *args, sweep="sweep2")  # a new folder, every answer from the shared cache
+    assert elsewhere.returncode == 0, elsewhere.tail()
+    rows = elsewhere.summary()
+    assert [r["cost_usd"] for r in rows] == pytest.approx([r["cost_usd"] for r in paid])
+    assert [(r["calls"], r["run_calls"], r["run_cache_hits"]) for r in rows] == [(6, 0, 6), (6, 0, 6)]
+    assert [r["run_cost_usd"] for r in rows] == [0.0, 0.0]
+
+
+def test_swept_values_are_plain_in_their_columns(tmp_path: Path) -> None:
+    """Hydra escapes `:` and spaces in a job's overrides (`Answer\\:\\ briefly`); the column holds the value."""
+    result = run_sweep(tmp_path, "prompt.system=Answer: briefly.,Answer then stop.", "ingest.limit=2")
+    assert result.returncode == 0, result.tail()
+    rows = result.summary()
+    assert [r["prompt.system"] for r in rows] == ["Answer: briefly.", "Answer then stop."]
+    assert "\\" in rows[0]["overrides"], "Hydra's own record is escaped: this test checks the unescaping"
+    header = (result.sweep_dir / "sweep_summary.md").read_text(encoding="utf-8").splitlines()[0]
+    assert header.startswith("| job | prompt.system | status |"), header
+
+
+@pytest.mark.slow
+def test_an_experiment_grid_gets_its_columns(tmp_path: Path) -> None:
+    """math_sweep sweeps through `hydra.sweeper.params`, not the command line: those keys are columns too."""
+    result = run_sweep(tmp_path, "ingest.limit=3", experiment="math_sweep")
+    assert result.returncode == 0, result.tail()
+    rows = result.summary()
+    assert [(r["generate.temperature"], r["generate.samples"]) for r in rows] == [
+        ("0.0", "1"), ("0.0", "2"), ("0.7", "1"), ("0.7", "2")
+    ]  # fmt: skip
+    assert [r["calls"] for r in rows] == [3, 6, 3, 6]
+
+
+def test_wilson_interval() -> None:
+    from pipeline.sweep import wilson
+
+    assert wilson(5, 5) == (56.55, 100.0)
+    assert wilson(0, 10) == (0.0, 27.75)
+    assert wilson(50, 100) == (40.38, 59.62)
+    assert wilson(0, 0) is None
+
+
+def test_chart_of_failed_jobs_and_free_models(tmp_path: Path) -> None:
+    """The chart renders a failed job, an unknown cost and an all-zero cost (no crash, a real PNG)."""
+    from pipeline.sweep_chart import draw, job_label
+
+    base = {"valid_pct": 90.0, "accuracy_pct": 80.0, "accuracy_low_pct": 70.0, "accuracy_high_pct": 88.0}
+    rows = [
+        {"job": "0", "model": "fake", "status": "ok", "error": None, "cost_usd": 0.0, **base},
+        {"job": "1", "model": "vllm", "status": "failed", "error": "killed by SIGKILL", "cost_usd": None,
+         "valid_pct": None, "accuracy_pct": None, "accuracy_low_pct": None, "accuracy_high_pct": None},
+        {"job": "2", "model": "x", "status": "ok", "error": None, "cost_usd": None, **base},
+    ]  # fmt: skip
+    path = tmp_path / "chart.png"
+    draw(rows, ["model"], path, title="sweep math: 3 jobs, 6 questions")
+    assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 10_000
+    assert job_label(rows[1], ["model"]) == "1: model=vllm"
+
+
+@pytest.mark.slow
+def test_a_killed_parallel_job_is_a_failed_job_and_the_others_finish(tmp_path: Path) -> None:
+    """kill -9 of one job's process (what the OOM killer does) under the joblib launcher: that job is listed as
+    failed with its signal, the other two finish, the summary is written, and the sweep exits 1."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [
+        sys.executable, str(ROOT / "run.py"), "-m", "+experiment=math", FAKE_MODEL, "ingest.limit=5",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=3",
+        "model.fake.latency_ms=10,20000,30",  # job 1 is slow: it is still running when it is killed
+        f"hydra.sweep.dir={sweep_dir}", f"paths.output_dir={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        victim = _job_process(proc.pid, sweep_dir / "1" / "manifest.json", timeout=90)
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    result = SweepResult(proc.returncode, stdout, stderr, sweep_dir, tmp_path / "outputs", 0.0)
+    assert result.returncode == 1, result.tail()
+    assert "TerminatedWorkerError" not in result.output and "Traceback" not in result.output, result.tail()
+    rows = {r["job"]: r for r in result.summary()}
+    assert rows["1"]["status"] == "failed" and "SIGKILL" in rows["1"]["error"], rows["1"]
+    assert rows["1"]["model.fake.latency_ms"] == "20000"
+    for job in ("0", "2"):
+        assert rows[job]["status"] == "ok" and rows[job]["calls"] == 5, rows[job]
+    assert (sweep_dir / "sweep_summary.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def _job_process(launcher: int, manifest: Path, timeout: float) -> int:
+    """The pid of the launcher's child running the job whose manifest is given, once that job has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if manifest.is_file():
+            for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+                with contextlib.suppress(OSError):
+                    links = [os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir()]
+                    if str(manifest.parent / "run.log") in links:
+                        return int(child)
+        time.sleep(0.1)
+    pytest.fail(f"no process of the sweep started the job of {manifest}")
 
 
 # --------------------------------------------------------------------------- parallel jobs (joblib launcher)
@@ -221,7 +352,7 @@ def test_parallel_sweep_completes_every_job(rate_limited_sweep: ParallelRun) -> 
     # A launcher that cannot start (plugin import, pickling, asyncio in loky workers) fails here, with its error.
     assert result.returncode == 0, result.tail()
     assert "Traceback" not in result.output, result.tail()
-    assert "Joblib.Parallel" in result.output, "the joblib launcher was not used"
+    assert "each in its own process" in result.output, "the joblib launcher (pipeline.sweep_launcher) was not used"
     assert run.stats["by_status"].get("200", 0) == PARALLEL_JOBS * PER_JOB, run.stats
     assert {r["status"] for r in result.summary()} == {"ok"}
     for job in result.job_dirs():

@@ -2,7 +2,9 @@
 
 Never a pipeline stage (a stage must not wait for a keyboard): it runs on a finished run folder. Each key
 press that labels appends one line to the label log before the next answer is shown, so quitting, Ctrl+C or
-a crash loses nothing. Undo appends a label restoring the previous value and goes back to that answer.
+a crash loses nothing. Undo appends a label restoring the previous value and goes back to that answer. A
+note (`n`) is kept with the answer's label by whichever key leaves the answer (label, skip, back, go to,
+undo, quit), so a note is never lost by skipping or quitting after typing it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
 from pipeline.review.items import Filters, RunTables, pretty_answer
 
-KEYS = "[c] correct   [i] incorrect   [s] skip   [u] undo   [n] note   [q] quit"
+KEYS = "[c] correct [i] incorrect [s] skip [b] back [g] go to [u] undo [n] note [q] quit"
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Step:
     index: int
     response_id: str
     before: tuple[bool | None, str | None]
+    counted: bool = True  # a label (counted as correct/incorrect), not a note alone
 
 
 @dataclass
@@ -114,12 +117,12 @@ def render(console: Console, session: Session, item: dict[str, Any], filters: Fi
     console.print(Text(KEYS, style="bold"))
 
 
-def _ask_note(fd: int, console: Console) -> str:
+def _ask_line(fd: int, console: Console, prompt: str) -> str:
     """A line of text, typed with the terminal back in its normal mode."""
     saved = termios.tcgetattr(fd)
     try:
         termios.tcsetattr(fd, termios.TCSADRAIN, _cooked(saved))
-        console.print("note (Enter to keep): ", end="")
+        console.print(prompt, end="")
         return sys.stdin.readline().strip()
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
@@ -129,6 +132,64 @@ def _cooked(attrs: list[Any]) -> list[Any]:
     cooked = list(attrs)
     cooked[3] = cooked[3] | termios.ICANON | termios.ECHO
     return cooked
+
+
+@dataclass
+class Decisions:
+    """What the keys do to the session and the label log; every change is appended before it shows."""
+
+    session: Session
+    writer: LabelWriter
+    reviewer: str
+    pending_note: str | None = None
+
+    def label(self, value: bool) -> None:
+        rid = self.session.ids[self.session.index]
+        before = self.session.state.get(rid, (None, None))
+        note = self.pending_note if self.pending_note is not None else before[1]
+        self.writer.append(rid, value, self.reviewer, note)
+        self.session.history.append(Step(self.session.index, rid, before))
+        self.session.state[rid] = (value, note)
+        self.session.correct += value
+        self.session.incorrect += not value
+        self.pending_note = None
+        self.session.index += 1
+
+    def leave(self) -> None:
+        """Before showing another answer (or quitting): a note typed for this one is saved with its label."""
+        if self.pending_note is None:
+            return
+        rid = self.session.ids[self.session.index]
+        before = self.session.state.get(rid, (None, None))
+        self.writer.append(rid, before[0], self.reviewer, self.pending_note, action="note")
+        self.session.history.append(Step(self.session.index, rid, before, counted=False))
+        self.session.state[rid] = (before[0], self.pending_note)
+        self.pending_note = None
+
+    def go(self, index: int) -> None:
+        self.leave()
+        self.session.index = index
+
+    def undo(self) -> None:
+        session = self.session
+        if not session.history:
+            session.message = "nothing to undo"
+            return
+        step = session.history.pop()
+        self.leave()  # the note typed here is saved (and is the next thing undo takes back)
+        undone = session.state.get(step.response_id, (None, None))[0]
+        self.writer.append(step.response_id, step.before[0], self.reviewer, step.before[1], action="undo")
+        session.state[step.response_id] = step.before
+        if step.counted:
+            session.correct -= undone is True
+            session.incorrect -= undone is False
+        session.index = step.index
+        session.message = "undone"
+
+
+def _jump_target(text: str, total: int) -> int | None:
+    """The 0-based index for an answer number typed by the user, or None when it is not one."""
+    return int(text) - 1 if text.isdigit() and 1 <= int(text) <= total else None
 
 
 def review(run_dir: Path, reviewer: str, filters: Filters, console: Console | None = None) -> Session:
@@ -149,44 +210,40 @@ def review(run_dir: Path, reviewer: str, filters: Filters, console: Console | No
             console.print(f"nothing to review in {run_dir} ({filters.describe()})")
             return session
         fd = sys.stdin.fileno()
-        pending_note: str | None = None
+        decide = Decisions(session, writer, reviewer)
         with cbreak(fd):
-            while session.index < len(ids):
-                rid = ids[session.index]
-                render(console, session, tables.item(rid), filters)
-                session.message = ""
-                key = read_key(fd)
-                if key in ("c", "i", "x"):
-                    value = key == "c"
-                    before = session.state.get(rid, (None, None))
-                    note = pending_note if pending_note is not None else before[1]
-                    writer.append(rid, value, reviewer, note)
-                    session.history.append(Step(session.index, rid, before))
-                    session.state[rid] = (value, note)
-                    session.correct += value
-                    session.incorrect += not value
-                    pending_note = None
-                    session.index += 1
-                elif key in ("s", " "):
-                    pending_note = None
-                    session.index += 1
-                elif key == "u":
-                    if not session.history:
-                        session.message = "nothing to undo"
-                        continue
-                    step = session.history.pop()
-                    undone = session.state.get(step.response_id, (None, None))[0]
-                    writer.append(step.response_id, step.before[0], reviewer, step.before[1], action="undo")
-                    session.state[step.response_id] = step.before
-                    session.correct -= undone is True
-                    session.incorrect -= undone is False
-                    session.index = step.index
-                    session.message = "undone"
-                elif key == "n":
-                    pending_note = _ask_note(fd, console) or None
-                    session.message = f"note for this answer's label: {pending_note}" if pending_note else ""
-                elif key == "q":
-                    break
+            try:
+                while session.index < len(ids):
+                    render(console, session, tables.item(ids[session.index]), filters)
+                    session.message = ""
+                    key = read_key(fd)
+                    if key in ("c", "i", "x"):
+                        decide.label(key == "c")
+                    elif key in ("s", " "):
+                        decide.go(session.index + 1)
+                    elif key == "b":
+                        if session.index == 0:
+                            session.message = "this is the first answer"
+                        else:
+                            decide.go(session.index - 1)
+                    elif key == "g":
+                        typed = _ask_line(fd, console, f"go to answer (1-{len(ids)}): ")
+                        target = _jump_target(typed, len(ids))
+                        if target is None:
+                            session.message = f"no answer {typed!r}: give a number from 1 to {len(ids)}"
+                        else:
+                            decide.go(target)
+                    elif key == "u":
+                        decide.undo()
+                    elif key == "n":
+                        decide.pending_note = _ask_line(fd, console, "note (Enter to keep): ") or None
+                        note = decide.pending_note
+                        session.message = f"note for this answer (saved when you leave it): {note}" if note else ""
+                    elif key == "q":
+                        break
+            finally:
+                if session.index < len(ids):
+                    decide.leave()  # quitting, Ctrl+C or the end of input leave the answer too
         return session
     finally:
         writer.close()

@@ -1,0 +1,247 @@
+"""Every config mistake becomes one line before any stage runs: the key, the bad value, the closest valid keys.
+
+Two halves. `ConfigCheck`, a Hydra callback, checks what composing cannot: keys added with `+` that the
+schema does not declare (Hydra's `+` bypasses the schema's struct mode), and text keys whose values are
+listed in their field's `choices` metadata. In a sweep it composes every job's config before the first job
+starts (and before the sweep folder exists), so a bad value in the last job fails as early as the first.
+`one_line` turns Hydra's and OmegaConf's composition errors (unknown key, unknown group option or
+experiment, wrong type, a value outside an Enum) into the line `run.py` prints; `run.py` has Hydra raise
+them (`HYDRA_FULL_ERROR`) instead of printing its own block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+import typing
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.exit_codes import USAGE
+
+HINT = "python run.py --cfg job lists every key"
+_accepted = False  # set once the composed config (every job's, in a sweep) passed the checks
+
+
+def accepted() -> bool:
+    """Whether the config was accepted: an error after this is the job's, not the user's config."""
+    return _accepted
+
+
+# -- the schema --------------------------------------------------------------------------------------------
+
+
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds directly or as list items (`few_shot: list[FewShotExample]`), if any."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def schema_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares, sections included (`model.limits`, `model.limits.concurrency`)."""
+    keys: list[str] = []
+    for name, hint in _hints(schema).items():
+        path = f"{prefix}{name}"
+        keys.append(path)
+        inner = _dataclass_of(hint)
+        if inner is not None and typing.get_origin(hint) is not list:
+            keys.extend(schema_keys(inner, f"{path}."))
+    return keys
+
+
+def closest(word: str, candidates: list[str], limit: int = 3) -> list[str]:
+    """Candidates close to `word` by the whole dotted path or by the last part alone (a typo in a leaf name
+    usually lands in the wrong section too: `generate.concurency` means `model.limits.concurrency`)."""
+    leaf = word.rsplit(".", 1)[-1].lower()
+
+    def score(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, word.lower(), candidate.lower()).ratio()
+        last = difflib.SequenceMatcher(None, leaf, candidate.rsplit(".", 1)[-1].lower()).ratio()
+        return max(whole, last - 0.01)  # on a tie, the whole path wins: it keeps the user's section
+
+    ranked = sorted(((score(c), c) for c in candidates), key=lambda sc: (-sc[0], sc[1]))
+    best = ranked[0][0] if ranked else 0.0
+    return [c for s, c in ranked[:limit] if s >= max(0.75, best - 0.05)]
+
+
+def did_you_mean(word: str, candidates: list[str], what: str) -> str:
+    near = closest(word, candidates)
+    if near:
+        return f"did you mean {' or '.join(near)}?"
+    return what
+
+
+def _shown(value: Any) -> str:
+    text = value.value if isinstance(value, Enum) else value
+    text = text if isinstance(text, str) else OmegaConf.to_yaml(text).strip() if isinstance(text, dict | list) else text
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# -- what composing cannot catch -------------------------------------------------------------------------
+
+
+def _problems(node: Any, schema: type, prefix: str) -> Iterator[str]:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = _hints(schema)
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            near = did_you_mean(path, schema_keys(), HINT)
+            yield f"{path}={_shown(value)}: no such key; {near}"
+            continue
+        allowed = fields[key].metadata.get("choices")
+        if allowed and _outside(value, allowed):
+            near = did_you_mean(str(value), list(allowed), "")
+            yield f"{path}={_shown(value)}: not one of {', '.join(allowed)}" + (f"; {near}" if near else "")
+        inner = _dataclass_of(hints[key])
+        if inner is None:
+            continue
+        if isinstance(value, dict):
+            yield from _problems(value, inner, f"{path}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    yield from _problems(item, inner, f"{path}[{i}].")
+
+
+def _outside(value: Any, allowed: tuple[str, ...]) -> bool:
+    """A text value not in `allowed` (any case: `export.is_correct=true` reaches us as "True"); an
+    interpolation is judged once resolved, by the stage; a dict (`validate.scorer`'s function form) is open."""
+    if not isinstance(value, str | bool) or (isinstance(value, str) and "${" in value):
+        return False
+    return str(value).lower() not in allowed
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not declare and text values outside their `choices` (the first found)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(tree, dict)
+    tree.pop("hydra", None)
+    for problem in _problems(tree, Config, ""):
+        raise UserError(problem)
+
+
+def sweep_arguments(config: DictConfig) -> list[str]:
+    """A sweep's arguments as Hydra's basic sweeper takes them: `hydra.sweeper.params` (an experiment's grid),
+    then the command line's overrides."""
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return [f"{key}={value}" for key, value in params.items()] + [str(o) for o in config.hydra.overrides.task]
+
+
+def _job_overrides(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides of a sweep, the way Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    loader = GlobalHydra.instance().config_loader()
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(sweep_arguments(config))
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def refuse(exc: BaseException) -> typing.NoReturn:
+    """Print the one line for a config error and exit 2."""
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(USAGE)
+
+
+class ConfigCheck(Callback):
+    """Hydra callback: checks the composed config before the run folder (or the sweep folder) is made.
+
+    Hydra turns a callback's exception into a warning and carries on, so a refusal exits from here.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _accepted
+        try:
+            check(config)
+        except UserError as exc:
+            refuse(exc)
+        _accepted = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _accepted
+        try:
+            loader = GlobalHydra.instance().config_loader()
+            for job in _job_overrides(config):
+                check(loader.load_sweep_config(master_config=config, sweep_overrides=job))
+        except Exception as exc:
+            refuse(exc)
+        _accepted = True
+
+
+# -- Hydra's and OmegaConf's errors as one line ----------------------------------------------------------
+
+_OVERRIDE = re.compile(r"(?:override|argument|use) [+']?([^'\s]+=[^'\n]*)'?")
+_TYPES = {"integer": "an integer", "float": "a number", "boolean": "true or false", "bool": "true or false"}
+_VALUE = re.compile(r"[Vv]alue '(.*?)'")
+_CONVERT = re.compile(r"could not be converted to (\w+)|is not a valid (bool)")
+_EXPECTED = re.compile(r"expected one of \[(.*?)\]")
+_SOURCE = re.compile(r"^In '([^']+)': ")  # Hydra's prefix for an error inside a config file
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def one_line(exc: BaseException) -> str:
+    """The one line for an error raised while Hydra composed the config."""
+    chain = _chain(exc)
+    if isinstance(exc, UserError):
+        return str(exc)
+    missing = next((e for e in chain if isinstance(e, MissingConfigException)), None)
+    if missing is not None and missing.missing_cfg_file:
+        group, _, option = str(missing.missing_cfg_file).rpartition("/")
+        options = [str(o) for o in missing.options or []]
+        near = did_you_mean(option, options, "")
+        prefix = "+" if group == "experiment" else ""
+        listing = f"choose one of {', '.join(options)}" if options else f"no options in conf/{group}/"
+        return f"{prefix}{group}={option}: no such {group or 'config'}; " + (f"{near} ({listing})" if near else listing)
+    override = next((m.group(1) for e in chain if (m := _OVERRIDE.search(str(e)))), None)
+    omega = next((e for e in chain if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None)), None)
+    if omega is not None:
+        key = str(omega.full_key)
+        text = str(omega)
+        value = _VALUE.search(text)
+        shown = override or (f"{key}={value.group(1)}" if value else key)
+        source = next((m.group(1) for e in chain if (m := _SOURCE.match(str(e)))), None)
+        if override is None and source:
+            shown = f"{shown} (in {source}.yaml)"
+        expected = _EXPECTED.search(text)
+        if expected:
+            allowed = [a.strip() for a in expected.group(1).split(",")]
+            near = did_you_mean(value.group(1) if value else "", allowed, "")
+            return f"{shown}: not one of {', '.join(allowed)}" + (f"; {near}" if near else "")
+        converted = _CONVERT.search(text)
+        if converted:
+            kind = (converted.group(1) or converted.group(2)).lower()
+            return f"{shown}: {key} must be {_TYPES.get(kind, kind)}"
+        if isinstance(omega, ValidationError):
+            return f"{shown}: {text.splitlines()[0]}"
+        return f"{shown}: no such key; {did_you_mean(key, schema_keys(), HINT)}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot read the override: {str(exc).splitlines()[0]}"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return f"{override}: {first}" if override and override not in first else first
