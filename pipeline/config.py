@@ -12,9 +12,9 @@ from typing import Any
 
 MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out to keep Hydra out of stages
 
-# `repair` is opt-in: conf/config.yaml lists the default stages; add repair to pipeline.stages to re-ask invalid
-# answers between generate and validate.
-STAGE_ORDER = ("ingest", "generate", "repair", "validate", "export")
+# `repair` and `judge` are opt-in: conf/config.yaml lists the default stages; add repair to pipeline.stages to
+# re-ask invalid answers between generate and validate, judge to have an LLM judge the final answers after validate.
+STAGE_ORDER = ("ingest", "generate", "repair", "validate", "judge", "export")
 
 
 @dataclass
@@ -174,10 +174,30 @@ class GenerateConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The LLM judge (the opt-in `judge` stage): a preset, a rubric, and a JSON verdict per final answer."""
+
+    preset: str | None = None  # a conf/model/ preset name; None: the teacher's preset (`model`)
+    system: str = (
+        "You are a strict grader. Judge whether the answer correctly and completely answers the question"
+        "{% if golden_answer is not none %}, using the reference answer as ground truth{% endif %}."
+    )
+    template: str = (
+        "<question>\n{{ question }}\n</question>\n<answer>\n{{ answer }}\n</answer>\n"
+        "{% if golden_answer is not none %}<golden_answer>\n{{ golden_answer }}\n</golden_answer>\n{% endif %}"
+        "Give a score from 0 (wrong) to 1 (right), the verdict pass or fail, and a one-sentence rationale."
+    )
+    only_valid: bool = True  # judge only answers that passed their JSON Schema
+    temperature: float = 0.0
+    max_tokens: int | None = 256
+
+
+@dataclass
 class ValidateConfig:
     scorer: Any = "numeric"  # exact | normalized_text | numeric | json_field | none | {_target_: module.function, ...}
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
     tolerance: float = 1e-6
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -212,6 +232,7 @@ class ExportConfig:
     assistant_template: str | None = None
     reasoning: str = "keep"  # keep | drop | think
     reasoning_field: str = "reasoning"
+    require_judge: bool = False  # keep only answers the judge stage passed
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
