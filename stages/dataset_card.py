@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ExportConfig
+from stages.judge_figures import judge_section
 
 
 @dataclass
@@ -33,6 +34,7 @@ class CardData:
     export: ExportConfig
     prompt_system: bool
     teacher: str
+    judge: dict[str, Any] | None = None  # stages.judge_figures.judge_figures, when the run has judgements
 
 
 def _pct(part: Any, whole: Any) -> str:
@@ -108,6 +110,7 @@ def render_card(d: CardData) -> str:
             for c in d.categories
         ],
     )  # fmt: skip
+    out += judge_section(d.judge)
     cost = d.cost
     out += ["", "## Cost", ""]
     unpriced = f" ({cost['unpriced']} calls without a known price)" if cost["unpriced"] else ""
