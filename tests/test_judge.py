@@ -255,3 +255,29 @@ def test_kill_during_judge_then_resume_pays_no_judge_call_twice(tmp_path: Path) 
     validations = {r["response_id"]: r for r in table(run_dir, "validations")}
     assert len(judgements) == QUESTIONS and {j["status"] for j in judgements} == {"ok"}
     assert all(j["passed"] is validations[j["response_id"]]["matches_golden"] for j in judgements)
+
+
+@pytest.mark.slow
+def test_judge_preset_other_than_the_teacher_gets_its_own_endpoint(tmp_path: Path) -> None:
+    """The teacher is a vLLM-style endpoint (the fake server here); the judge is `validate.judge.preset=fake`,
+    whose server the pipeline starts itself: the teacher's endpoint sees no judge call."""
+    run_dir = tmp_path / "run"
+    with FakeServer(FakeServerConfig()) as teacher:
+        teacher_model = ["model=vllm", f"model.api_base={teacher.api_base}"]
+        result = run_pipeline(run_dir, "+experiment=math", "ingest.limit=6", WITH_JUDGE, *teacher_model,
+                              "validate.judge.preset=fake")  # fmt: skip
+        check_ok(result)
+        assert teacher.stats()["requests"] == 6
+    assert {r["model_used"] for r in table(run_dir, "responses")} == {"vllm"}
+    judgements = table(run_dir, "judgements")
+    assert len(judgements) == 6 and {j["judge_model"] for j in judgements} == {"fake"}
+    assert {j["status"] for j in judgements} == {"ok"}
+    fingerprint = json.loads((run_dir / "manifest.json").read_text())["stages"]["judge"]["fingerprint"]
+    with FakeServer(FakeServerConfig()) as teacher:  # a new port: the teacher's answers come from the journal
+        rerun = run_pipeline(run_dir, "+experiment=math", "ingest.limit=6", WITH_JUDGE, "model=vllm",
+                             f"model.api_base={teacher.api_base}", "validate.judge.preset=fake",
+                             "validate.judge.max_tokens=200")  # fmt: skip
+        check_ok(rerun)
+        assert teacher.stats()["requests"] == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["judge"]["fingerprint"] != fingerprint and manifest["totals"]["calls"] == 6
