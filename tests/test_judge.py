@@ -5,6 +5,7 @@ during the judge stage without paying a judge call twice."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -13,16 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, RunResult, run_env, run_pipeline
 from test_resume_kill import journalled
+from test_validate import questions_table, responses_table
 
-from pipeline.config import JudgeConfig
+from pipeline.config import Config, JudgeConfig, ValidateConfig
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig, judge_reply
-from stages.judge import VERDICT_SCHEMA, JudgeBuilder, judgement
+from pipeline.stage_api import StageContext
+from stages.judge import VERDICT_SCHEMA, JudgeBuilder, judgement, units_relation
 from stages.judge_figures import cohen_kappa
 from stages.validate import Validators
 
@@ -104,6 +109,38 @@ def test_verdicts_are_checked_against_their_schema() -> None:
     assert (
         failed["status"] == "failed" and failed["passed"] is None and "server_error" in failed["errors"][0]["message"]
     )
+
+
+def _units(judge: JudgeConfig, first_answer: str = '{"answer": 4}') -> dict[str, str]:
+    """The judge's units over three answers (valid, invalid, failed call): parent response id -> unit key."""
+    con = duckdb.connect()
+    questions = questions_table([{"question_id": f"q{i}", "question": f"What is {i}+{i}?"} for i in (1, 2, 3)])
+    responses = responses_table(
+        [
+            {"response_id": "r1", "question_id": "q1", "content": first_answer},
+            {"response_id": "r2", "question_id": "q2", "content": "not json"},
+            {"response_id": "r3", "question_id": "q3", "status": "failed", "content": None},
+        ]
+    )
+    validations = pa.table({"response_id": ["r1", "r2", "r3"], "is_valid": [True, False, False],
+                            "is_final": [True, True, True]})  # fmt: skip
+    inputs = {name: con.from_arrow(t) for name, t in
+              (("questions", questions), ("responses", responses), ("validations", validations))}  # fmt: skip
+    ctx = StageContext(cfg=Config(validate=ValidateConfig(judge=judge)), con=con, inputs=inputs, writer=None,
+                       log=logging.getLogger())  # type: ignore[arg-type]  # fmt: skip
+    rows = units_relation(ctx).fetchall()
+    names = list(units_relation(ctx).columns)
+    return {r[names.index("parent_response_id")]: r[names.index("unit_key")] for r in rows}
+
+
+def test_units_are_the_final_answers_keyed_on_rubric_and_answer_text() -> None:
+    base = _units(JudgeConfig())
+    assert set(base) == {"r1"}  # only_valid: the invalid answer and the failed call are not judged
+    everything = _units(JudgeConfig(only_valid=False))
+    assert set(everything) == {"r1", "r2"} and everything["r1"] == base["r1"]  # a failed call has nothing to judge
+    assert _units(JudgeConfig(), first_answer='{"answer": 5}')["r1"] != base["r1"]  # new text: judged again
+    assert _units(JudgeConfig(template="{{ answer }}?"))["r1"] != base["r1"]  # new rubric: judged again
+    assert _units(JudgeConfig(preset="other"))["r1"] == base["r1"]  # the preset is in the engine's plan key
 
 
 # -- end to end ------------------------------------------------------------------------------------------
