@@ -16,9 +16,9 @@ from typing import Any
 
 MISSING = "???"  # OmegaConf's marker for a value that must be set; spelled out to keep Hydra out of stages
 
-# `repair` is opt-in: conf/config.yaml lists the default stages; add repair to pipeline.stages to re-ask invalid
-# answers between generate and validate.
-STAGE_ORDER = ("ingest", "generate", "repair", "validate", "export")
+# `repair` and `judge` are opt-in: conf/config.yaml lists the default stages; add repair to pipeline.stages to
+# re-ask invalid answers between generate and validate, judge to have an LLM judge the final answers after validate.
+STAGE_ORDER = ("ingest", "generate", "repair", "validate", "judge", "export")
 
 
 def choices(*values: str) -> dict[str, tuple[str, ...]]:
@@ -31,6 +31,7 @@ class StageName(StrEnum):
     generate = "generate"
     repair = "repair"
     validate = "validate"
+    judge = "judge"
     export = "export"
 
 
@@ -264,6 +265,25 @@ class GenerateConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The LLM judge (the opt-in `judge` stage): a preset, a rubric, and a JSON verdict per final answer."""
+
+    preset: str | None = None  # a conf/model/ preset name; None: the teacher's preset (`model`)
+    system: str = (
+        "You are a strict grader. Judge whether the answer correctly and completely answers the question"
+        "{% if golden_answer is not none %}, using the reference answer as ground truth{% endif %}."
+    )
+    template: str = (
+        "<question>\n{{ question }}\n</question>\n<answer>\n{{ answer }}\n</answer>\n"
+        "{% if golden_answer is not none %}<golden_answer>\n{{ golden_answer }}\n</golden_answer>\n{% endif %}"
+        "Give a score from 0 (wrong) to 1 (right), the verdict pass or fail, and a one-sentence rationale."
+    )
+    only_valid: bool = True  # judge only answers that passed their JSON Schema
+    temperature: float = 0.0
+    max_tokens: int | None = 256
+
+
+@dataclass
 class ValidateConfig:
     scorer: Any = field(  # or {_target_: module.function, ...}
         default="numeric", metadata=choices("exact", "normalized_text", "numeric", "json_field", "none")
@@ -271,6 +291,7 @@ class ValidateConfig:
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
     tolerance: float = 1e-6  # numeric: absolute difference still counted as a match
     relative_tolerance: float | None = None  # numeric: also a match within this fraction of the golden (None: off)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -314,6 +335,7 @@ class ExportConfig:
     assistant_template: str | None = None
     reasoning: Reasoning = Reasoning.keep
     reasoning_field: str = "reasoning"
+    require_judge: bool = False  # keep only answers the judge stage passed
     split: SplitConfig = field(default_factory=SplitConfig)
     card: CardConfig = field(default_factory=CardConfig)
 

@@ -79,7 +79,10 @@ def closest(word: str, candidates: list[str], limit: int = 3) -> list[str]:
 
     ranked = sorted(((score(c), c) for c in candidates), key=lambda sc: (-sc[0], sc[1]))
     best = ranked[0][0] if ranked else 0.0
-    return [c for s, c in ranked[:limit] if s >= max(0.75, best - 0.05)]
+    near = [c for s, c in ranked[:limit] if s >= max(0.75, best - 0.05)]
+    section = word.rsplit(".", 1)[0] + "." if "." in word else ""
+    same = [c for c in near if section and c.startswith(section)]
+    return same or near  # a close key in the user's own section beats one elsewhere
 
 
 def did_you_mean(word: str, candidates: list[str], what: str) -> str:

@@ -33,7 +33,7 @@ def compile_template(key: str, source: str, allowed: set[str], fix: str) -> Any:
 
 def _compile(name: str, source: str, columns: set[str]) -> Any:
     return compile_template(
-        f"prompt.{name}",
+        name,
         source,
         columns,
         "which the questions table does not have; fix the template or map the column in ingest.columns",
@@ -41,16 +41,19 @@ def _compile(name: str, source: str, columns: set[str]) -> Any:
 
 
 class PromptBuilder:
-    """Renders the chat messages for one question row."""
+    """Renders the chat messages for one question row.
 
-    def __init__(self, cfg: PromptConfig, columns: Iterable[str]) -> None:
+    `key` is the config section the prompt comes from (`prompt`, or `validate.judge` for the judge's), so an
+    error names the key the user wrote."""
+
+    def __init__(self, cfg: PromptConfig, columns: Iterable[str], key: str = "prompt") -> None:
         cols = set(columns)
-        self._system = _compile("system", cfg.system, cols) if cfg.system else None
-        self._user = _compile("template", cfg.template, cols)
+        self._system = _compile(f"{key}.system", cfg.system, cols) if cfg.system else None
+        self._user = _compile(f"{key}.template", cfg.template, cols)
         self._few_shot = [
             (
-                _compile(f"few_shot[{i}].user", ex.user, cols),
-                _compile(f"few_shot[{i}].assistant", ex.assistant, cols),
+                _compile(f"{key}.few_shot[{i}].user", ex.user, cols),
+                _compile(f"{key}.few_shot[{i}].assistant", ex.assistant, cols),
             )
             for i, ex in enumerate(cfg.few_shot)
         ]

@@ -128,11 +128,11 @@ def _redacted_config_yaml(cfg: DictConfig, redact: Redactor) -> str:
     return redact(OmegaConf.to_yaml(OmegaConf.create(scrub(container))))
 
 
-def load_preset(conf_dir: Path, name: str, cfg: Config) -> ModelConfig:
-    """A fallback preset from `conf/model/<name>.yaml`, typed and resolved like the main one."""
+def load_preset(conf_dir: Path, name: str, cfg: Config, key: str = "model.fallbacks") -> ModelConfig:
+    """A preset from `conf/model/<name>.yaml` (named by the config `key`), typed and resolved like the main one."""
     path = conf_dir / "model" / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"model.fallbacks: no preset {name!r} (no {path}); use a file name from {path.parent}")
+        raise UserError(f"{key}: no preset {name!r} (no {path}); use a file name from {path.parent}")
     try:
         node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), {"preset": name})
         root = OmegaConf.create({"seed": cfg.seed, "name": cfg.name, "paths": asdict(cfg.paths), "model": node})
@@ -196,6 +196,7 @@ class Runner:
         self.store = TableStore(paths.run_dir)
         self.manifest = Manifest.load(paths.manifest)
         self.ran: dict[str, str] = {}
+        self.chains: dict[str, list[ModelConfig]] = {}  # engine stage -> the presets it calls, fallbacks last
 
     def _stages(self) -> list[Stage]:
         from stages import STAGES
@@ -268,7 +269,7 @@ class Runner:
     async def run(self) -> None:
         stages = self._stages()
         self._begin()
-        fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
+        self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
         if any(s.needs_engine for s in stages):
             # litellm takes seconds to import: do it while the stages before generate run, not after. The
@@ -278,14 +279,14 @@ class Runner:
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
-            targets: list[Target] = []
+            targets: dict[str, list[Target]] = {}
 
-            def start_targets() -> list[Target]:
-                """Start the model's server (if it has one) only when a stage really calls the model."""
-                if not targets:
-                    model = servers.enter_context(serving(self.cfg.model, self.paths.run_dir))
-                    targets.extend(target_for(m, self._limits_dir()) for m in [model, *fallbacks])
-                return targets
+            def start_targets(chain: list[ModelConfig]) -> list[Target]:
+                """Start a preset's server (if it has one) only when a stage really calls that preset."""
+                if chain[0].preset not in targets:
+                    model = servers.enter_context(serving(chain[0], self.paths.run_dir))
+                    targets[chain[0].preset] = [target_for(m, self._limits_dir()) for m in [model, *chain[1:]]]
+                return targets[chain[0].preset]
 
             try:
                 for stage in stages:
@@ -304,11 +305,27 @@ class Runner:
         self.manifest.save()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
 
-    def _fallbacks(self) -> list[ModelConfig]:
-        """Fallback presets, checked (and their keys looked up) before any work starts."""
-        check_api_key(self.cfg.model)
-        check_reachable(self.cfg.model)
-        models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in self.cfg.model.fallbacks]
+    def _engine_chains(self, stages: list[Stage]) -> dict[str, list[ModelConfig]]:
+        """The presets each engine stage calls: the teacher's, or the one its `engine_preset` key names."""
+        chains: dict[str | None, list[ModelConfig]] = {}
+        out: dict[str, list[ModelConfig]] = {}
+        for stage in stages:
+            if not stage.needs_engine:
+                continue
+            name = _config_value(self.cfg, stage.engine_preset) if stage.engine_preset else None
+            name = None if name == self.cfg.model.preset else name  # the teacher, with its command-line overrides
+            if name not in chains:
+                key = stage.engine_preset or "model"
+                main = self.cfg.model if name is None else load_preset(self.paths.conf_dir, name, self.cfg, key)
+                chains[name] = self._chain(main)
+            out[stage.name] = chains[name]
+        return out
+
+    def _chain(self, main: ModelConfig) -> list[ModelConfig]:
+        """A preset and its fallback presets, checked (and their keys looked up) before any work starts."""
+        check_api_key(main)
+        check_reachable(main)
+        models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in main.fallbacks]
         for model in models:
             check_api_key(model)
             check_reachable(model)
@@ -316,7 +333,7 @@ class Runner:
                 raise UserError(
                     f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"
                 )
-        return models
+        return [main, *models]
 
     def _limits_dir(self) -> Path:
         return limits_folder(Path(self.cfg.paths.cache_dir))
@@ -360,6 +377,11 @@ class Runner:
             sections["model"].pop("api_base", None) if self.cfg.model.serve else None
         if "generate" in sections:
             sections["generate"].pop("workers", None)  # how many processes call changes no result
+        if stage.engine_preset:  # the presets it calls, whichever config key named them
+            sections["engine_presets"] = [
+                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve)}
+                for m in self.chains.get(stage.name, [])
+            ]
         return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})
 
     def _is_current(self, stage: Stage, fp: str) -> bool:
@@ -370,7 +392,10 @@ class Runner:
         return prev.get("status") == "done" and prev.get("fingerprint") == fp and outputs_exist
 
     async def _run_stage(
-        self, stage: Stage, con: duckdb.DuckDBPyConnection, start_targets: Callable[[], list[Target]]
+        self,
+        stage: Stage,
+        con: duckdb.DuckDBPyConnection,
+        start_targets: Callable[[list[ModelConfig]], list[Target]],
     ) -> bool:
         """Runs (or skips) one stage; returns whether the stages after it should run."""
         relations, digests, texts = self._inputs(stage, con)
@@ -394,7 +419,7 @@ class Runner:
         engine = (
             Engine(
                 con,
-                start_targets(),
+                start_targets(self.chains[stage.name]),
                 self.cfg.generate,
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
@@ -466,6 +491,14 @@ class Runner:
             totals["cost_usd"] = None if cost is None or totals["cost_usd"] is None else totals["cost_usd"] + cost
         totals["seconds"] = round(seconds, 3)
         return totals
+
+
+def _config_value(cfg: Config, key: str) -> Any:
+    """The value at a dotted config key, e.g. `validate.judge.preset`."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def _plain(obj: Any) -> Any:

@@ -96,3 +96,6 @@ class Stage:
     # Append-only logs of the run folder that the runner opens as relations (e.g. `labels`, written by
     # the review tools); their content is part of the fingerprint, so new labels rerun the stage.
     logs: tuple[str, ...] = ()
+    # The dotted config key naming the model preset (conf/model/<name>) this stage's engine calls, e.g.
+    # `validate.judge.preset`; unset, or null in the config: the teacher (`model` and its fallbacks).
+    engine_preset: str | None = None

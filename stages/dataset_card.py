@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.config import MISSING, ExportConfig
 from stages.export_formats import FORMATS, features, file_name
+from stages.judge_figures import judge_section
 
 CARD_FILE = "README.md"
 HUB_HEADING = "## Hugging Face Hub"
@@ -50,6 +51,7 @@ class CardData:
     splits: list[str]  # the splits in use, in order
     model_ids: list[str]  # the teacher's litellm id and its fallback presets: tags on the Hub
     hub_repo_id: str | None = None  # recorded by pipeline.publish
+    judge: dict[str, Any] | None = None  # stages.judge_figures.judge_figures, when the run has judgements
 
 
 def _pct(part: Any, whole: Any) -> str:
@@ -233,6 +235,7 @@ def _body(d: CardData) -> str:
             for c in d.categories
         ],
     )  # fmt: skip
+    out += judge_section(d.judge)
     cost = d.cost
     out += ["", "## Cost", ""]
     unpriced = f" ({cost['unpriced']} calls without a known price)" if cost["unpriced"] else ""

@@ -19,6 +19,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import duckdb
@@ -31,6 +32,8 @@ from pipeline.stage_api import Stage, StageContext, StageResult
 from stages.dataset_card import CARD_FILE, CardData, portable_command, render_card
 from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
 from stages.ingest import NORMALISED_QUESTION
+from stages.judge_figures import STEP as JUDGE_STEP
+from stages.judge_figures import judge_figures
 from stages.validate import extract_json
 
 IS_CORRECT = ("any", "not_false", "true")
@@ -148,6 +151,13 @@ def _register(ctx: StageContext) -> bool:
     has_repairs = "repairs" in ctx.inputs
     if has_repairs:
         con.register("e_repairs", ctx.inputs["repairs"])
+    if "judgements" in ctx.inputs:
+        con.register("e_judgements", ctx.inputs["judgements"])
+    elif ctx.cfg.export.require_judge:
+        raise UserError(
+            "export.require_judge=true but the run folder has no judgements table; add judge to pipeline.stages "
+            "(e.g. pipeline.stages=[ingest,generate,validate,judge,export]) or set export.require_judge=false"
+        )
     if "labels" in ctx.inputs:
         con.register("e_labels", ctx.inputs["labels"])
     else:  # run outside the runner (e.g. a test): no labels
@@ -202,6 +212,8 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
         step("not marked incorrect (export.is_correct=not_false)", "SELECT * FROM {src} WHERE is_correct IS NOT false")
     elif rule == "true":
         step("marked correct (export.is_correct=true)", "SELECT * FROM {src} WHERE is_correct")
+    if cfg.require_judge:
+        step(JUDGE_STEP, "SELECT * FROM {src} WHERE response_id IN (SELECT response_id FROM e_judgements WHERE passed)")
     if cfg.best_per_question:
         step(
             "best sample per question (export.best_per_question)",
@@ -365,7 +377,9 @@ def _card_data(
         FROM export_answers WHERE response_id IN (SELECT response_id FROM e_validations)
         """,
     )[0]
+    removed = next((before - after for (_, before), (step, after) in pairwise(sel.steps) if step == JUDGE_STEP), None)
     return CardData(
+        judge=judge_figures(con, "export_base", "e_judgements", removed) if "judgements" in ctx.inputs else None,
         name=ctx.cfg.name,
         config_hash=config_hash(ctx.cfg),
         rerun=portable_command(rerun, ctx.cfg.paths.root_dir) if rerun else None,
@@ -426,6 +440,6 @@ STAGE = Stage(
     outputs=(),
     config_sections=CONFIG_SECTIONS,  # the card records a hash of all of them
     files_dir="export",
-    optional_inputs=("repairs",),
+    optional_inputs=("repairs", "judgements"),
     logs=("labels", "hub"),
 )

@@ -3,8 +3,10 @@
 It answers over real HTTP so that the whole client stack (litellm, retries, timeouts, rate limiting)
 is exercised without a network or an API bill. Replies are deterministic: the server "solves" the
 first arithmetic expression in the last user message and, when asked for structured output, builds a
-JSON document that conforms to the requested schema. Faults (latency, rate limits, errors, hangs,
-malformed bodies) are opt-in through :class:`FakeServerConfig` and can be changed at runtime.
+JSON document that conforms to the requested schema; a judge prompt (the answer in ``<answer>`` tags, as
+the judge stage's rubric writes it) gets a verdict from comparing the answer with the golden answer. Faults
+(latency, rate limits, errors, hangs, malformed bodies) are opt-in through :class:`FakeServerConfig` and can be
+changed at runtime.
 
 Run it in its own process with ``python -m pipeline.llm.fake_server --port 0 ...``; it prints
 ``FAKE_SERVER_READY http://HOST:PORT`` once listening.
@@ -254,12 +256,56 @@ def _tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
+_JUDGE_TAGS = {
+    tag: re.compile(rf"<{tag}>\s*(.*?)\s*</{tag}>", re.DOTALL) for tag in ("question", "answer", "golden_answer")
+}
+
+
+def _judged_value(text: str) -> Any:
+    """The value an answer gives: its JSON `answer` field when it is such an object, else the text."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    return parsed.get("answer") if isinstance(parsed, dict) and "answer" in parsed else parsed
+
+
+def _same(got: Any, expected: Any) -> bool:
+    try:
+        a, b = float(str(got).strip()), float(str(expected).strip())
+    except ValueError:
+        return " ".join(str(got).casefold().split()) == " ".join(str(expected).casefold().split())
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def judge_reply(prompt: str) -> dict[str, Any] | None:
+    """A judge's verdict for a prompt that wraps the answer in <answer> tags (the judge stage's rubric), else None.
+
+    The answer passes when it equals the <golden_answer> (numbers within 1e-6, text case- and space-blind) or,
+    without one, the value of the first arithmetic expression in the <question>; with neither it passes."""
+    found = {tag: rx.search(prompt) for tag, rx in _JUDGE_TAGS.items()}
+    if found["answer"] is None:
+        return None
+    got = _judged_value(found["answer"].group(1))
+    expected: Any = found["golden_answer"].group(1) if found["golden_answer"] else None
+    if expected is None and found["question"] is not None:
+        expr, value = solve(found["question"].group(1))
+        expected = value if expr is not None else None
+    ok = expected is None or _same(got, expected)
+    reference = "no reference" if expected is None else f"the reference {expected}"
+    rationale = f"The answer {got} {'matches' if ok else 'does not match'} {reference}."
+    return {"score": 1.0 if ok else 0.0, "verdict": "pass" if ok else "fail", "rationale": rationale}
+
+
 def make_reply(messages: list[Any], response_format: Any) -> str:
-    """The deterministic reply content for a request (schema JSON, ``{"answer": x}`` or plain text)."""
+    """The deterministic reply content for a request (a judge's verdict, schema JSON, ``{"answer": x}`` or text)."""
     question = next(
         (_text_of(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
         "",
     )
+    verdict = judge_reply(question)
+    if verdict is not None:
+        return json.dumps(verdict)
     sol = _Solution(*solve(question))
     schema = _schema_of(response_format)
     if schema is not None:
