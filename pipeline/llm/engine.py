@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
-from pipeline.llm import client
+from pipeline.llm import client, dry_run
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
@@ -479,36 +479,8 @@ class Engine:
     def _dry_run(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> dict[str, Any]:
-        target = self.targets[0]
-        calls = cached = input_tokens = output_tokens = 0
-        for batch in self._pending_units(pending, build):
-            hits = self._cached(batch)
-            for unit in batch:
-                if unit.request_hash in hits:
-                    cached += 1
-                    continue
-                calls += 1
-                input_tokens += unit.est_tokens
-                output_tokens += unit.spec.max_tokens or 0
-        cost = target.price.cost(input_tokens, output_tokens)
-        limits = target.limiter
-        per_s = [limits.cap.maximum / 1.0]  # at most `concurrency` calls per second of latency
-        if limits.requests is not None:
-            per_s.append(limits.requests.rate)
-        if limits.input_tokens is not None and calls:
-            per_s.append(limits.input_tokens.rate / max(1.0, input_tokens / calls))
-        seconds = calls / min(per_s) if calls else 0.0
-        return {
-            "dry_run": True,
-            "units": self.totals.units,
-            "reused_journal": self.totals.reused_journal,
-            "cache_hits": cached,
-            "calls": calls,
-            "estimated_input_tokens": input_tokens,
-            "max_output_tokens": output_tokens,
-            "estimated_max_cost_usd": cost,
-            "estimated_seconds": round(seconds, 1),
-        }
+        batches = ((batch, set(self._cached(batch))) for batch in self._pending_units(pending, build))
+        return dry_run.estimate(batches, self.targets[0], self.totals)
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
         try:

@@ -55,6 +55,7 @@ class FakeServerConfig:
     script: list[dict[str, Any]] = field(default_factory=list)
     fail_models: list[str] = field(default_factory=list)
     require_api_key: str | None = None
+    tokenizer: str | None = None  # a tiktoken encoding: count prompt tokens as OpenAI does (None: characters / 4)
 
     def __post_init__(self) -> None:
         """Reject nonsense early (also on runtime updates, which go through ``dataclasses.replace``)."""
@@ -252,6 +253,23 @@ def _text_of(content: Any) -> str:
 def _tokens(text: str) -> int:
     """The usual ~4 characters per token estimate; good enough for budgets and cost tests."""
     return math.ceil(len(text) / 4)
+
+
+def _openai_prompt_tokens(encoding_name: str, messages: list[Any], response_format: Any) -> int:
+    """OpenAI's count: 3 per message plus its role and content tokens, 3 to prime the reply, plus the
+    json_schema of a structured-output request."""
+    from pipeline.tokens import bundled_encoding
+
+    encoding = bundled_encoding(encoding_name)
+    total = 3
+    for message in messages:
+        if isinstance(message, dict):
+            total += 3 + len(encoding.encode(str(message.get("role", "")), disallowed_special=()))
+            total += len(encoding.encode(_text_of(message.get("content")), disallowed_special=()))
+    schema = (response_format or {}).get("json_schema", {}).get("schema") if isinstance(response_format, dict) else None
+    if schema is not None:
+        total += len(encoding.encode(json.dumps(schema, separators=(",", ":")), disallowed_special=()))
+    return total
 
 
 def make_reply(messages: list[Any], response_format: Any) -> str:
@@ -536,7 +554,10 @@ class _FakeApp:
         if isinstance(limit, int) and _tokens(reply) > limit:
             reply, finish_reason = reply[: max(limit, 0) * 4], "length"
         finish_reason = entry.get("finish_reason", finish_reason)
-        prompt_tokens = _tokens("".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)))
+        if self.config.tokenizer is not None:
+            prompt_tokens = _openai_prompt_tokens(self.config.tokenizer, messages, body.get("response_format"))
+        else:
+            prompt_tokens = _tokens("".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)))
         completion_tokens = _tokens(reply)
         payload = {
             "id": f"chatcmpl-fake{next(self.ids):08d}",
