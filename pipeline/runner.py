@@ -185,6 +185,7 @@ class Runner:
         self.store = TableStore(paths.run_dir)
         self.manifest = Manifest.load(paths.manifest)
         self.ran: dict[str, str] = {}
+        self.progress = Progress(console)  # on screen from the start: imports and planning take seconds
 
     def _stages(self) -> list[Stage]:
         from stages import STAGES
@@ -244,6 +245,13 @@ class Runner:
 
     async def run(self) -> None:
         stages = self._stages()
+        self.progress.phase("starting")
+        try:
+            await self._run(stages)
+        finally:
+            self.progress.stop()
+
+    async def _run(self, stages: list[Stage]) -> None:
         self._begin()
         fallbacks = self._fallbacks() if any(s.needs_engine for s in stages) else []
         importing: threading.Thread | None = None
@@ -279,6 +287,7 @@ class Runner:
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)
         self.manifest.save()
+        self.progress.stop()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
 
     def _fallbacks(self) -> list[ModelConfig]:
@@ -368,7 +377,7 @@ class Runner:
         self.manifest.save()
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
         writer = StagedWriter(self.store, files_dir)
-        progress = Progress(self.console)
+        self.progress.phase(stage.name)
         engine = (
             Engine(
                 con,
@@ -377,7 +386,7 @@ class Runner:
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
                 redact=self.redact,
-                progress=progress,
+                progress=self.progress,
                 seed=self.cfg.seed,
             )
             if stage.needs_engine

@@ -30,6 +30,7 @@ import pyarrow as pa
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm import client, dry_run
+from pipeline.llm.binding import binding_limit
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
@@ -359,11 +360,14 @@ class Engine:
     ) -> Mapping[str, Any]:
         # litellm's first-call work runs in a thread while DuckDB plans (it releases the GIL), never on the loop.
         warm = self._warm_up() if not self.cfg.dry_run else None
+        self.progress.phase("generate: planning")
         pending = self._plan(units)
         todo = self.totals.units - self.totals.reused_journal
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
         if warm is not None:
+            if not warm.done():
+                self.progress.phase("generate: loading litellm")
             await warm
         self.progress.start(
             total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
@@ -611,6 +615,7 @@ class Engine:
                 wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
                 due = limiter.now() + wait
                 if wait > 0:
+                    self.progress.waited(binding_limit(limiter), wait)
                     await asyncio.sleep(wait)
                 if limiter.voided(reservation):
                     continue  # a 429 paused the endpoint while this call waited: queue again
@@ -618,7 +623,11 @@ class Engine:
                     requeued = True  # woke long after its slot (a stalled loop): queue again, once
                     continue
                 break
+            queued = time.monotonic()
             await limiter.cap.acquire()
+            self.progress.waited("concurrency", time.monotonic() - queued)
+            if log_entries:
+                self.progress.retried()
             self.progress.in_flight(+1)
             try:
                 attempt = await target.send(spec.messages, params)
@@ -645,6 +654,7 @@ class Engine:
             pause = backoff_s(attempt_no, attempt.retry_after_s, self._rng)
             if kind == "rate_limited":
                 limiter.on_throttle(attempt.retry_after_s, pause)
+                self.progress.paused(limiter.pause_wait(), "429")
                 continue  # the limiter's endpoint-wide pause is the wait
             if attempt_no + 1 < self.cfg.max_attempts:
                 await asyncio.sleep(pause)
