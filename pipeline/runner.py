@@ -439,14 +439,24 @@ class Runner:
         from stages import STAGES
 
         totals: dict[str, Any] = dict.fromkeys(
-            ("calls", "attempts", "cache_hits", "reused_from_journal", "prompt_tokens", "completion_tokens"), 0
+            (
+                "calls",
+                "attempts",
+                "failed",
+                "throttled",
+                "cache_hits",
+                "reused_from_journal",
+                "prompt_tokens",
+                "completion_tokens",
+            ),
+            0,
         )
         totals["cost_usd"] = 0.0
         for name, stage in STAGES.items():
             metrics = self.manifest.data["stages"].get(name, {}).get("metrics", {})
             if not stage.needs_engine or metrics.get("dry_run") or self.ran.get(name) != "ran":
                 continue  # totals count what this invocation did: a skipped stage made no calls
-            for key in ("calls", "attempts", "cache_hits", "prompt_tokens", "completion_tokens"):
+            for key in ("calls", "attempts", "failed", "throttled", "cache_hits", "prompt_tokens", "completion_tokens"):
                 totals[key] += metrics.get(key, 0)
             totals["reused_from_journal"] += metrics.get("reused_journal", 0)
             cost = metrics.get("cost_usd", 0.0)
