@@ -101,13 +101,14 @@ class Progress:
 
     def paused(self, seconds: float, reason: str = "429") -> None:
         """The endpoint is paused for `seconds` (a 429's Retry-After): shown as "paused until hh:mm:ss"."""
-        until = self._wall() + seconds
-        current = self._statuses.get("pause")
-        if current is not None and current[1] is not None and current[1] >= until:
+        now = self._wall()
+        until = now + seconds
+        ends = (self._statuses.get("pause") or ("", None))[1] or 0.0  # the pause on screen, if any
+        if ends >= until:
             return
         text = f"paused until {clock_time(until)} ({reason})"
         self.status("pause", text, until)
-        if not self.live:
+        if not self.live and ends <= now:  # a log line when a pause begins, not for each 429 that extends it
             self._log_line(f"generate {self.label}: {text}")
 
     def status(self, key: str, text: str | None, until: float | None = None) -> None:

@@ -74,7 +74,15 @@ def test_at_80_columns_done_total_and_eta_stay() -> None:
     lines = rendered(progress, console)
     assert len(lines) == 2 and all(len(line) <= 80 for line in lines), lines
     text = "\n".join(lines)
-    for part in ("5000/10000", "ETA 0:00:50", "━", "breaker open, next probe at 12:00:09", "failed 10", "retries 20", "429s 16"):
+    for part in (
+        "5000/10000",
+        "ETA 0:00:50",
+        "━",
+        "breaker open, next probe at 12:00:09",
+        "failed 10",
+        "retries 20",
+        "429s 16",
+    ):
         assert part in text, (part, lines)
 
 
@@ -100,8 +108,23 @@ def test_a_429_pause_shows_until_when_and_goes_away_by_itself() -> None:
     progress.paused(7.4, "429")
     assert "paused until 12:00:07 (429)" in "\n".join(rendered(progress, console))
     progress.paused(2.0, "429")  # an earlier end does not shorten the pause on screen
+    assert "paused until 12:00:07 (429)" in progress.plain()
     wall.now += 8
     assert "paused until" not in progress.plain()
+
+
+def test_without_a_terminal_a_pause_is_logged_once_when_it_begins(capsys: pytest.CaptureFixture[str]) -> None:
+    progress, _, wall, _ = busy(120)
+    capsys.readouterr()
+    progress.paused(5.0)
+    progress.paused(6.0)  # a second 429 extends the same pause
+    wall.now += 10
+    progress.paused(1.0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "paused until" in line]
+    assert lines == [
+        "generate openai_gpt4o_mini: paused until 12:00:05 (429)",
+        "generate openai_gpt4o_mini: paused until 12:00:11 (429)",
+    ]
 
 
 def test_the_limit_that_made_calls_wait_longest_is_named_while_it_binds() -> None:
