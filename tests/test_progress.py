@@ -167,8 +167,13 @@ def test_retries_and_the_429_pause_reach_the_display(server: FakeServer, tmp_pat
     assert any(text.startswith("paused until") and text.endswith("(429)") for text, _ in progress._statuses.values())
 
 
+def frozen() -> Progress:
+    """A display whose clock stands still: what it names does not depend on how long the run took."""
+    return Progress(live=False, clock=Clock())
+
+
 def test_a_requests_per_minute_bucket_is_named_as_the_limit(server: FakeServer, tmp_path: Path) -> None:
-    progress = Progress(live=False)
+    progress = frozen()
     model = fake_model(server, concurrency=16, requests_per_minute=600, burst_seconds=0.1)
     execute(engine_for(tmp_path, model, progress), 12)
     assert progress.binding_limit() == "requests/min"
@@ -176,6 +181,6 @@ def test_a_requests_per_minute_bucket_is_named_as_the_limit(server: FakeServer, 
 
 def test_concurrency_is_named_when_the_cap_is_what_waits(server: FakeServer, tmp_path: Path) -> None:
     server.configure(latency_ms=100)
-    progress = Progress(live=False)
+    progress = frozen()
     execute(engine_for(tmp_path, fake_model(server, concurrency=2), progress), 12)
     assert progress.binding_limit() == "concurrency"
