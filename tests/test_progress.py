@@ -10,7 +10,10 @@ import pytest
 from engine_helpers import engine_for, execute, fake_model
 from rich.console import Console
 
+from pipeline.config import LimitsConfig
+from pipeline.llm.binding import binding_limit
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.limiter import EndpointLimiter
 from pipeline.progress import Progress
 from pipeline.progress_layout import BAR, Field, fit
 
@@ -184,3 +187,17 @@ def test_concurrency_is_named_when_the_cap_is_what_waits(server: FakeServer, tmp
     progress = frozen()
     execute(engine_for(tmp_path, fake_model(server, concurrency=2), progress), 12)
     assert progress.binding_limit() == "concurrency"
+
+
+def test_the_bucket_deepest_in_debt_is_the_binding_limit() -> None:
+    clock = Clock()
+    limiter = EndpointLimiter(LimitsConfig(requests_per_minute=60, input_tokens_per_minute=600), clock=clock)
+    assert binding_limit(limiter) in ("requests/min", "input tokens/min")
+    limiter.reserve(100.0, 0.0)  # 100 tokens at 10/s: 10 s of debt; 1 request at 1/s: 1 s
+    assert binding_limit(limiter) == "input tokens/min"
+    clock.now += 20
+    for _ in range(5):
+        limiter.reserve(1.0, 0.0)  # 5 requests at 1/s now outweigh 5 tokens at 10/s
+    assert binding_limit(limiter) == "requests/min"
+    limiter.on_throttle(retry_after_s=3.0, backoff_s=1.0)
+    assert binding_limit(limiter) is None, "a 429 pause is shown as a pause, not as a limit"

@@ -21,4 +21,4 @@ def binding_limit(limiter: EndpointLimiter) -> str | None:
         for attribute, name in BUCKET_NAMES
         if (bucket := getattr(limiter, attribute)) is not None
     }
-    return max(debts, key=debts.__getitem__) if debts else "concurrency"
+    return max(debts, key=debts.__getitem__) if debts else None
