@@ -28,7 +28,7 @@ def stage_table(manifest: dict[str, Any], ran: dict[str, str]) -> Table:
     """One row per stage, borderless at the sides so that it fits 80 columns."""
     table = Table(
         title=f"run {manifest.get('name', '')}",
-        box=box.SIMPLE_HEAD,
+        box=box.MINIMAL_HEAVY_HEAD,
         header_style="bold",
         pad_edge=False,
         collapse_padding=True,

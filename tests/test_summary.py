@@ -59,15 +59,17 @@ def test_the_summary_fits_80_columns_with_retries_and_429s() -> None:
     text = "\n".join(lines)
     assert "retries 16" in text and "429s 4" in text and "failed 3" in text
     assert "1,000,000 (+12 reused)" in text and "185,000,000 in / 16,000,000 out" in text
-    rule = next(i for i, line in enumerate(lines) if line.strip().startswith("──"))
-    body = lines[rule + 1 : rule + 1 + lines[rule + 1 :].index(next(x for x in lines[rule + 1 :] if not x.strip()))]
-    assert [row.split()[:2] for row in body] == [
+    body = [line.split("│") for line in lines if line.lstrip().startswith(("ingest", "generate", "validate", "export"))]
+    assert [[cell.strip() for cell in row[:2]] for row in body] == [
         ["ingest", "ran"],
         ["generate", "ran"],
         ["validate", "ran"],
         ["export", "skipped"],
-    ], body  # one line per stage: none wrapped
-    assert body[3].split()[-2] == "995,000"
+    ]
+    first = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ingest"))
+    last = next(i for i, line in enumerate(lines) if line.lstrip().startswith("export"))
+    assert last - first == 3, "a stage row wrapped onto a second line:\n" + "\n".join(lines[first : last + 1])
+    assert body[3][3].strip() == "995,000"
 
 
 def test_the_dry_run_note_shows_ranges_and_how_input_was_counted() -> None:
