@@ -101,6 +101,8 @@ class Progress:
 
     def paused(self, seconds: float, reason: str = "429") -> None:
         """The endpoint is paused for `seconds` (a 429's Retry-After): shown as "paused until hh:mm:ss"."""
+        if seconds <= 0:
+            return
         now = self._wall()
         until = now + seconds
         ends = (self._statuses.get("pause") or ("", None))[1] or 0.0  # the pause on screen, if any

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +51,19 @@ def engine_for(tmp: Path, model: ModelConfig, progress: Progress | None = None, 
     )
 
 
-def build(max_tokens: int = 64) -> Callable[[dict[str, Any]], RequestSpec]:
-    def render(row: dict[str, Any]) -> RequestSpec:
+@dataclass(frozen=True)
+class Build:
+    """Renders a unit's request; a module-level class, so that it pickles into worker processes."""
+
+    max_tokens: int = 64
+
+    def __call__(self, row: dict[str, Any]) -> RequestSpec:
         return RequestSpec(
             messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": row["question"]}],
             temperature=0.0,
-            max_tokens=max_tokens,
+            max_tokens=self.max_tokens,
             response_schema=SCHEMA,
         )
-
-    return render
 
 
 def execute(engine: Engine, n: int, max_tokens: int = 64) -> Mapping[str, Any]:
@@ -76,7 +80,7 @@ def execute(engine: Engine, n: int, max_tokens: int = 64) -> Mapping[str, Any]:
 
     async def main() -> Mapping[str, Any]:
         try:
-            return await engine.execute(units, build(max_tokens))
+            return await engine.execute(units, Build(max_tokens))
         finally:
             await close_clients()
 

@@ -201,3 +201,12 @@ def test_the_bucket_deepest_in_debt_is_the_binding_limit() -> None:
     assert binding_limit(limiter) == "requests/min"
     limiter.on_throttle(retry_after_s=3.0, backoff_s=1.0)
     assert binding_limit(limiter) is None, "a 429 pause is shown as a pause, not as a limit"
+
+
+@pytest.mark.slow
+def test_retries_in_worker_processes_reach_the_parents_display(server: FakeServer, tmp_path: Path) -> None:
+    server.configure(error_rate=0.2, seed=3)
+    progress = Progress(live=False)
+    summary = execute(engine_for(tmp_path, fake_model(server), progress, workers=2, max_attempts=8), 40)
+    assert summary["ok"] == 40 and summary["attempts"] > summary["calls"]
+    assert progress.retries == summary["attempts"] - summary["calls"]
