@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from engine_helpers import SCHEMA, SYSTEM, engine_for, execute, fake_model
 
-from pipeline.llm.dry_run import counter_for, minimal_instance
+from pipeline.llm.dry_run import counter_for, minimal_instance, schema_as_billed
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.tokens import bundled_encoding
 
@@ -74,3 +74,17 @@ def test_other_providers_are_estimated_by_characters(openai_like: FakeServer, tm
     assert estimate["input_tokens_method"] == "characters / 4"
     per_call = estimate["estimated_input_tokens"] / 10
     assert per_call > (len(SYSTEM) + len(SCHEMA)) / 4
+
+
+def test_the_billed_schema_leaves_out_what_openai_does_not_count() -> None:
+    schema = {
+        "$schema": "x",
+        "type": "object",
+        "required": ["a"],
+        "additionalProperties": False,
+        "properties": {"a": {"type": "object", "required": ["b"], "properties": {"b": {"type": "string"}}}},
+    }
+    assert (
+        schema_as_billed(schema)
+        == '{"type":"object","properties":{"a":{"type":"object","properties":{"b":{"type":"string"}}}}}'
+    )

@@ -4,8 +4,9 @@ Input tokens. OpenAI models (`openai/…`, `azure/…` or a model id tiktoken kn
 with the model's encoding (o200k_base for models tiktoken does not know: every current OpenAI chat model
 uses it), read from litellm's bundled copy: the way OpenAI's cookbook counts chat messages, 3 tokens per
 message plus its role and content, 3 more to prime the reply, plus the answer's JSON Schema when it is sent
-as a `json_schema` response format (schemas are prompt tokens too). Other providers' tokenizers are not
-bundled: their input is estimated as characters / 4, which for English text is usually within 20 %.
+as a `json_schema` response format (schemas are prompt tokens too; see `schema_as_billed`). Other
+providers' tokenizers are not bundled: their input is estimated as characters / 4 (the same rule
+otherwise, a rough figure: tokenizers differ).
 
 Output tokens are a range. The ceiling is `max_tokens` per call: what a provider can bill at most. The low
 end is the shortest answer the request allows: the tokens of the smallest JSON that satisfies the answer
@@ -30,6 +31,8 @@ TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 OPENAI_PREFIXES = ("openai/", "azure/", "azure_ai/")
 DEFAULT_OPENAI_ENCODING = "o200k_base"
+SCHEMA_OVERHEAD = 9  # tokens around a json_schema response format's schema
+SCHEMA_KEYS_NOT_BILLED = ("required", "additionalProperties", "$schema")
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,28 @@ class Counter:
             role, content = message.get("role") or "", message.get("content") or ""
             total += TOKENS_PER_MESSAGE + self.tokens(role) + self.tokens(content)
         if schema and response_format == "json_schema":
-            total += self.tokens(json.dumps(json.loads(schema), separators=(",", ":")))
+            total += SCHEMA_OVERHEAD + self.tokens(schema_as_billed(json.loads(schema)))
         return total
 
     def shortest_answer(self, schema: str | None, response_format: str) -> int:
         if not schema or response_format == "none":
             return 1
         return max(1, self.tokens(json.dumps(minimal_instance(json.loads(schema)), separators=(",", ":"))))
+
+
+def schema_as_billed(schema: Any) -> str:
+    """The schema text a json_schema response format adds to the prompt, as users measured it against
+    OpenAI's usage (openai-cookbook issue 2140): compact JSON without "required", "additionalProperties"
+    and "$schema" at any depth, plus `SCHEMA_OVERHEAD` tokens."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in SCHEMA_KEYS_NOT_BILLED}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return json.dumps(strip(schema), separators=(",", ":"), ensure_ascii=False)
 
 
 def counter_for(model: str) -> Counter:

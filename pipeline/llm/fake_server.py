@@ -257,7 +257,8 @@ def _tokens(text: str) -> int:
 
 def _openai_prompt_tokens(encoding_name: str, messages: list[Any], response_format: Any) -> int:
     """OpenAI's count: 3 per message plus its role and content tokens, 3 to prime the reply, plus the
-    json_schema of a structured-output request."""
+    json_schema of a structured-output request (as `pipeline.llm.dry_run` documents it)."""
+    from pipeline.llm.dry_run import SCHEMA_OVERHEAD, schema_as_billed
     from pipeline.tokens import bundled_encoding
 
     encoding = bundled_encoding(encoding_name)
@@ -268,7 +269,7 @@ def _openai_prompt_tokens(encoding_name: str, messages: list[Any], response_form
             total += len(encoding.encode(_text_of(message.get("content")), disallowed_special=()))
     schema = (response_format or {}).get("json_schema", {}).get("schema") if isinstance(response_format, dict) else None
     if schema is not None:
-        total += len(encoding.encode(json.dumps(schema, separators=(",", ":")), disallowed_special=()))
+        total += SCHEMA_OVERHEAD + len(encoding.encode(schema_as_billed(schema), disallowed_special=()))
     return total
 
 
