@@ -197,6 +197,7 @@ class Runner:
         self.manifest = Manifest.load(paths.manifest)
         self.ran: dict[str, str] = {}
         self.chains: dict[str, list[ModelConfig]] = {}  # engine stage -> the presets it calls, fallbacks last
+        self.progress = Progress(console)  # on screen from the start: imports and planning take seconds
 
     def _stages(self) -> list[Stage]:
         from stages import STAGES
@@ -268,6 +269,13 @@ class Runner:
 
     async def run(self) -> None:
         stages = self._stages()
+        self.progress.phase("starting")
+        try:
+            await self._run(stages)
+        finally:
+            self.progress.stop()
+
+    async def _run(self, stages: list[Stage]) -> None:
         self._begin()
         self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
@@ -303,6 +311,7 @@ class Runner:
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
         self.manifest.data["totals"] = self._totals(time.monotonic() - started)
         self.manifest.save()
+        self.progress.stop()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
 
     def _engine_chains(self, stages: list[Stage]) -> dict[str, list[ModelConfig]]:
@@ -415,7 +424,7 @@ class Runner:
         self.manifest.save()
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
         writer = StagedWriter(self.store, files_dir)
-        progress = Progress(self.console)
+        self.progress.phase(stage.name)
         engine = (
             Engine(
                 con,
@@ -424,7 +433,7 @@ class Runner:
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
                 redact=self.redact,
-                progress=progress,
+                progress=self.progress,
                 seed=self.cfg.seed,
             )
             if stage.needs_engine
@@ -477,14 +486,24 @@ class Runner:
         from stages import STAGES
 
         totals: dict[str, Any] = dict.fromkeys(
-            ("calls", "attempts", "cache_hits", "reused_from_journal", "prompt_tokens", "completion_tokens"), 0
+            (
+                "calls",
+                "attempts",
+                "failed",
+                "throttled",
+                "cache_hits",
+                "reused_from_journal",
+                "prompt_tokens",
+                "completion_tokens",
+            ),
+            0,
         )
         totals["cost_usd"] = 0.0
         for name, stage in STAGES.items():
             metrics = self.manifest.data["stages"].get(name, {}).get("metrics", {})
             if not stage.needs_engine or metrics.get("dry_run") or self.ran.get(name) != "ran":
                 continue  # totals count what this invocation did: a skipped stage made no calls
-            for key in ("calls", "attempts", "cache_hits", "prompt_tokens", "completion_tokens"):
+            for key in ("calls", "attempts", "failed", "throttled", "cache_hits", "prompt_tokens", "completion_tokens"):
                 totals[key] += metrics.get(key, 0)
             totals["reused_from_journal"] += metrics.get("reused_journal", 0)
             cost = metrics.get("cost_usd", 0.0)

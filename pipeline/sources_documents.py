@@ -11,7 +11,6 @@ Each row has `document_id` (the path relative to the inputs' common folder), `ch
 from __future__ import annotations
 
 import bisect
-import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from pipeline.config import DocumentsOptions, IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources import HIDDEN_FIELDS, display_names, materialize, python_encoding
 from pipeline.sources_errors import ENCODING_HINT
+from pipeline.tokens import bundled_encoding
 
 BATCH_ROWS = 5_000
 UNITS = ("chars", "tokens")
@@ -114,24 +114,13 @@ def chunk_spans(text: str, size: int, overlap: int, units: Units) -> list[tuple[
 def _cl100k() -> Callable[[str], list[int]]:
     """Token start offsets via tiktoken's cl100k_base, from litellm's bundled copy (never downloaded)."""
     try:
-        import tiktoken
+        encoding = bundled_encoding("cl100k_base")
     except ImportError:
         raise UserError(
             "ingest.documents.unit=tokens needs tiktoken (pip install tiktoken); or use unit=chars"
         ) from None
-    if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        spec = importlib.util.find_spec("litellm")
-        if spec and spec.submodule_search_locations:
-            bundled = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
-            if bundled.is_dir():
-                os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)  # what litellm itself does on import
-    try:
-        encoding = tiktoken.get_encoding("cl100k_base")
-    except Exception as exc:
-        raise UserError(
-            f"ingest.documents.unit=tokens: the cl100k_base encoding is not available offline ({type(exc).__name__}); "
-            "use ingest.documents.unit=chars"
-        ) from None
+    except LookupError as exc:
+        raise UserError(f"ingest.documents.unit=tokens: {exc}; use ingest.documents.unit=chars") from None
 
     def starts(text: str) -> list[int]:
         tokens = encoding.encode(text, disallowed_special=())

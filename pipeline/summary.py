@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -19,33 +20,66 @@ def _cost(value: Any) -> str:
     return "unknown" if value is None else f"${value:.4f}"
 
 
-def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str], run_dir: Path) -> None:
-    table = Table(title=f"run {manifest.get('name', '')}", show_header=True, header_style="bold")
+def _count(value: Any) -> str:
+    return f"{value or 0:,}"
+
+
+def stage_table(manifest: dict[str, Any], ran: dict[str, str]) -> Table:
+    """One row per stage, borderless at the sides so that it fits 80 columns."""
+    table = Table(
+        title=f"run {manifest.get('name', '')}",
+        box=box.MINIMAL_HEAVY_HEAD,
+        header_style="bold",
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table.add_column("stage")
     table.add_column("this run")
     table.add_column("status")
-    table.add_column("rows", justify="right")
+    table.add_column("rows", justify="right", overflow="fold")
     table.add_column("seconds", justify="right")
     stages = manifest.get("stages", {})
     for name in sorted(stages, key=lambda n: STAGE_ORDER.index(n) if n in STAGE_ORDER else len(STAGE_ORDER)):
         record = stages[name]
         rows = record.get("rows") or {}
-        rows_text = ", ".join(f"{t} {n}" for t, n in rows.items()) or str(
-            record.get("metrics", {}).get("exported", "-")
+        exported = record.get("metrics", {}).get("exported")
+        rows_text = ", ".join(f"{t} {_count(n)}" for t, n in rows.items()) or (
+            "-" if exported is None else _count(exported)
         )
-        table.add_row(name, ran.get(name, "-"), record.get("status", "-"), rows_text, f"{record.get('seconds', 0):.2f}")
-    console.print(table)
+        status = str(record.get("status", "-")).replace("_", " ")
+        table.add_row(name, ran.get(name, "-"), status, rows_text, f"{record.get('seconds', 0):.2f}")
+    return table
+
+
+def figures(manifest: dict[str, Any]) -> Table:
+    """Quality, calls (with retries and 429s), tokens, cost and time: short labelled lines, never one long one."""
     validate = manifest.get("stages", {}).get("validate", {}).get("metrics", {})
     totals = manifest.get("totals", {})
     first = validate.get("valid_pct_first_pass")
     valid = _pct(validate.get("valid_pct")) + (f" ({_pct(first)} at first pass)" if validate.get("repaired") else "")
-    console.print(
-        f"valid {valid}   accuracy vs golden {_pct(validate.get('accuracy_pct'))}   "
-        f"calls {totals.get('calls', 0)} (+{totals.get('cache_hits', 0)} reused)   "
-        f"tokens {totals.get('prompt_tokens', 0)} in / {totals.get('completion_tokens', 0)} out   "
-        f"cost {_cost(totals.get('cost_usd'))}   time {totals.get('seconds', 0):.1f}s",
-        highlight=False,
+    calls = totals.get("calls", 0) or 0
+    retries = max(0, (totals.get("attempts", 0) or 0) - calls)
+    failed = f"   failed {_count(totals['failed'])}" if "failed" in totals else ""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    grid.add_row("quality", f"valid {valid}   accuracy vs golden {_pct(validate.get('accuracy_pct'))}")
+    grid.add_row(
+        "calls",
+        f"{_count(calls)} (+{_count(totals.get('cache_hits'))} reused){failed}   retries {_count(retries)}   "
+        f"429s {_count(totals.get('throttled'))}",
     )
+    grid.add_row(
+        "tokens",
+        f"{_count(totals.get('prompt_tokens'))} in / {_count(totals.get('completion_tokens'))} out   "
+        f"cost {_cost(totals.get('cost_usd'))}   time {totals.get('seconds', 0):.1f}s",
+    )
+    return grid
+
+
+def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str], run_dir: Path) -> None:
+    console.print(stage_table(manifest, ran))
+    console.print(figures(manifest), highlight=False)
     _notes(console, manifest, run_dir)
     export = manifest.get("stages", {}).get("export", {})
     selection = export.get("metrics", {}).get("selection")
@@ -85,14 +119,7 @@ def _notes(console: Console, manifest: dict[str, Any], run_dir: Path) -> None:
     metrics = generate.get("metrics", {})
     resume = f"rerun with hydra.run.dir={run_dir} to continue"
     if generate.get("status") == "dry_run":
-        console.print(
-            f"dry run: {metrics.get('calls', 0)} calls to make ({metrics.get('cache_hits', 0)} answered by the cache, "
-            f"{metrics.get('reused_journal', 0)} already in this run), ~{metrics.get('estimated_input_tokens', 0)} "
-            f"input tokens, at most {metrics.get('max_output_tokens', 0)} output tokens, at most "
-            f"{_cost(metrics.get('estimated_max_cost_usd'))}, ~{metrics.get('estimated_seconds', 0)}s at the "
-            "preset's limits; nothing was called",
-            highlight=False,
-        )
+        console.print(dry_run_note(metrics), highlight=False)
     if metrics.get("stopped"):
         console.print(f"[yellow]generate stopped early:[/] {metrics['stopped']}", highlight=False)
     elif metrics.get("unsettled"):
@@ -100,3 +127,19 @@ def _notes(console: Console, manifest: dict[str, Any], run_dir: Path) -> None:
             f"[yellow]{metrics['unsettled']} calls failed transiently (retries used up):[/] {resume} to retry them",
             highlight=False,
         )
+
+
+def dry_run_note(metrics: dict[str, Any]) -> str:
+    """What the dry run found, as ranges where the answer's length is unknown (see `pipeline.llm.dry_run`)."""
+    low, high = metrics.get("min_output_tokens", 0), metrics.get("max_output_tokens", 0)
+    cost_low, cost_high = metrics.get("estimated_min_cost_usd"), metrics.get("estimated_max_cost_usd")
+    cost = _cost(cost_high) if cost_low is None or cost_high is None else f"{_cost(cost_low)} to {_cost(cost_high)}"
+    method = metrics.get("input_tokens_method", "estimated")
+    return (
+        f"dry run: {_count(metrics.get('calls'))} calls to make ({_count(metrics.get('cache_hits'))} answered by "
+        f"the cache, {_count(metrics.get('reused_journal'))} already in this run)\n"
+        f"  input tokens  ~{_count(metrics.get('estimated_input_tokens'))} ({method})\n"
+        f"  output tokens {_count(low)} to {_count(high)} (shortest valid answer to max_tokens)\n"
+        f"  cost          {cost}\n"
+        f"  time          ~{metrics.get('estimated_seconds', 0)}s at the preset's limits; nothing was called"
+    )

@@ -29,7 +29,8 @@ import pyarrow as pa
 
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
-from pipeline.llm import client
+from pipeline.llm import client, dry_run
+from pipeline.llm.binding import binding_limit
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
@@ -359,11 +360,14 @@ class Engine:
     ) -> Mapping[str, Any]:
         # litellm's first-call work runs in a thread while DuckDB plans (it releases the GIL), never on the loop.
         warm = self._warm_up() if not self.cfg.dry_run else None
+        self.progress.phase("generate: planning")
         pending = self._plan(units)
         todo = self.totals.units - self.totals.reused_journal
         if self.cfg.dry_run:
             return self._dry_run(pending, build)
         if warm is not None:
+            if not warm.done():
+                self.progress.phase("generate: loading litellm")
             await warm
         self.progress.start(
             total=self.totals.units, done=self.totals.reused_journal, label=self.targets[0].endpoint.preset
@@ -479,36 +483,8 @@ class Engine:
     def _dry_run(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> dict[str, Any]:
-        target = self.targets[0]
-        calls = cached = input_tokens = output_tokens = 0
-        for batch in self._pending_units(pending, build):
-            hits = self._cached(batch)
-            for unit in batch:
-                if unit.request_hash in hits:
-                    cached += 1
-                    continue
-                calls += 1
-                input_tokens += unit.est_tokens
-                output_tokens += unit.spec.max_tokens or 0
-        cost = target.price.cost(input_tokens, output_tokens)
-        limits = target.limiter
-        per_s = [limits.cap.maximum / 1.0]  # at most `concurrency` calls per second of latency
-        if limits.requests is not None:
-            per_s.append(limits.requests.rate)
-        if limits.input_tokens is not None and calls:
-            per_s.append(limits.input_tokens.rate / max(1.0, input_tokens / calls))
-        seconds = calls / min(per_s) if calls else 0.0
-        return {
-            "dry_run": True,
-            "units": self.totals.units,
-            "reused_journal": self.totals.reused_journal,
-            "cache_hits": cached,
-            "calls": calls,
-            "estimated_input_tokens": input_tokens,
-            "max_output_tokens": output_tokens,
-            "estimated_max_cost_usd": cost,
-            "estimated_seconds": round(seconds, 1),
-        }
+        batches = ((batch, set(self._cached(batch))) for batch in self._pending_units(pending, build))
+        return dry_run.estimate(batches, self.targets[0], self.totals)
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
         try:
@@ -639,6 +615,7 @@ class Engine:
                 wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
                 due = limiter.now() + wait
                 if wait > 0:
+                    self.progress.waited(binding_limit(limiter), wait)
                     await asyncio.sleep(wait)
                 if limiter.voided(reservation):
                     continue  # a 429 paused the endpoint while this call waited: queue again
@@ -646,7 +623,11 @@ class Engine:
                     requeued = True  # woke long after its slot (a stalled loop): queue again, once
                     continue
                 break
+            queued = time.monotonic()
             await limiter.cap.acquire()
+            self.progress.waited("concurrency", time.monotonic() - queued)
+            if log_entries:
+                self.progress.retried()
             self.progress.in_flight(+1)
             try:
                 attempt = await target.send(spec.messages, params)
@@ -673,6 +654,7 @@ class Engine:
             pause = backoff_s(attempt_no, attempt.retry_after_s, self._rng)
             if kind == "rate_limited":
                 limiter.on_throttle(attempt.retry_after_s, pause)
+                self.progress.paused(limiter.pause_wait(), "429")
                 continue  # the limiter's endpoint-wide pause is the wait
             if attempt_no + 1 < self.cfg.max_attempts:
                 await asyncio.sleep(pause)

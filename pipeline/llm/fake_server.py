@@ -57,6 +57,7 @@ class FakeServerConfig:
     script: list[dict[str, Any]] = field(default_factory=list)
     fail_models: list[str] = field(default_factory=list)
     require_api_key: str | None = None
+    tokenizer: str | None = None  # a tiktoken encoding: count prompt tokens as OpenAI does (None: characters / 4)
 
     def __post_init__(self) -> None:
         """Reject nonsense early (also on runtime updates, which go through ``dataclasses.replace``)."""
@@ -295,6 +296,24 @@ def judge_reply(prompt: str) -> dict[str, Any] | None:
     reference = "no reference" if expected is None else f"the reference {expected}"
     rationale = f"The answer {got} {'matches' if ok else 'does not match'} {reference}."
     return {"score": 1.0 if ok else 0.0, "verdict": "pass" if ok else "fail", "rationale": rationale}
+
+
+def _openai_prompt_tokens(encoding_name: str, messages: list[Any], response_format: Any) -> int:
+    """OpenAI's count: 3 per message plus its role and content tokens, 3 to prime the reply, plus the
+    json_schema of a structured-output request (as `pipeline.llm.dry_run` documents it)."""
+    from pipeline.llm.dry_run import SCHEMA_OVERHEAD, schema_as_billed
+    from pipeline.tokens import bundled_encoding
+
+    encoding = bundled_encoding(encoding_name)
+    total = 3
+    for message in messages:
+        if isinstance(message, dict):
+            total += 3 + len(encoding.encode(str(message.get("role", "")), disallowed_special=()))
+            total += len(encoding.encode(_text_of(message.get("content")), disallowed_special=()))
+    schema = (response_format or {}).get("json_schema", {}).get("schema") if isinstance(response_format, dict) else None
+    if schema is not None:
+        total += SCHEMA_OVERHEAD + len(encoding.encode(schema_as_billed(schema), disallowed_special=()))
+    return total
 
 
 def make_reply(messages: list[Any], response_format: Any) -> str:
@@ -582,7 +601,10 @@ class _FakeApp:
         if isinstance(limit, int) and _tokens(reply) > limit:
             reply, finish_reason = reply[: max(limit, 0) * 4], "length"
         finish_reason = entry.get("finish_reason", finish_reason)
-        prompt_tokens = _tokens("".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)))
+        if self.config.tokenizer is not None:
+            prompt_tokens = _openai_prompt_tokens(self.config.tokenizer, messages, body.get("response_format"))
+        else:
+            prompt_tokens = _tokens("".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict)))
         completion_tokens = _tokens(reply)
         payload = {
             "id": f"chatcmpl-fake{next(self.ids):08d}",

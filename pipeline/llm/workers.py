@@ -194,6 +194,7 @@ class _Fleet:
         if kind == "progress":
             self._throttled[index] = payload["throttled"]
             self.engine.progress.in_flight(payload.pop("in_flight"))
+            self.engine.progress.retried(payload.pop("retries", 0))
             self.engine.progress.add(**{**payload, "throttled": sum(self._throttled)})
             return
         self.outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
@@ -291,7 +292,7 @@ class ProgressRelay(Progress):
 
     @staticmethod
     def _empty() -> dict[str, Any]:
-        return {"ok": 0, "failed": 0, "cost": 0.0, "tokens": 0, "throttled": 0, "in_flight": 0}
+        return {"ok": 0, "failed": 0, "cost": 0.0, "tokens": 0, "throttled": 0, "in_flight": 0, "retries": 0}
 
     def start(self, total: int, done: int, label: str) -> None:
         pass
@@ -301,6 +302,9 @@ class ProgressRelay(Progress):
 
     def in_flight(self, delta: int) -> None:
         self._batch["in_flight"] += delta
+
+    def retried(self, count: int = 1) -> None:
+        self._batch["retries"] += count
 
     def add(self, ok: int, failed: int, cost: float | None, tokens: int, throttled: int) -> None:
         b = self._batch
