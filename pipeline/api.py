@@ -97,12 +97,13 @@ def run(experiment: str | None = "math", overrides: Sequence[str] = (), run_dir:
     arguments = [*([f"+experiment={experiment}"] if experiment else []), *overrides]
     if run_dir is not None:
         arguments.append(f"hydra.run.dir={Path(run_dir).resolve()}")
-    with contextlib.suppress(RuntimeError):
+    try:
         asyncio.get_running_loop()
-        # Inside a running event loop (a Jupyter cell): the run gets its own loop in a thread of its own.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distillery-run") as pool:
-            return open_run(pool.submit(_run_job, arguments).result())
-    return open_run(_run_job(arguments))
+    except RuntimeError:  # no loop running here: the usual case
+        return open_run(_run_job(arguments))
+    # Inside a running event loop (a Jupyter cell): the run gets its own loop in a thread of its own.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distillery-run") as pool:
+        return open_run(pool.submit(_run_job, arguments).result())
 
 
 def _run_job(arguments: list[str]) -> Path:
@@ -140,6 +141,12 @@ def _run_job(arguments: list[str]) -> Path:
                 hydra.run(config_name=CONFIG_NAME, task_function=task, overrides=arguments)
         except JobExit as exc:
             raise DistilleryError(exc.message, int(exc.code or exit_codes.FAILED)) from None
+        except SystemExit as exc:  # an exit without its line (JobExit carries one): still an exception here
+            if exc.code in (None, exit_codes.OK) and folder:
+                return folder[0]
+            code = exc.code if isinstance(exc.code, int) else exit_codes.FAILED
+            where = f" (see {folder[0] / 'run.log'})" if folder else ""
+            raise DistilleryError(f"the run ended with exit code {exc.code}{where}", code) from None
         except (HydraException, OmegaConfBaseException) as exc:
             if folder:
                 raise  # the job itself failed: a bug, with its traceback

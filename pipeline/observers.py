@@ -36,7 +36,7 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 EVENT_KINDS = (
-    "run_start",  # run_dir, name, stages
+    "run_start",  # run_dir, name, urls (what built-in observers serve, e.g. {"MetricsObserver": url})
     "run_end",  # run_dir, status (done | failed | interrupted), totals
     "stage_start",  # stage, fingerprint
     "stage_end",  # stage, status, rows, seconds, metrics
@@ -67,7 +67,8 @@ class Event:
 
 
 def emit(kind: str, **data: Any) -> None:
-    """Tell the current run's observers (if any) about an event. Never blocks, never raises."""
+    """Tell the current run's observers (if any) about an event. Never blocks; raises only for a kind not in
+    EVENT_KINDS (a bug in the caller)."""
     hub = _current.get()
     if hub is not None:
         hub.emit(kind, data)
@@ -285,7 +286,7 @@ async def observing(cfg: GenerateConfig, run_dir: Path, manifest: dict[str, Any]
     urls = {name: url for obs in observers if (url := getattr(obs, "url", None)) for name in [type(obs).__name__]}
     status = "failed"
     try:
-        emit("run_start", run_dir=str(run_dir), name=manifest.get("name"), **urls)
+        emit("run_start", run_dir=str(run_dir), name=manifest.get("name"), urls=urls)
         yield hub
         status = "done"
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -4,6 +4,7 @@ example executed as written."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -131,3 +132,15 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert printed[2] == "valid 100%"
     assert printed[3] == "2 generate.samples=0: must be at least 1"
     assert (tmp_path / "outputs/api-demo/manifest.json").is_file()
+
+
+def test_runs_inside_a_running_event_loop(tmp_path: Path) -> None:
+    """As in a Jupyter cell: the run gets its own loop in a helper thread instead of failing."""
+
+    async def cell() -> distillery.RunResult:
+        common = ["model=fake", "ingest.limit=5", f"paths.output_dir={tmp_path / 'outputs'}"]
+        return distillery.run("math", common, run_dir=tmp_path / "run")
+
+    result = asyncio.run(cell())
+    assert result.manifest["totals"]["calls"] == 5
+    assert len(result.arrow("responses")) == 5

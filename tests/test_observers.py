@@ -175,7 +175,7 @@ class Scraper:
             return str(response.read().decode())
 
     def on_run_start(self, event: Event) -> None:
-        self.url = event.data["MetricsObserver"]
+        self.url = event.data["urls"]["MetricsObserver"]
 
     def on_call_settled(self, event: Event) -> None:
         if not self.during:
@@ -253,7 +253,7 @@ def table_rows(result: distillery.RunResult, name: str, drop: str = "") -> list[
     return relation.select(", ".join(columns)).order(", ".join(columns[:1])).fetchall()
 
 
-def test_raising_and_slow_observers_do_not_change_the_run(tmp_path: Path) -> None:
+def test_raising_and_slow_observers_do_not_change_the_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     watched = [
         "generate.cache=off",
         f"generate.observers=[{target(RaisesOnSettled)},{target(SleepsOnEvents)}]",
@@ -271,6 +271,7 @@ def test_raising_and_slow_observers_do_not_change_the_run(tmp_path: Path) -> Non
     assert report["dropped"] > 0
     assert report["errors"] >= 1
     assert report["delivered"] + report["dropped"] == report["emitted"]
+    assert f"observers: {report['dropped']} events dropped" in capfd.readouterr().err  # after the summary
     log = (observed.run_dir / "run.log").read_text()
     assert log.count("RaisesOnSettled.on_call_settled raised ValueError") == 1
     # Observer keys are not in any fingerprint: rerunning the folder without them skips every stage.
@@ -353,3 +354,16 @@ def test_bad_observer_target_is_one_line(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith("generate.observers[0]: cannot build no_such_module.Observer")
     assert "\n" not in message
+
+
+def test_metrics_port_in_use_is_one_line() -> None:
+    from pipeline.errors import UserError
+    from pipeline.metrics import MetricsObserver
+
+    first = MetricsObserver(0)
+    try:
+        port = int(first.url.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(UserError, match=rf"generate.metrics_port={port}: cannot listen on 127.0.0.1:{port}"):
+            MetricsObserver(port)
+    finally:
+        first.close()
