@@ -116,12 +116,19 @@ class Hub:
         self.report = Report(observers=[type(o).__qualname__ for o in observers])
         self._methods: dict[str, list[_Method]] = {kind: [] for kind in EVENT_KINDS}
         for obs in observers:
+            owner = type(obs).__qualname__
+            catch_all = getattr(obs, "on_event", None)
+            every = (
+                _Method(owner, "on_event", catch_all, inspect.iscoroutinefunction(catch_all))
+                if callable(catch_all)
+                else None
+            )
             for kind in EVENT_KINDS:
-                for name in (f"on_{kind}", "on_event"):
-                    fn = getattr(obs, name, None)
-                    if callable(fn):
-                        owner = type(obs).__qualname__
-                        self._methods[kind].append(_Method(owner, name, fn, inspect.iscoroutinefunction(fn)))
+                fn = getattr(obs, f"on_{kind}", None)
+                if callable(fn):
+                    self._methods[kind].append(_Method(owner, f"on_{kind}", fn, inspect.iscoroutinefunction(fn)))
+                if every is not None:  # one object for every kind: its first error is logged once, not once per kind
+                    self._methods[kind].append(every)
         self._seen_once: set[str] = set()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="observers")
         self._abandon = False
