@@ -40,6 +40,7 @@ EVENT_KINDS = (
     "run_end",  # run_dir, status (done | failed | interrupted), totals
     "stage_start",  # stage, fingerprint
     "stage_end",  # stage, status, rows, seconds, metrics
+    # Every event below also has `stage`: the stage whose engine made it (generate, repair, ...).
     "attempt_start",  # endpoint: an HTTP attempt is about to be sent
     "attempt_end",  # endpoint and the `attempts` table's columns of that attempt
     "call_settled",  # the journal record of a call (source: call | cache), exactly one per responses row written
@@ -130,6 +131,7 @@ class Hub:
                 if every is not None:  # one object for every kind: its first error is logged once, not once per kind
                     self._methods[kind].append(every)
         self._seen_once: set[str] = set()
+        self._stage: str | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="observers")
         self._abandon = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -151,6 +153,10 @@ class Hub:
                 return
             self._seen_once.add(kind)
         event = Event(kind, time.time(), dict(data))
+        if kind == "stage_start":
+            self._stage = data["stage"]
+        elif "stage" not in event.data and kind not in ("run_start", "run_end"):
+            event.data["stage"] = self._stage  # stages run one at a time: which stage's engine made the call
         if threading.get_ident() == self._loop_thread:
             self._put(event)
         else:  # e.g. the engine's rendering thread

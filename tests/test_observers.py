@@ -207,6 +207,7 @@ def test_observer_hears_one_settled_event_per_call(tmp_path: Path) -> None:
     settled = Counter(e.data["response_id"] for e in recorder.kinds("call_settled"))
     assert settled == response_ids(result)  # every responses row, once
     assert sum(settled.values()) == 60
+    assert {e.data["stage"] for e in recorder.events if e.kind.startswith(("call", "attempt"))} == {"generate"}
     failed = Counter(e.data["response_id"] for e in recorder.kinds("call_failed"))
     assert failed == response_ids(result, "status <> 'ok'")
     attempts = result.table("attempts")
