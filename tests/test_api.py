@@ -75,7 +75,8 @@ def test_run_twice_in_one_process_matches_run_py(tmp_path: Path) -> None:
     assert reopened.manifest == first.manifest
     assert set(reopened.tables) == {"questions", "responses", "attempts", "validations"}
     assert reopened.arrow("responses").num_rows == pq.read_table(first.run_dir / "tables/responses.parquet").num_rows
-    assert [p.name for p in reopened.exports] == ["dataset_card.md", "openai_chat.jsonl"]
+    exported = [p.relative_to(first.run_dir) for p in reopened.exports]
+    assert exported == [p.relative_to(cli.run_dir) for p in cli.exports] and len(exported) >= 2  # data and card
     with pytest.raises(KeyError, match="no table 'repairs'"):
         reopened.table("repairs")
 
@@ -127,7 +128,7 @@ def test_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
     printed = out.getvalue().splitlines()
-    assert printed[0] == "20 calls; ['dataset_card.md', 'openai_chat.jsonl']"
+    assert printed[0] == "20 calls; 2 files exported"  # the chat file and the dataset card
     assert printed[1] == "20 answers"
     assert printed[2] == "valid 100%"
     assert printed[3] == "2 generate.samples=0: must be at least 1"
