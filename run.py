@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from pipeline.config_check import accepted, refuse
 from pipeline.config_store import register
 from pipeline.exit_codes import USAGE
-from pipeline.secrets import password_in_arguments
+from pipeline.secrets import password_argument_error
 
 register()
 
@@ -22,13 +22,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if (argument := password_in_arguments(sys.argv[1:])) is not None:
-        key = argument.split("=", 1)[0]
-        print(
-            f"error: {key}: the URL contains a password; put it in an environment variable and name that "
-            "variable in the config (e.g. ingest.sql.password_env=PGPASSWORD)",
-            file=sys.stderr,
-        )
+    if (refusal := password_argument_error(sys.argv[1:])) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         sys.exit(USAGE)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose: we print it as one line
     try:

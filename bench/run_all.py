@@ -24,6 +24,7 @@ BENCHES = (
     "ingest",
     "workers",
     "review_web",
+    "observers",
 )
 
 

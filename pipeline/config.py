@@ -262,6 +262,11 @@ class GenerateConfig:
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
+    # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.
+    observers: list[Any] = field(default_factory=list)  # [{_target_: module.Class, ...}]
+    metrics_port: int | None = None  # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)
+    event_log: bool = False  # every event as a JSON line in the run folder's events.jsonl
+    observer_queue: int = 10_000  # events waiting for the observers; beyond it they are dropped and counted
 
 
 @dataclass

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import JobExit, UserError
 from pipeline.exit_codes import USAGE
 
 HINT = "python run.py --cfg job lists every key"
@@ -160,9 +160,10 @@ def _job_overrides(config: DictConfig) -> list[list[str]]:
 
 
 def refuse(exc: BaseException) -> typing.NoReturn:
-    """Print the one line for a config error and exit 2."""
-    print(f"error: {one_line(exc)}", file=sys.stderr)
-    sys.exit(USAGE)
+    """Print the one line for a config error and exit 2 (as a JobExit, so the Python API carries the line)."""
+    line = one_line(exc)
+    print(f"error: {line}", file=sys.stderr)
+    raise JobExit(USAGE, line)
 
 
 class ConfigCheck(Callback):

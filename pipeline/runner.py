@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from pipeline import exit_codes
+from pipeline import exit_codes, observers
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
-from pipeline.errors import UserError
+from pipeline.errors import JobExit, UserError
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
@@ -277,6 +277,21 @@ class Runner:
 
     async def _run(self, stages: list[Stage]) -> None:
         self._begin()
+        try:
+            async with observers.observing(self.cfg.generate, self.paths.run_dir, self.manifest.data) as hub:
+                await self._run_stages(stages)
+        finally:
+            if "observers" in self.manifest.data:
+                self.manifest.save()  # with the observers' counts, also when the run failed
+        report = self.manifest.data.get("observers") if hub is not None else None
+        if report and (report["dropped"] or report["errors"]):
+            self.console.print(
+                f"[yellow]observers:[/] {report['dropped']} events dropped (a slow observer), "
+                f"{report['errors']} observer errors (see run.log)",
+                highlight=False,
+            )
+
+    async def _run_stages(self, stages: list[Stage]) -> None:
         self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
         if any(s.needs_engine for s in stages):
@@ -385,7 +400,9 @@ class Runner:
         if "model" in sections:
             sections["model"].pop("api_base", None) if self.cfg.model.serve else None
         if "generate" in sections:
-            sections["generate"].pop("workers", None)  # how many processes call changes no result
+            # How many processes call, and who watches them, changes no result.
+            for key in ("workers", *observers.CONFIG_KEYS):
+                sections["generate"].pop(key, None)
         if stage.engine_preset:  # the presets it calls, whichever config key named them
             sections["engine_presets"] = [
                 {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve)}
@@ -412,6 +429,7 @@ class Runner:
         if self._is_current(stage, fp) and stage.name not in self.cfg.pipeline.force:
             log.info("stage %s: fingerprint %s unchanged, skipped", stage.name, fp)
             self.ran[stage.name] = "skipped"
+            observers.emit("stage_end", stage=stage.name, status="skipped", fingerprint=fp)
             return True
         record = self.manifest.stage(stage.name)
         record.update(
@@ -422,6 +440,7 @@ class Runner:
             }
         )
         self.manifest.save()
+        observers.emit("stage_start", stage=stage.name, fingerprint=fp)
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
         writer = StagedWriter(self.store, files_dir)
         self.progress.phase(stage.name)
@@ -467,6 +486,7 @@ class Runner:
             if engine is not None:
                 record["metrics"] = engine.summary()
             self.manifest.save()
+            observers.emit("stage_end", stage=stage.name, **record)
             raise
         record.update(
             {
@@ -478,6 +498,7 @@ class Runner:
             }
         )
         self.manifest.save()
+        observers.emit("stage_end", stage=stage.name, **record)
         self.ran[stage.name] = "ran"
         log.info("stage %s: %s in %.2fs, rows %s", stage.name, record["status"], record["seconds"], writer.rows)
         return not result.stop_pipeline
@@ -568,16 +589,14 @@ def run_job(raw: DictConfig) -> None:
         if in_sweep:
             _record_failure(run_dir, message)
             return
-        sys.exit(exit_codes.USAGE)
+        raise JobExit(exit_codes.USAGE, message) from None
     except KeyboardInterrupt:
         log.warning("interrupted")
-        console.print(
-            "[yellow]interrupted:[/] finished calls are kept in the journal; rerun the same command with "
-            f"hydra.run.dir={run_dir} to resume",
-            highlight=False,
-            soft_wrap=True,
+        message = (
+            f"finished calls are kept in the journal; rerun the same command with hydra.run.dir={run_dir} to resume"
         )
-        sys.exit(exit_codes.INTERRUPTED)
+        console.print(f"[yellow]interrupted:[/] {message}", highlight=False, soft_wrap=True)
+        raise JobExit(exit_codes.INTERRUPTED, f"interrupted: {message}") from None
     except Exception as exc:
         if not in_sweep:
             raise

@@ -59,3 +59,15 @@ def password_in_arguments(args: list[str]) -> str | None:
     be refused before Hydra sees it.
     """
     return next((a for a in args if URL_PASSWORD.search(a)), None)
+
+
+def password_argument_error(args: list[str]) -> str | None:
+    """The one line refusing an argument whose URL embeds a password (run.py and the Python API), if any."""
+    argument = password_in_arguments(args)
+    if argument is None:
+        return None
+    key = argument.split("=", 1)[0]
+    return (
+        f"{key}: the URL contains a password; put it in an environment variable and name that "
+        "variable in the config (e.g. ingest.sql.password_env=PGPASSWORD)"
+    )

@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipeline import observers
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm import client, dry_run
@@ -448,6 +449,7 @@ class Engine:
         record.update(self._identity_fields(unit))
         record["source"] = "cache"
         self.journal.append(record)
+        observers.settled(record)
         self.totals.reused_cache += 1
         self.progress.advance(ok=record["status"] == "ok", cost=0.0, throttled=self.throttled())
 
@@ -496,6 +498,7 @@ class Engine:
                     f"budget: generate.max_cost_usd={self.cfg.max_cost_usd} would be crossed; "
                     "raise it and rerun the same folder to continue"
                 )
+                observers.emit("budget_stop", reason=self.totals.stopped)
                 return
             cost: float | None = None
             if self.claims is not None and not await self._claim(unit):
@@ -505,6 +508,7 @@ class Engine:
                 record = await self._call(unit)
                 cost = record["cost_usd"]
                 self.journal.append(record)  # on disk before it counts as done
+                observers.settled(record)
                 if self.cache is not None and self.cfg.cache == "on" and _cacheable(record):
                     self.cache.append(record)
             finally:
@@ -629,6 +633,7 @@ class Engine:
             if log_entries:
                 self.progress.retried()
             self.progress.in_flight(+1)
+            observers.emit("attempt_start", endpoint=target.endpoint.preset)
             try:
                 attempt = await target.send(spec.messages, params)
             finally:
@@ -637,6 +642,7 @@ class Engine:
             limiter.settle(reservation, attempt.prompt_tokens, attempt.completion_tokens)
             limiter.observe_headers(attempt.headers)
             log_entries.append(self._attempt_entry(len(log_entries) + 1, target, attempt))
+            observers.emit("attempt_end", **log_entries[-1])
             target.breaker.record(attempt.ok or attempt.error_type not in RETRYABLE)
             if attempt.ok:
                 limiter.on_success()
@@ -652,7 +658,10 @@ class Engine:
             if kind not in RETRYABLE:
                 return "done", attempt  # refused for good: recorded as failed, never retried
             pause = backoff_s(attempt_no, attempt.retry_after_s, self._rng)
+            if attempt_no + 1 < self.cfg.max_attempts:
+                observers.emit("retry", endpoint=target.endpoint.preset, attempt=attempt_no + 1, error_type=kind)
             if kind == "rate_limited":
+                observers.emit("rate_limited", endpoint=target.endpoint.preset, retry_after_s=attempt.retry_after_s)
                 limiter.on_throttle(attempt.retry_after_s, pause)
                 self.progress.paused(limiter.pause_wait(), "429")
                 continue  # the limiter's endpoint-wide pause is the wait

@@ -32,6 +32,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline import observers
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm.engine import Engine, Totals, target_for
@@ -61,6 +62,7 @@ class WorkerJob:
     cache_dir: str | None
     seed: int
     build: Callable[[dict[str, Any]], RequestSpec]
+    observe: bool = False  # forward events to the parent's observers
 
 
 @dataclass
@@ -98,6 +100,7 @@ def _jobs(engine: Engine, pending_path: Path, build: Callable[[dict[str, Any]], 
                 cache_dir=str(engine.cache.folder) if engine.cache is not None else None,
                 seed=engine.seed + i,
                 build=build,
+                observe=observers.active(),
             )
         )
     return jobs
@@ -191,6 +194,9 @@ class _Fleet:
         return len(self.outcomes) == len(self.procs)
 
     def take(self, kind: str, index: int, payload: dict[str, Any]) -> None:
+        if kind == "observe":  # a worker's event, for this run's observers
+            observers.emit(payload["kind"], **payload["data"])
+            return
         if kind == "progress":
             self._throttled[index] = payload["throttled"]
             self.engine.progress.in_flight(payload.pop("in_flight"))
@@ -368,6 +374,8 @@ class _Worker:
         await asyncio.to_thread(warm_up, [(m.name, m.api_base) for m in job.models if m.transport == "litellm"])
         con = duckdb.connect(config={"memory_limit": "1GB", "threads": 1, "autoinstall_known_extensions": False})
         relay = ProgressRelay(self.events, job.index)
+        if job.observe:
+            observers.relay_to(lambda kind, data: self.events.put(("observe", job.index, {"kind": kind, "data": data})))
         limits_dir = Path(job.limits_dir) if job.limits_dir else None
         self.engine = Engine(
             con,
