@@ -203,7 +203,7 @@ class SplitConfig:
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["openai_chat"])
     require_valid: bool = True
-    require_match: bool = False
+    require_match: bool | None = None  # None (auto): match the golden answer where one and a scorer apply
     is_correct: str = "not_false"  # any | not_false | true
     best_per_question: bool = False
     dedupe: str = "none"  # none | answer | question

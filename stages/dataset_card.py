@@ -15,6 +15,8 @@ from pipeline.config import ExportConfig
 @dataclass
 class CardData:
     name: str
+    step_notes: dict[str, str]  # step label -> how far that check reached
+    not_applied: list[str]  # checks this export did not apply, named with the option that turned them off
     config_hash: str
     rerun: str | None
     steps: list[tuple[str, int]]
@@ -49,16 +51,30 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
+def _first_lines(d: CardData) -> list[str]:
+    """What was exported and exactly which filters made it so: answers each one removed, how far each check
+    reached, and the checks not applied (the card never claims a check the data did not get)."""
+    (_, total), rest = d.steps[0], d.steps[1:]
+    out = [
+        f"{d.exported} examples for supervised fine-tuning, distilled by distillery from {total} final teacher "
+        "answers. Filters applied, in order:",
+        "",
+    ]
+    previous = total
+    for label, kept in rest:
+        note = d.step_notes.get(label)
+        out.append(f"- {label}: removed {previous - kept}" + (f" ({note})" if note else ""))
+        previous = kept
+    if d.not_applied:
+        out += ["", "Not applied: " + "; ".join(d.not_applied) + "."]
+    return out
+
+
 def render_card(d: CardData) -> str:
     q, cfg = d.quality, d.export
     out = [f"# Dataset card: {d.name}", ""]
-    out += [
-        f"{d.exported} examples for supervised fine-tuning, distilled from teacher answers by distillery, "
-        "validated against a JSON Schema and golden answers, filtered by review labels.",
-        "",
-        "## Files",
-        "",
-    ]
+    out += _first_lines(d)
+    out += ["", "## Files", ""]
     splits = list(d.per_split) or ["train"]
     out += _table(["file", "format"], [[f"`export/{f}`", f.rsplit(".", 1)[-1]] for f in d.files])
     out += ["", *_table(["split", "examples"], [[s, d.per_split.get(s, 0)] for s in splits]), ""]
