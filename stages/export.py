@@ -344,7 +344,8 @@ def _check_scope(ctx: StageContext, con: duckdb.DuckDBPyConnection) -> tuple[dic
     notes = {
         VALID: f"{scope['with_schema']} of {answers} answers had a JSON Schema to check"
         + ("; the others count as valid" if scope["with_schema"] < answers else ""),
-        MATCH_AUTO: f"{scope['scored']} of {answers} answers had a golden answer and a scorer; the others are kept",
+        MATCH_AUTO: f"{scope['scored']} of {answers} answers had a golden answer and a scorer"
+        + ("; the others are kept" if scope["scored"] < answers else ""),
         MATCH_ALWAYS: f"{scope['scored']} of {answers} answers had a golden answer and a scorer",
     }
     rule = is_correct_rule(cfg)

@@ -406,7 +406,7 @@ def test_dataset_card(tmp_path: Path) -> None:
         "4 examples for supervised fine-tuning, distilled by distillery from 9 final teacher answers. Filters "
         "applied, in order:\n\n- call succeeded: removed 1\n"
         "- valid (export.require_valid): removed 1 (8 of 8 answers had a JSON Schema to check)\n"
-        f"- {export.MATCH_AUTO}: removed 2 (8 of 8 answers had a golden answer and a scorer; the others are kept)\n"
+        f"- {export.MATCH_AUTO}: removed 2 (8 of 8 answers had a golden answer and a scorer)\n"
         "- not marked incorrect (export.is_correct=not_false): removed 1 (2 of 8 answers reviewed)\n"
         "- non-empty turns after rendering: removed 0\n\n## Files",
         f"| {export.MATCH_AUTO} | 5 |",
