@@ -1,8 +1,15 @@
-"""The one error type users see as a single line (exit code 2) instead of a traceback."""
+"""The errors users see as a single line instead of a traceback (exit code 2, or 3 for a stop a rerun resumes)."""
 
 
 class UserError(Exception):
     """Something the user can fix: bad input, config or environment.
 
     The message is one line that says what is wrong, where (file, row, key) and what to do.
+    """
+
+
+class RunStopped(UserError):
+    """The run stopped early for a reason the user must act on (quota exhausted, every first call failed).
+
+    Finished calls are kept in the journal and a rerun of the folder resumes: exit code 3, not 2.
     """
