@@ -5,6 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import folder_config
 from pipeline.config_store import register
 from pipeline.exit_codes import USAGE, exit_code_for_hydra_failure
 from pipeline.secrets import password_in_arguments
@@ -31,6 +32,9 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(USAGE)
+    # A run folder owns its config: its stored overrides come first, the new ones on top (pipeline.folder_config).
+    folder_config.typed_arguments = sys.argv[1:]
+    sys.argv[1:] = folder_config.with_folder_overrides(sys.argv[1:])
     try:
         main()
     except SystemExit as exc:
