@@ -33,8 +33,10 @@ if __name__ == "__main__":
         )
         sys.exit(USAGE)
     # A run folder owns its config: its stored overrides come first, the new ones on top (pipeline.folder_config).
-    folder_config.typed_arguments = sys.argv[1:]
-    sys.argv[1:] = folder_config.with_folder_overrides(sys.argv[1:])
+    typed = sys.argv[1:]
+    sys.argv[1:] = folder_config.with_folder_overrides(typed)
+    if sys.argv[1:] != typed:  # the manifest records each invocation as typed
+        folder_config.typed_arguments = typed
     try:
         main()
     except SystemExit as exc:

@@ -21,8 +21,9 @@ from hydra.errors import HydraException
 INVOCATION_ONLY = ("pipeline.", "generate.dry_run")
 RUN_DIR_KEY = "hydra.run.dir"
 
-# The command line as typed, before `with_folder_overrides` put the folder's stored overrides in front of it:
-# the manifest records each invocation as typed.
+# The command line as typed, when `with_folder_overrides` put the folder's stored overrides in front of it (run.py
+# sets it): the manifest records each invocation as typed. None: the job's own overrides are as typed (a new
+# folder, or a multirun job).
 typed_arguments: list[str] | None = None
 
 
