@@ -154,7 +154,8 @@ def test_workers_split_the_budget_and_stop_before_crossing_it(tmp_path: Path) ->
             "model.prices.output_per_mtok=0",
         )
         sent = server.stats()["requests"]
-    check_ok(result)
+    assert result.returncode == 3, result.stderr[-3000:]  # exit_codes.INCOMPLETE: stopped on the budget
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     generate = result.manifest["stages"]["generate"]
     metrics = generate["metrics"]
     assert generate["status"] == "incomplete"
