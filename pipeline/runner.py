@@ -266,8 +266,9 @@ class Runner:
             live: list[Target] = []
 
             def planned_targets() -> list[Target]:
-                """The presets as planning sees them: their identity and prices, no server, no check."""
-                return [target_for(m, self._limits_dir()) for m in [with_identity(self.cfg.model), *fallbacks]]
+                """The presets as planning sees them: their identity and prices; no server, no check, and limits
+                of their own (nothing is sent through them: `start_targets` gives the ones that call)."""
+                return [target_for(m) for m in [with_identity(self.cfg.model), *fallbacks]]
 
             def start_targets() -> list[Target]:
                 """Check the endpoints and start the model's server: only once a request will really be sent

@@ -181,6 +181,18 @@ def test_default_keeps_valid_answers_to_questions_without_a_golden_answer(tmp_pa
     assert f"- {export.MATCH_AUTO}: removed 1 (5 of 8 answers had a golden answer and a scorer" in card, card[:900]
 
 
+def test_card_names_the_checks_not_applied_and_claims_none_of_them(tmp_path: Path) -> None:
+    cfg = ExportConfig(formats=["csv"], require_valid=False, require_match=False, is_correct="any")
+    run_dir, metrics = exported(tmp_path, cfg)
+    head = (run_dir / "export" / "dataset_card.md").read_text().split("## Files")[0]
+    assert head.endswith(
+        "- call succeeded: removed 1\n- non-empty turns after rendering: removed 0\n\n"
+        "Not applied: the JSON Schema check (export.require_valid=false); the golden-answer match "
+        "(export.require_match=false); review labels (export.is_correct=any).\n\n"
+    ), head
+    assert f"{metrics['exported']} examples for supervised fine-tuning" in head and "validated" not in head
+
+
 MATCH = export.MATCH_ALWAYS
 BEST = "best sample per question (export.best_per_question)"
 SAME_ANSWER = "one per identical question + answer (export.dedupe=answer)"
