@@ -519,7 +519,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
 def test_e2e_files_load_with_hugging_face_datasets(e2e: dict[str, RunResult], tmp_path: Path) -> None:
     out = e2e["first"].run_dir / "export"
     splits = e2e["first"].manifest["stages"]["export"]["metrics"]["splits"]
-    assert splits == {"train": 16, "validation": 4}
+    assert splits == {"train": 13, "validation": 3}  # 16 of 20 match their golden answer (4 word problems)
     chat = {s: str(out / f"openai_chat.{s}.jsonl") for s in splits}
     loaded = load_with_datasets(chat, tmp_path)
     assert {s: loaded[s][0] for s in splits} == splits
