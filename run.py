@@ -6,6 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import folder_config
 from pipeline.config_check import accepted, refuse
 from pipeline.config_store import register
 from pipeline.exit_codes import USAGE
@@ -25,6 +26,11 @@ if __name__ == "__main__":
     if (refusal := password_argument_error(sys.argv[1:])) is not None:
         print(f"error: {refusal}", file=sys.stderr)
         sys.exit(USAGE)
+    # A run folder owns its config: its stored overrides come first, the new ones on top (pipeline.folder_config).
+    typed = sys.argv[1:]
+    sys.argv[1:] = folder_config.with_folder_overrides(typed)
+    if sys.argv[1:] != typed:  # the manifest records each invocation as typed
+        folder_config.typed_arguments = typed
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose: we print it as one line
     try:
         main()

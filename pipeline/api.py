@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from pipeline import exit_codes
+from pipeline import exit_codes, folder_config
 from pipeline.config_check import one_line
 from pipeline.errors import JobExit
 
@@ -134,7 +134,10 @@ def _run_job(arguments: list[str]) -> Path:
         folder.append(Path(HydraConfig.get().runtime.output_dir))
         run_job(cfg)
 
-    with _argv(arguments), _own_logging():
+    # A run folder owns its config, as with run.py: its stored overrides first, these on top.
+    typed, arguments = arguments, folder_config.with_folder_overrides(arguments)
+    folder_config.typed_arguments = typed if arguments != typed else None
+    with _argv(arguments), _own_logging(), _forget_typed_arguments():
         try:
             with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3", job_name="run"):
                 hydra = GlobalHydra.instance().hydra
@@ -154,6 +157,15 @@ def _run_job(arguments: list[str]) -> Path:
             # The config could not be composed: Hydra's message, as run.py prints it (and exits 2 for it).
             raise DistilleryError(one_line(exc), exit_codes.USAGE) from None
     return folder[0]
+
+
+@contextlib.contextmanager
+def _forget_typed_arguments() -> Iterator[None]:
+    """The typed command line is one run's: the next run in this process must not record it."""
+    try:
+        yield
+    finally:
+        folder_config.typed_arguments = None
 
 
 @contextlib.contextmanager

@@ -331,7 +331,7 @@ class CardConfig:
 class ExportConfig:
     formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.openai_chat])
     require_valid: bool = True
-    require_match: bool = False
+    require_match: bool | None = None  # None (auto): match the golden answer where one and a scorer apply
     is_correct: str = field(default="not_false", metadata=choices("any", "not_false", "true"))
     best_per_question: bool = False
     dedupe: ExportDedupe = ExportDedupe.none

@@ -1,4 +1,4 @@
-"""The one error type users see as a single line (exit code 2) instead of a traceback."""
+"""The errors users see as a single line instead of a traceback (exit code 2, or 3 for a stop a rerun resumes)."""
 
 
 class UserError(Exception):
@@ -18,3 +18,10 @@ class JobExit(SystemExit):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(code)
         self.message = message
+
+
+class RunStopped(UserError):
+    """The run stopped early for a reason the user must act on (quota exhausted, every first call failed).
+
+    Finished calls are kept in the journal and a rerun of the folder resumes: exit code 3, not 2.
+    """

@@ -30,15 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from pipeline import exit_codes, observers
+from pipeline import exit_codes, folder_config, observers
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
-from pipeline.errors import JobExit, UserError
+from pipeline.errors import JobExit, RunStopped, UserError
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, litellm
-from pipeline.llm.servers import serving
+from pipeline.llm.servers import serving, with_identity
 from pipeline.manifest import (
     config_files,
     environment,
@@ -143,15 +143,15 @@ def load_preset(conf_dir: Path, name: str, cfg: Config, key: str = "model.fallba
     return model
 
 
-def rerun_command(overrides: Any, run_dir: Path | None, redact: Redactor) -> str:
-    """The command that reproduces this run folder (resumes it; with the cache it makes no new calls).
+def rerun_command(folder_overrides: list[str], run_dir: Path | None) -> str:
+    """The command that rebuilds this run folder's tables from scratch (the folder's cumulative overrides, not
+    the last command; with the cache it makes no new calls).
 
     Swap the run dir for a new folder to rebuild the same tables and exports elsewhere; without a run dir
     it is the command that reproduces the dataset into a new folder.
     """
-    kept = [redact(str(o)) for o in overrides if not str(o).startswith("hydra.run.dir=")]
     folder = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
-    return shlex.join(["python", "run.py", *kept, *folder])
+    return shlex.join(["python", "run.py", *folder_overrides, *folder])
 
 
 def check_reachable(model: ModelConfig) -> None:
@@ -228,15 +228,21 @@ class Runner:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.paths.run_dir / "config.resolved.yaml", _redacted_config_yaml(self.raw, self.redact))
         hydra_cfg = HydraConfig.get()
+        typed = folder_config.typed_arguments
         runs: list[Any] = self.manifest.data.setdefault("invocations", [])
         runs.append(
             {
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "command": " ".join([Path(sys.argv[0]).name, *map(self.redact, sys.argv[1:])]),
-                "overrides": [self.redact(o) for o in hydra_cfg.overrides.task],
+                "command": shlex.join(
+                    [Path(sys.argv[0]).name, *map(self.redact, sys.argv[1:] if typed is None else typed)]
+                ),
+                "overrides": [self.redact(o) for o in folder_config.typed_overrides(hydra_cfg.overrides.task)],
                 "git": git_state(self.paths.root_dir),
             }
         )
+        kept = [self.redact(o) for o in folder_config.folder_overrides(hydra_cfg.overrides.task)]
+        if kept != runs[-1]["overrides"]:
+            log.info("the run folder's config: %s", " ".join(kept))
         self.manifest.data.update(
             {
                 "name": self.cfg.name,
@@ -251,7 +257,8 @@ class Runner:
                     "serve": self.cfg.model.serve,
                     "question_limit": self.cfg.model.question_limit,
                 },
-                "rerun": rerun_command(hydra_cfg.overrides.task, self.paths.run_dir, self.redact),
+                "overrides": kept,  # what built the folder: the next run into it starts from these
+                "rerun": rerun_command(kept, self.paths.run_dir),
             }
         )
         self.manifest.save()
@@ -267,19 +274,20 @@ class Runner:
         )
         return files_sha256([*composed, *scorer_files(self.cfg.validate.scorer)], self.paths.root_dir)
 
-    async def run(self) -> None:
+    async def run(self) -> str | None:
+        """Runs the stages; returns why the run is incomplete (None when every stage completed)."""
         stages = self._stages()
         self.progress.phase("starting")
         try:
-            await self._run(stages)
+            return await self._run(stages)
         finally:
             self.progress.stop()
 
-    async def _run(self, stages: list[Stage]) -> None:
+    async def _run(self, stages: list[Stage]) -> str | None:
         self._begin()
         try:
             async with observers.observing(self.cfg.generate, self.paths.run_dir, self.manifest.data) as hub:
-                await self._run_stages(stages)
+                incomplete = await self._run_stages(stages)
         finally:
             if "observers" in self.manifest.data:
                 self.manifest.save()  # with the observers' counts, also when the run failed
@@ -290,8 +298,9 @@ class Runner:
                 f"{report['errors']} observer errors (see run.log)",
                 highlight=False,
             )
+        return incomplete
 
-    async def _run_stages(self, stages: list[Stage]) -> None:
+    async def _run_stages(self, stages: list[Stage]) -> str | None:
         self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
         if any(s.needs_engine for s in stages):
@@ -302,18 +311,28 @@ class Runner:
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
-            targets: dict[str, list[Target]] = {}
+            live: dict[str, list[Target]] = {}
+
+            def planned_targets(chain: list[ModelConfig]) -> list[Target]:
+                """A stage's presets as planning sees them: their identity and prices; no server, no check, and
+                limits of their own (nothing is sent through them: `start_targets` gives the ones that call)."""
+                return [target_for(m) for m in [with_identity(chain[0]), *chain[1:]]]
 
             def start_targets(chain: list[ModelConfig]) -> list[Target]:
-                """Start a preset's server (if it has one) only when a stage really calls that preset."""
-                if chain[0].preset not in targets:
+                """Check a preset's endpoints and start its server: only once a request will really be sent
+                (after planning against the journal and the cache), so a run that needs none works offline."""
+                if chain[0].preset not in live:
+                    for model in chain:
+                        check_api_key(model)
+                        check_reachable(model)
+                    log.info("model %s: requests to send; checking and starting its endpoint", chain[0].preset)
                     model = servers.enter_context(serving(chain[0], self.paths.run_dir))
-                    targets[chain[0].preset] = [target_for(m, self._limits_dir()) for m in [model, *chain[1:]]]
-                return targets[chain[0].preset]
+                    live[chain[0].preset] = [target_for(m, self._limits_dir()) for m in [model, *chain[1:]]]
+                return live[chain[0].preset]
 
             try:
                 for stage in stages:
-                    if not await self._run_stage(stage, con, start_targets):
+                    if not await self._run_stage(stage, con, planned_targets, start_targets):
                         break
             finally:
                 con.close()
@@ -328,6 +347,32 @@ class Runner:
         self.manifest.save()
         self.progress.stop()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
+        return self._incomplete()
+
+    def _incomplete(self) -> str | None:
+        """Why this invocation did not complete every stage (a stage left incomplete), or None."""
+        for name, record in self.manifest.data["stages"].items():
+            if self.ran.get(name) != "ran" or record.get("status") != "incomplete":
+                continue
+            metrics = record.get("metrics", {})
+            if metrics.get("stopped"):
+                return f"{name} stopped early: {metrics['stopped']}"
+            if metrics.get("unsettled"):
+                return (
+                    f"{name}: {metrics['unsettled']} calls failed transiently (retries used up); a rerun retries them"
+                )
+            return f"stage {name} is incomplete"
+        return None
+
+    def resume_command(self) -> str:
+        """The exact command that resumes this folder (it keeps its config); after a budget stop, with twice the
+        budget."""
+        more = []
+        budget = self.cfg.generate.max_cost_usd
+        stopped = self.manifest.data["stages"].get("generate", {}).get("metrics", {}).get("stopped") or ""
+        if budget is not None and stopped.startswith("budget"):
+            more.append(f"generate.max_cost_usd={round(budget * 2, 6)!r}")
+        return resume_command(self.paths.run_dir, more)
 
     def _engine_chains(self, stages: list[Stage]) -> dict[str, list[ModelConfig]]:
         """The presets each engine stage calls: the teacher's, or the one its `engine_preset` key names."""
@@ -346,13 +391,10 @@ class Runner:
         return out
 
     def _chain(self, main: ModelConfig) -> list[ModelConfig]:
-        """A preset and its fallback presets, checked (and their keys looked up) before any work starts."""
-        check_api_key(main)
-        check_reachable(main)
+        """A preset and its fallback presets, loaded before any work starts (their keys and endpoints are
+        checked only when a request is about to be sent)."""
         models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in main.fallbacks]
         for model in models:
-            check_api_key(model)
-            check_reachable(model)
             if model.serve is not None:
                 raise UserError(
                     f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"
@@ -392,7 +434,7 @@ class Runner:
             relations[name], found[f"log:{name}"] = RUN_LOGS[name](con, self.paths.run_dir)
         # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
         # same data into another folder gives byte-identical files.
-        rerun = rerun_command(HydraConfig.get().overrides.task, None, self.redact)
+        rerun = rerun_command(self.manifest.data["overrides"], None)
         return relations, found, {"rerun": rerun}
 
     def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
@@ -421,6 +463,7 @@ class Runner:
         self,
         stage: Stage,
         con: duckdb.DuckDBPyConnection,
+        planned_targets: Callable[[list[ModelConfig]], list[Target]],
         start_targets: Callable[[list[ModelConfig]], list[Target]],
     ) -> bool:
         """Runs (or skips) one stage; returns whether the stages after it should run."""
@@ -447,13 +490,14 @@ class Runner:
         engine = (
             Engine(
                 con,
-                start_targets(self.chains[stage.name]),
+                planned_targets(self.chains[stage.name]),
                 self.cfg.generate,
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
                 redact=self.redact,
                 progress=self.progress,
                 seed=self.cfg.seed,
+                prepare=lambda: start_targets(self.chains[stage.name]),
             )
             if stage.needs_engine
             else None
@@ -479,7 +523,11 @@ class Runner:
             writer.abort()
             record.update(
                 {
-                    "status": "interrupted" if _is_interrupt(exc) else "failed",
+                    "status": "interrupted"
+                    if _is_interrupt(exc)
+                    else "stopped"
+                    if isinstance(exc, RunStopped)
+                    else "failed",
                     "seconds": round(time.monotonic() - started, 3),
                 }
             )
@@ -501,7 +549,9 @@ class Runner:
         observers.emit("stage_end", stage=stage.name, **record)
         self.ran[stage.name] = "ran"
         log.info("stage %s: %s in %.2fs, rows %s", stage.name, record["status"], record["seconds"], writer.rows)
-        return not result.stop_pipeline
+        # An incomplete stage stops the pipeline: nothing after it, the export above all, is made from part
+        # of the answers; a rerun of the folder completes it and runs the rest.
+        return result.complete and not result.stop_pipeline
 
     def _totals(self, seconds: float) -> dict[str, Any]:
         from stages import STAGES
@@ -558,6 +608,11 @@ def _paths(cfg: Config) -> RunPaths:
     return RunPaths(run_dir=Path(hydra_cfg.runtime.output_dir), conf_dir=conf_dir, root_dir=Path(cfg.paths.root_dir))
 
 
+def resume_command(run_dir: Path, overrides: list[str] | None = None) -> str:
+    """The command that resumes a run folder: the folder keeps its config, so only new overrides are needed."""
+    return shlex.join(["python", "run.py", f"hydra.run.dir={run_dir}", *(overrides or [])])
+
+
 def _record_failure(run_dir: Path, message: str) -> None:
     """A sweep job's failure goes into its manifest, where the sweep summary finds it."""
     manifest = Manifest.load(run_dir / "manifest.json")
@@ -566,7 +621,8 @@ def _record_failure(run_dir: Path, message: str) -> None:
 
 
 def run_job(raw: DictConfig) -> None:
-    """The Hydra job: one event loop, one line for user errors (exit 2), resumable on Ctrl+C (exit 130).
+    """The Hydra job: one event loop, one line for user errors (exit 2), exit 3 with the resume command as the
+    last line when a stage is left incomplete or the run stops early, resumable on Ctrl+C (exit 130).
 
     In a sweep, a failed job records its error in its manifest and returns normally, so the other jobs
     run and the sweep summary lists it; the summary then makes the sweep exit non-zero.
@@ -578,10 +634,16 @@ def run_job(raw: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    runner: Runner | None = None
     try:
         cfg = typed_config(raw)
-        paths = _paths(cfg)
-        asyncio.run(Runner(cfg, raw, paths, console, redact).run())
+        runner = Runner(cfg, raw, _paths(cfg), console, redact)
+        incomplete = asyncio.run(runner.run())
+    except RunStopped as exc:
+        message = redact(str(exc))
+        log.error("stopped: %s", message)
+        console.print(f"[bold yellow]stopped:[/] {message}", highlight=False, soft_wrap=True)
+        incomplete = message
     except UserError as exc:
         message = redact(str(exc))
         log.error("%s", message)
@@ -592,9 +654,7 @@ def run_job(raw: DictConfig) -> None:
         raise JobExit(exit_codes.USAGE, message) from None
     except KeyboardInterrupt:
         log.warning("interrupted")
-        message = (
-            f"finished calls are kept in the journal; rerun the same command with hydra.run.dir={run_dir} to resume"
-        )
+        message = f"finished calls are kept in the journal; resume: {resume_command(run_dir)}"
         console.print(f"[yellow]interrupted:[/] {message}", highlight=False, soft_wrap=True)
         raise JobExit(exit_codes.INTERRUPTED, f"interrupted: {message}") from None
     except Exception as exc:
@@ -604,3 +664,14 @@ def run_job(raw: DictConfig) -> None:
         message = redact(f"{type(exc).__name__}: {exc}")
         console.print(f"[bold red]job failed:[/] {message} (traceback in {run_dir / 'run.log'})", highlight=False)
         _record_failure(run_dir, message)
+        return
+    if incomplete is None:
+        return
+    resume = runner.resume_command() if runner is not None else resume_command(run_dir)
+    log.warning("incomplete: %s; resume: %s", incomplete, resume)
+    if in_sweep:
+        _record_failure(run_dir, f"incomplete: {incomplete}")
+        return
+    line = f"incomplete (exit {exit_codes.INCOMPLETE}), no export written: resume: {resume}"
+    console.print(f"[bold yellow]{line.replace(': resume', ':[/] resume', 1)}", highlight=False, soft_wrap=True)
+    raise JobExit(exit_codes.INCOMPLETE, f"{incomplete}; {line}")

@@ -30,6 +30,8 @@ SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_
 @dataclass
 class CardData:
     name: str
+    step_notes: dict[str, str]  # step label -> how far that check reached
+    not_applied: list[str]  # checks this export did not apply, named with the option that turned them off
     config_hash: str
     rerun: str | None
     steps: list[tuple[str, int]]
@@ -140,6 +142,25 @@ def portable_command(command: str, root_dir: str) -> str:
     return shlex.join(re.sub(r"(?<![\w.])/[^\s,\[\]'\"]+", strip, t) for t in kept)
 
 
+def _first_lines(d: CardData) -> list[str]:
+    """What was exported and exactly which filters made it so: answers each one removed, how far each check
+    reached, and the checks not applied (the card never claims a check the data did not get)."""
+    (_, total), rest = d.steps[0], d.steps[1:]
+    out = [
+        f"{d.exported} examples for supervised fine-tuning, distilled by distillery from {total} final teacher "
+        "answers. Filters applied, in order:",
+        "",
+    ]
+    previous = total
+    for label, kept in rest:
+        note = d.step_notes.get(label)
+        out.append(f"- {label}: removed {previous - kept}" + (f" ({note})" if note else ""))
+        previous = kept
+    if d.not_applied:
+        out += ["", "Not applied: " + "; ".join(d.not_applied) + "."]
+    return out
+
+
 def render_card(d: CardData) -> str:
     head = yaml.safe_dump(header(d), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
     return f"---\n{head}---\n\n{_body(d)}"
@@ -172,13 +193,8 @@ def _loading(d: CardData) -> list[str]:
 def _body(d: CardData) -> str:
     q, cfg = d.quality, d.export
     out = [f"# Dataset card: {d.name}", ""]
-    out += [
-        f"{d.exported} examples for supervised fine-tuning, distilled from teacher answers by distillery, "
-        "validated against a JSON Schema and golden answers, filtered by review labels.",
-        "",
-        "## Files",
-        "",
-    ]
+    out += _first_lines(d)
+    out += ["", "## Files", ""]
     out += _table(["file", "format"], [[f"`{f}`", f.split("/", 1)[0]] for f in d.files])
     out += ["", *_table(["split", "examples"], [[s, d.per_split.get(s, 0)] for s in d.splits]), ""]
     split = cfg.split

@@ -47,6 +47,11 @@ ANSWER_COLUMNS = (
 )
 
 
+# `matches_golden` is null where an answer had no golden answer or no scorer applied (see stages.validate).
+MATCH_AUTO = "matches its golden answer, where it has one and a scorer applies (export.require_match=null)"
+MATCH_ALWAYS = "matches its golden answer; answers without one dropped (export.require_match=true)"
+
+
 def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -204,9 +209,11 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
 
     step("call succeeded", "SELECT * FROM {src} WHERE status = 'ok'")
     if cfg.require_valid:
-        step("valid (export.require_valid)", "SELECT * FROM {src} WHERE is_valid")
-    if cfg.require_match:
-        step("matches the golden answer (export.require_match)", "SELECT * FROM {src} WHERE matches_golden")
+        step(VALID, "SELECT * FROM {src} WHERE is_valid")
+    if cfg.require_match is None:
+        step(MATCH_AUTO, "SELECT * FROM {src} WHERE matches_golden IS NOT false")
+    elif cfg.require_match:
+        step(MATCH_ALWAYS, "SELECT * FROM {src} WHERE matches_golden")
     rule = is_correct_rule(cfg)
     if rule == "not_false":
         step("not marked incorrect (export.is_correct=not_false)", "SELECT * FROM {src} WHERE is_correct IS NOT false")
@@ -340,6 +347,40 @@ def _hub_repo_id(ctx: StageContext) -> str | None:
     return str(rows[0][0]) if rows else None
 
 
+VALID = "valid (export.require_valid)"
+
+
+def _check_scope(ctx: StageContext, con: duckdb.DuckDBPyConnection) -> tuple[dict[str, str], list[str]]:
+    """How far each applied check reached (answers it could judge), and the checks that were not applied, so
+    the card's first lines never claim a check the data did not get."""
+    cfg = ctx.cfg.export
+    scope = _rows(
+        con,
+        "SELECT count(*) AS answers, count(*) FILTER (answer_schema IS NOT NULL) AS with_schema, "
+        "count(*) FILTER (score IS NOT NULL) AS scored, count(is_correct) AS reviewed "
+        "FROM export_base WHERE status = 'ok'",
+    )[0]
+    answers = scope["answers"]
+    notes = {
+        VALID: f"{scope['with_schema']} of {answers} answers had a JSON Schema to check"
+        + ("; the others count as valid" if scope["with_schema"] < answers else ""),
+        MATCH_AUTO: f"{scope['scored']} of {answers} answers had a golden answer and a scorer"
+        + ("; the others are kept" if scope["scored"] < answers else ""),
+        MATCH_ALWAYS: f"{scope['scored']} of {answers} answers had a golden answer and a scorer",
+    }
+    rule = is_correct_rule(cfg)
+    for label in ("not marked incorrect (export.is_correct=not_false)", "marked correct (export.is_correct=true)"):
+        notes[label] = f"{scope['reviewed']} of {answers} answers reviewed"
+    not_applied = []
+    if not cfg.require_valid:
+        not_applied.append("the JSON Schema check (export.require_valid=false)")
+    if cfg.require_match is False:
+        not_applied.append("the golden-answer match (export.require_match=false)")
+    if rule == "any":
+        not_applied.append("review labels (export.is_correct=any)")
+    return notes, not_applied
+
+
 def _card_data(
     ctx: StageContext, sel: Selection, written: Written, files: list[str], has_repairs: bool, splits: list[str]
 ) -> CardData:
@@ -378,9 +419,12 @@ def _card_data(
         """,
     )[0]
     removed = next((before - after for (_, before), (step, after) in pairwise(sel.steps) if step == JUDGE_STEP), None)
+    notes, not_applied = _check_scope(ctx, con)
     return CardData(
         judge=judge_figures(con, "export_base", "e_judgements", removed) if "judgements" in ctx.inputs else None,
         name=ctx.cfg.name,
+        step_notes=notes,
+        not_applied=not_applied,
         config_hash=config_hash(ctx.cfg),
         rerun=portable_command(rerun, ctx.cfg.paths.root_dir) if rerun else None,
         steps=sel.steps,

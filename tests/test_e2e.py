@@ -105,7 +105,8 @@ def test_full_run_export(full_run: RunResult) -> None:
     examples = export_lines(full_run.run_dir)
     manifest = full_run.manifest
     assert len(examples) == manifest["stages"]["export"]["metrics"]["exported"]
-    assert len(examples) == manifest["stages"]["validate"]["metrics"]["valid"] > 0
+    # by default only answers that match their golden answer (every math question has one) are exported
+    assert len(examples) == manifest["stages"]["validate"]["metrics"]["matches_golden"] > 0
     questions = set(read_table(full_run.run_dir, "questions").column("question").to_pylist())
     for example in examples:
         assert isinstance(example, dict)
@@ -238,7 +239,7 @@ def test_changed_export_option_reruns_only_export(tmp_path: Path) -> None:
     tables_before = snapshot(run_dir, "tables")
     lines_before = export_lines(run_dir)
 
-    second = check_ok(run_math(run_dir, f"ingest.limit={LIMIT}", "export.require_match=true"))
+    second = check_ok(run_math(run_dir, f"ingest.limit={LIMIT}", "export.require_match=false"))
 
     assert stage_actions(second) == {"ingest": "skipped", "generate": "skipped", "validate": "skipped", "export": "ran"}
     before, after = fingerprints(manifest_before), fingerprints(second.manifest)
@@ -246,9 +247,11 @@ def test_changed_export_option_reruns_only_export(tmp_path: Path) -> None:
     assert after["export"] != before["export"]
     assert snapshot(run_dir, "tables") == tables_before
     lines_after = export_lines(run_dir)
-    matched = second.manifest["stages"]["validate"]["metrics"]["matches_golden"]
-    assert len(lines_after) == matched < len(lines_before), "the fake model answers word problems wrongly"
-    assert all(line in lines_before for line in lines_after)
+    metrics = second.manifest["stages"]["validate"]["metrics"]
+    assert len(lines_before) == metrics["matches_golden"] < len(lines_after) == metrics["valid"], (
+        "the fake model answers word problems wrongly: the default drops them, require_match=false keeps them"
+    )
+    assert all(line in lines_after for line in lines_before)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import duckdb
 import pytest
 
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
-from pipeline.errors import UserError
+from pipeline.errors import RunStopped, UserError
 from pipeline.llm.engine import FIRST_BATCH, Engine, estimate_tokens, target_for
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import ResultLog
@@ -434,7 +434,7 @@ def test_context_window_without_fallback_fails_for_good(server: FakeServer, tmp_
 def test_insufficient_quota_stops_the_run(server: FakeServer, tmp_path: Path) -> None:
     server.configure(script=[{"status": 429, "code": "insufficient_quota"}])
     engine = make_engine(tmp_path, [model(server, concurrency=1)])
-    with pytest.raises(UserError) as info:
+    with pytest.raises(RunStopped) as info:  # exit 3: a rerun resumes once the quota is raised
         run(engine, 10)
     assert "quota" in str(info.value)
     assert requests(server) == 1

@@ -161,19 +161,45 @@ def load_with_datasets(files: dict[str, str], cache: Path, builder: str = "json"
 def test_default_selection_and_its_counts(tmp_path: Path) -> None:
     labels = [("q1s0", False, "alice"), ("q3s0", True, "bob")]
     run_dir, metrics = exported(tmp_path, ExportConfig(formats=["openai_chat", "csv"]), labels=labels)
-    assert ids_of(run_dir) == ["q1s1", "q2s1", "q3s0", "q3s1", "q4s1", "q5s0"]
-    assert len(jsonl(run_dir / CHAT)) == 6
+    assert ids_of(run_dir) == ["q2s1", "q3s0", "q3s1", "q5s0"]  # q1s1 and q4s1 answer wrong: not exported
+    assert len(jsonl(run_dir / CHAT)) == 4
     assert [(s["step"], s["kept"]) for s in metrics["selection"]] == [
         ("final answers (one per sample, after repair)", 9),
         ("call succeeded", 8),
         ("valid (export.require_valid)", 7),
-        ("not marked incorrect (export.is_correct=not_false)", 6),
-        ("non-empty turns after rendering", 6),
+        (export.MATCH_AUTO, 5),
+        ("not marked incorrect (export.is_correct=not_false)", 4),
+        ("non-empty turns after rendering", 4),
     ]
-    assert metrics["exported"] == 6 and metrics["files"] == ["openai_chat/train.jsonl", "csv/train.csv"]
+    assert metrics["exported"] == 4 and metrics["files"] == ["openai_chat/train.jsonl", "csv/train.csv"]
 
 
-MATCH = "matches the golden answer (export.require_match)"
+def test_default_keeps_valid_answers_to_questions_without_a_golden_answer(tmp_path: Path) -> None:
+    tables = small_run()
+    questions = tables["questions"]
+    golden = questions.schema.get_field_index("golden_answer")
+    tables["questions"] = questions.set_column(golden, "golden_answer", [["2", "4", None, None, "2"]])
+    run_dir, metrics = exported(tmp_path, ExportConfig(formats=["csv"]), tables=tables)
+    # q1s1 (3 for 2) is dropped; q3 and q4 have no golden answer, so their valid answers stay, wrong or not
+    assert ids_of(run_dir) == ["q1s0", "q2s1", "q3s0", "q3s1", "q4s1", "q5s0"]
+    assert (export.MATCH_AUTO, 6) in [(s["step"], s["kept"]) for s in metrics["selection"]]
+    card = (run_dir / "export" / "README.md").read_text()
+    assert f"- {export.MATCH_AUTO}: removed 1 (5 of 8 answers had a golden answer and a scorer" in card, card[:900]
+
+
+def test_card_names_the_checks_not_applied_and_claims_none_of_them(tmp_path: Path) -> None:
+    cfg = ExportConfig(formats=["csv"], require_valid=False, require_match=False, is_correct="any")
+    run_dir, metrics = exported(tmp_path, cfg)
+    head = (run_dir / "export" / "README.md").read_text().split("## Files")[0]
+    assert head.endswith(
+        "- call succeeded: removed 1\n- non-empty turns after rendering: removed 0\n\n"
+        "Not applied: the JSON Schema check (export.require_valid=false); the golden-answer match "
+        "(export.require_match=false); review labels (export.is_correct=any).\n\n"
+    ), head
+    assert f"{metrics['exported']} examples for supervised fine-tuning" in head and "validated" not in head
+
+
+MATCH = export.MATCH_ALWAYS
 BEST = "best sample per question (export.best_per_question)"
 SAME_ANSWER = "one per identical question + answer (export.dedupe=answer)"
 SAME_QUESTION = "one question per identical question text (export.dedupe=question)"
@@ -183,15 +209,16 @@ SAME_QUESTION = "one question per identical question text (export.dedupe=questio
     ("options", "expected", "step"),
     [
         ({"require_match": True}, ["q2s1", "q3s0", "q3s1", "q5s0"], (MATCH, 5)),
+        ({"require_match": False}, ["q1s1", "q2s1", "q3s0", "q3s1", "q4s1", "q5s0"], None),
         ({"is_correct": "true"}, ["q3s0"], ("marked correct (export.is_correct=true)", 1)),
         (
-            {"is_correct": "any", "require_valid": False},
+            {"is_correct": "any", "require_valid": False, "require_match": False},
             ["q1s0", "q1s1", "q2s0", "q2s1", "q3s0", "q3s1", "q4s1", "q5s0"],
             None,
         ),
-        ({"best_per_question": True}, ["q1s1", "q2s1", "q3s0", "q4s1", "q5s0"], (BEST, 5)),
-        ({"dedupe": "answer"}, ["q1s1", "q2s1", "q3s0", "q4s1", "q5s0"], (SAME_ANSWER, 5)),
-        ({"dedupe": "question"}, ["q1s1", "q2s1", "q3s0", "q3s1", "q4s1"], (SAME_QUESTION, 5)),
+        ({"best_per_question": True, "require_match": False}, ["q1s1", "q2s1", "q3s0", "q4s1", "q5s0"], (BEST, 5)),
+        ({"dedupe": "answer", "require_match": False}, ["q1s1", "q2s1", "q3s0", "q4s1", "q5s0"], (SAME_ANSWER, 5)),
+        ({"dedupe": "question", "require_match": False}, ["q1s1", "q2s1", "q3s0", "q3s1", "q4s1"], (SAME_QUESTION, 5)),
     ],
 )
 def test_selection_options(
@@ -223,7 +250,9 @@ def test_best_sample_prefers_valid_then_golden_then_not_incorrect(tmp_path: Path
 
 
 def test_every_format_at_once(tmp_path: Path) -> None:
-    run_dir, metrics = exported(tmp_path, ExportConfig(formats=ALL_FORMATS), prompt=PromptConfig(system="Add."))
+    run_dir, metrics = exported(
+        tmp_path, ExportConfig(formats=ALL_FORMATS, require_match=False), prompt=PromptConfig(system="Add.")
+    )
     out = run_dir / "export"
     assert files_under(out) == sorted(
         [
@@ -303,13 +332,13 @@ def test_student_and_assistant_templates_and_reasoning(tmp_path: Path) -> None:
         {"role": "user", "content": "What is 1 + 1? (a)"},
         {"role": "assistant", "content": "The answer is 2."},
     ]
-    dropped = jsonl(exported(tmp_path / "d", ExportConfig(reasoning="drop"))[0] / CHAT)
+    dropped = jsonl(exported(tmp_path / "d", ExportConfig(reasoning="drop", require_match=False))[0] / CHAT)
     assert [json.loads(line["messages"][-1]["content"]) for line in dropped][:3] == [
         {"answer": 2},
         {"answer": 3},
         {"answer": 4},
     ]
-    think = jsonl(exported(tmp_path / "k", ExportConfig(reasoning="think"))[0] / CHAT)
+    think = jsonl(exported(tmp_path / "k", ExportConfig(reasoning="think", require_match=False))[0] / CHAT)
     assert think[2]["messages"][-1]["content"] == f"<think>\n2 and 2 make 4\n</think>\n\n{answer(4)}"
     assert think[0]["messages"][-1]["content"] == answer(2), "no reasoning trace: the answer alone"
 
@@ -382,21 +411,28 @@ def test_dataset_card(tmp_path: Path) -> None:
     card = (run_dir / "export" / "README.md").read_text()
     for expected in (
         "| valid (export.require_valid) | 7 |",
-        "| not marked incorrect (export.is_correct=not_false) | 6 |",
+        "4 examples for supervised fine-tuning, distilled by distillery from 9 final teacher answers. Filters "
+        "applied, in order:\n\n- call succeeded: removed 1\n"
+        "- valid (export.require_valid): removed 1 (8 of 8 answers had a JSON Schema to check)\n"
+        f"- {export.MATCH_AUTO}: removed 2 (8 of 8 answers had a golden answer and a scorer)\n"
+        "- not marked incorrect (export.is_correct=not_false): removed 1 (2 of 8 answers reviewed)\n"
+        "- non-empty turns after rendering: removed 0\n\n## Files",
+        f"| {export.MATCH_AUTO} | 5 |",
+        "| not marked incorrect (export.is_correct=not_false) | 4 |",
         "| valid at first pass | 7 of 9 (77.8%) |",
         "| accuracy vs golden | 5 of 8 scored (62.5%) |",
         "| reviewed | 2 (1 correct, 1 incorrect, 2 reviewer(s)) |",
-        "| fake | 7 | 85.7% | 71.4% | 5 |",
+        "| fake | 7 | 85.7% | 71.4% | 4 |",
         "| (no answer) | 1 | 0.0% | - | 0 |",
-        "| b | 5 | 80.0% | 75.0% | 4 |",
-        "| backup | 1 | 100.0% | 0.0% | 1 |",
+        "| b | 5 | 80.0% | 75.0% | 3 |",
+        "| backup | 1 | 100.0% | 0.0% | 0 |",
         "All 9 answers of the run (first pass and repairs): $0.0090.",
-        "Answers behind the exported examples, repair rounds included: $0.0060.",
+        "Answers behind the exported examples, repair rounds included: $0.0040.",
         "```bash\npython run.py x\n```",
     ):
         assert expected in card, expected
     assert re.search(r"Config hash .*: `[0-9a-f]{64}`", card)
-    assert "| train | 6 |" in card
+    assert "| train | 4 |" in card
 
 
 def test_config_hash_ignores_paths_and_pipeline() -> None:
@@ -479,7 +515,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
 def test_e2e_files_load_with_hugging_face_datasets(e2e: dict[str, RunResult], tmp_path: Path) -> None:
     out = e2e["first"].run_dir / "export"
     splits = e2e["first"].manifest["stages"]["export"]["metrics"]["splits"]
-    assert splits == {"train": 16, "validation": 4}
+    assert splits == {"train": 13, "validation": 3}  # 16 of 20 match their golden answer (4 word problems)
     chat = {s: str(out / "openai_chat" / f"{s}.jsonl") for s in splits}
     loaded = load_with_datasets(chat, tmp_path)
     assert {s: loaded[s][0] for s in splits} == splits

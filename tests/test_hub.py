@@ -111,7 +111,7 @@ def test_formats_another_builder_reads_are_listed_with_their_loader(
 
 
 def test_a_tabular_default_makes_the_other_tabular_formats_configs(tmp_path: Path) -> None:
-    run_dir, metrics = exported(tmp_path, ExportConfig(formats=["parquet", "openai_chat", "csv"]))
+    run_dir, metrics = exported(tmp_path, ExportConfig(formats=["parquet", "openai_chat", "csv"], require_match=False))
     card = card_of(run_dir)
     assert [c["config_name"] for c in card.data.configs] == ["parquet"]
     assert "Not configs, because `datasets` reads one file type per dataset: openai_chat, csv" in card.text
@@ -398,7 +398,7 @@ def test_e2e_folder_loads_and_a_recorded_hub_id_reaches_the_card_on_rerun(tmp_pa
     record = first.manifest["stages"]["export"]
     splits, fingerprint = record["metrics"]["splits"], record["fingerprint"]
     loaded = load(run_dir / "export", tmp_path)
-    assert {s: v[0] for s, v in loaded.items()} == splits == {"train": 7, "test": 3}
+    assert {s: v[0] for s, v in loaded.items()} == splits == {"train": 7, "test": 2}  # 9 of 10 match
     before = (run_dir / "export" / "README.md").read_text()
 
     write_repo_id(run_dir, "acme/math-distilled")  # what a successful publish leaves behind

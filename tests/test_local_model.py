@@ -36,7 +36,12 @@ def _holders(path: Path) -> list[int]:
 
 
 def test_math_on_the_embedded_model(tmp_path: Path) -> None:
-    first = run_pipeline(tmp_path / "a", "+experiment=math", "model=local", "model.question_limit=6", timeout=600)
+    # The tiny model is rarely right and the default export keeps only matching answers: export every valid one
+    # here, so the export's shape is checked on real answers.
+    first = run_pipeline(
+        tmp_path / "a", "+experiment=math", "model=local", "model.question_limit=6", "export.require_match=false",
+        timeout=600,
+    )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     assert "tiny 135M model" in first.stderr  # the summary says what the default teacher is and how to switch
     manifest = first.manifest

@@ -25,6 +25,7 @@ from stages.generate import spec_builder
 SCHEMA = json.dumps({"type": "object", "properties": {"answer": {"type": "number"}}, "required": ["answer"]})
 WITH_REPAIR = "pipeline.stages=[ingest,generate,repair,validate,export]"
 NOT_JSON = {"content": "not json"}
+EXPORT_ALL = "export.require_match=false"  # every valid answer, right or wrong
 
 
 def test_feedback_lists_every_error_with_its_path() -> None:
@@ -118,14 +119,15 @@ def repaired(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("repair")
     with FakeServer() as server:
         server.configure(script=[NOT_JSON, NOT_JSON, NOT_JSON, {"content": '{"answer": "x"}'}])
-        first = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR)
+        # the repaired answers are valid but wrong: export them anyway (export.require_match=false), to check them
+        first = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR, EXPORT_ALL)
         first_manifest = first.manifest  # read now: the reruns below rewrite the file
         requests_first = server.stats()["requests"]
-        again = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR)
-        forced = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR, "pipeline.force=[repair]")
+        again = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR, EXPORT_ALL)
+        forced = run_math(base / "run", server, "ingest.limit=3", WITH_REPAIR, EXPORT_ALL, "pipeline.force=[repair]")
         requests_after_reruns = server.stats()["requests"]
     with FakeServer() as fresh:  # no script: only the shared cache can give the same invalid answers back
-        elsewhere = run_math(base / "other", fresh, "ingest.limit=3", WITH_REPAIR)
+        elsewhere = run_math(base / "other", fresh, "ingest.limit=3", WITH_REPAIR, EXPORT_ALL)
         requests_elsewhere = fresh.stats()["requests"]
     return {
         "first": first,

@@ -128,7 +128,8 @@ def test_two_sequential_jobs_in_one_process(tmp_path: Path) -> None:
         assert manifest["totals"]["calls"] + manifest["totals"]["cache_hits"] == 10
         export = job / "export" / "openai_chat" / "train.jsonl"
         lines = export.read_text(encoding="utf-8").splitlines()
-        assert len(lines) == 10, f"{export}: {len(lines)} lines"
+        # math-0008, a word problem, is answered wrongly by the fake model: the default export drops it
+        assert len(lines) == 9, f"{export}: {len(lines)} lines"
         assert all(json.loads(line)["messages"] for line in lines)
     assert [OmegaConf.load(job / "config.resolved.yaml").generate.temperature for job in jobs] == [0, 0.7]
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from pipeline import observers
 from pipeline.config import GenerateConfig, ModelConfig
-from pipeline.errors import UserError
+from pipeline.errors import RunStopped, UserError
 from pipeline.llm import client, dry_run
 from pipeline.llm.binding import binding_limit
 from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
@@ -213,6 +213,7 @@ class Engine:
         redact: Callable[[str], str],
         progress: Progress,
         seed: int = 0,
+        prepare: Callable[[], list[Target]] | None = None,
     ) -> None:
         if cfg.cache not in CACHE_MODES:
             raise UserError(f"generate.cache={cfg.cache!r}: use one of {', '.join(CACHE_MODES)}")
@@ -233,6 +234,9 @@ class Engine:
         self.seed = seed
         self._rng = random.Random(seed)
         self._stop_dispatch = False
+        # Checks the endpoints and starts the model's server; called once, just before the first request is
+        # sent (never when the journal and the cache answer everything), it returns the targets to call.
+        self._prepare = prepare
         if cfg.max_cost_usd is not None and not targets[0].price.known:
             raise UserError(
                 f"generate.max_cost_usd is set but the price of {targets[0].endpoint.model!r} is unknown; "
@@ -383,6 +387,7 @@ class Engine:
             if self.cfg.workers > 1 and todo > 0:
                 from pipeline.llm.workers import dispatch_in_workers  # it builds engines: imported when used
 
+                self._ready()
                 await dispatch_in_workers(self, pending, build)
             else:
                 await self.dispatch(pending, build)
@@ -417,6 +422,7 @@ class Engine:
                             continue
                         if self._stop_dispatch:
                             break
+                        self._ready()
                         await window.acquire()
                         group.create_task(self._run_one(unit, window))
                     if self._stop_dispatch:
@@ -436,6 +442,12 @@ class Engine:
             self.journal.close()
             if self.cache is not None:
                 self.cache.close()
+
+    def _ready(self) -> None:
+        """Before the first request: check the endpoints and start the model's server (once)."""
+        if self._prepare is not None:
+            prepare, self._prepare = self._prepare, None
+            self.targets = prepare()
 
     def _compact(self) -> None:
         self.journal.compact(self.side)
@@ -561,7 +573,7 @@ class Engine:
             ok=record["status"] == "ok", cost=record["cost_usd"], throttled=self.throttled(), tokens=tokens
         )
         if t.ok == 0 and t.failed >= self.cfg.fail_fast_after:
-            raise UserError(
+            raise RunStopped(
                 f"the first {t.failed} calls all failed (first: {t.first_errors[0] if t.first_errors else '?'}); "
                 "stopping early: check the model preset, its api_base and key"
             )
@@ -649,7 +661,7 @@ class Engine:
                 return "done", attempt
             kind = attempt.error_type or ""
             if kind in FATAL:
-                raise UserError(
+                raise RunStopped(
                     f"{target.endpoint.preset}: the provider says the quota is exhausted "
                     f"({self.redact(attempt.error_message or '')[:200]}); add credit or raise the quota, then rerun"
                 )

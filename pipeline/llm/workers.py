@@ -34,7 +34,7 @@ import duckdb
 
 from pipeline import observers
 from pipeline.config import GenerateConfig, ModelConfig
-from pipeline.errors import UserError
+from pipeline.errors import RunStopped, UserError
 from pipeline.llm.engine import Engine, Totals, target_for
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
@@ -69,7 +69,7 @@ class WorkerJob:
 class Outcome:
     """How one worker ended, as the parent saw it."""
 
-    kind: str  # done | error | interrupted | died
+    kind: str  # done | error | stopped | interrupted | died
     totals: dict[str, Any] = field(default_factory=dict)
     message: str = ""
 
@@ -275,8 +275,10 @@ def _raise_for(outcomes: list[Outcome]) -> None:
     kinds = {o.kind: o for o in outcomes}
     if "error" in kinds:
         raise UserError(kinds["error"].message)
+    if "stopped" in kinds:
+        raise RunStopped(kinds["stopped"].message)
     if "died" in kinds:
-        raise UserError(
+        raise RunStopped(
             f"{kinds['died'].message}; the calls it finished are in the journal: rerun the same command to resume"
         )
     if "interrupted" in kinds:
@@ -345,7 +347,8 @@ def worker_main(job: WorkerJob, events: Any) -> None:
     try:
         asyncio.run(worker.run())
     except UserError as exc:
-        events.put(("error", job.index, {"totals": worker.totals(), "message": str(exc)}))
+        kind = "stopped" if isinstance(exc, RunStopped) else "error"
+        events.put((kind, job.index, {"totals": worker.totals(), "message": str(exc)}))
     except (KeyboardInterrupt, asyncio.CancelledError):
         events.put(("interrupted", job.index, {"totals": worker.totals()}))
     else:
