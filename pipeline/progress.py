@@ -26,6 +26,7 @@ class Progress:
         self._task: int | None = None
         self._started = self._last_log = 0.0
         self._done_at_start = 0
+        self.notice = ""  # shown after the stats: an endpoint's open circuit breaker
 
     def start(self, total: int, done: int, label: str) -> None:
         self.total, self.done, self.label = total, done, label
@@ -63,7 +64,21 @@ class Progress:
         return (
             f"{self.rate():.1f} calls/s  {self.tokens / self._elapsed():.0f} tok/s  in flight {self.running}  "
             f"failed {self.failed}  429s {self.throttled}  cost {cost}{projected}"
-        )
+        ) + (f"  {self.notice}" if self.notice else "")
+
+    def breaker(self, label: str, next_probe_s: float | None) -> None:
+        """An endpoint's breaker is open (it is not answering) and when it is probed next; None: closed again."""
+        probe_at = time.strftime("%H:%M:%S", time.localtime(time.time() + (next_probe_s or 0.0)))
+        notice = "" if next_probe_s is None else f"{label} not answering: breaker open, next probe {probe_at}"
+        if notice == self.notice:
+            return
+        shown, self.notice = self.notice, notice
+        now = time.monotonic()
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, stats=self.stats())  # type: ignore[arg-type]
+        elif notice and (not shown or now - self._last_log >= LOG_EVERY_S):
+            self._last_log = now
+            print(f"generate {self.label}: {notice}", file=sys.stderr, flush=True)
 
     def advance(self, ok: bool, cost: float | None, throttled: int, tokens: int = 0) -> None:
         self.add(ok=int(ok), failed=int(not ok), cost=cost, tokens=tokens, throttled=throttled)
