@@ -2,7 +2,7 @@
 
 Every wait is computed from the bucket's level and rate (no polling loops). Buckets start nearly empty
 and hold only `burst_seconds` of rate, because a full minute of burst trips real providers; after an idle
-second a bucket holds at most one second of rate, because a provider's own bucket may be no bigger (the
+second a bucket holds less than one second of rate, because a provider's own bucket may be no bigger (the
 next run on an endpoint, or the recovery after a stall, must not burst past it). The clock is injected so
 the arithmetic is unit-tested with a fake clock.
 
@@ -33,7 +33,9 @@ from pipeline.config import LimitsConfig
 
 Clock = Callable[[], float]
 IDLE_RESET_S = 60.0  # a bucket nobody used for this long starts again nearly empty, not full
-IDLE_BURST_S = 1.0  # after this long unused, a bucket holds at most this many seconds of rate
+IDLE_BURST_S = 1.0  # after this long unused, a bucket holds less than one second of rate:
+IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a provider's one-second burst even
+# when the first of them reach it late (a provider's bucket counts from their arrival, ours from their send)
 # requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until,
 # learned request rate, admitted-rate meter (count, stamp, start), last rate decrease
 SLOTS = 12
@@ -122,7 +124,7 @@ class TokenBucket:
         """A new rate (a learned one): capacity and the idle level follow it."""
         self.rate = rate_per_s
         self.capacity = max(1.0, rate_per_s * self._burst_s)
-        self._idle_cap = min(self.capacity, max(1.0, rate_per_s * IDLE_BURST_S))
+        self._idle_cap = min(self.capacity, max(1.0, rate_per_s * IDLE_LEVEL_S))
         self._initial = min(self.capacity, max(1.0, rate_per_s * self._initial_s))  # nearly empty: about one call
 
     @contextlib.contextmanager
@@ -134,7 +136,7 @@ class TokenBucket:
             if math.isnan(level) or math.isnan(stamp) or now - stamp > IDLE_RESET_S:
                 level, stamp = self._initial, now  # first use (or long idle): start nearly empty
             idle = now - stamp
-            # burst_seconds caps the steady state; after an idle second, one second of rate is the most.
+            # burst_seconds caps the steady state; after an idle second, less than one second of rate.
             cap = self.capacity if idle <= IDLE_BURST_S else self._idle_cap
             pair = [min(cap, level + max(0.0, idle) * self.rate), now]
             yield pair
