@@ -37,12 +37,15 @@ IDLE_BURST_S = 1.0  # after this long unused, a bucket holds less than one secon
 IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a provider's one-second burst even
 # when the first of them reach it late (a provider's bucket counts from their arrival, ours from their send)
 # requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until,
-# learned request rate, admitted-rate meter (count, stamp, start), last rate decrease
-SLOTS = 12
-PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED = 6, 7, 8, 9, 10, 11
-METER_TAU_S = 5.0  # the admitted-rate meter forgets with this time constant
+# learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, and whether
+# the learned rate is a guess from too few successes (it then grows fast until the next 429 measures it)
+SLOTS = 13
+PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED = 6, 7, 8, 9, 10, 11, 12
+METER_MIN_COUNT = 5  # with fewer successes than this since the last pause, a told rate is trusted more
+METER_MIN_SPAN_S = 1.0  # the admitted rate is measured over at least a second: a burst is not a rate
 RATE_DECREASE = 0.95  # on a 429 the learned rate drops to this share of what the endpoint admitted
 RATE_GROWTH = 1e-4  # each success grows the learned rate by this share: 5 % takes about 500 successes
+GUESS_GROWTH = 1e-2  # a guessed rate grows 1 % per success (x10 in about 230 successes) until a 429 measures it
 MIN_RATE = 1 / 60  # never learn less than one request a minute
 
 
@@ -316,12 +319,21 @@ class EndpointLimiter:
             until = now + pause
             values[PAUSED] = until if math.isnan(values[PAUSED]) else max(values[PAUSED], until)
             pause = values[PAUSED] - now
-            current = [r for r in (self._configured_rate, _nan_none(values[LEARNED])) if r is not None]
-            admitted = _admitted_rate(values, now)
-            seen = [r for r in (*current, admitted) if r is not None]
+            learned = _nan_none(values[LEARNED])
+            if self._configured_rate is not None:  # told a rate: 5 % off what we sent at (slow starts measure low)
+                seen = [r for r in (self._configured_rate, learned) if r is not None]
+            else:  # told nothing: what the endpoint admitted since the last pause is the best guess
+                admitted = _admitted_rate(values, trust_few=learned is None)
+                if values[GUESSED] == 1.0:  # a guess grown until this 429: the rate it reached is the measure
+                    admitted, values[GUESSED] = None, 0.0
+                elif learned is None:
+                    values[GUESSED] = float(values[METER_COUNT] < METER_MIN_COUNT)
+                seen = [r for r in (learned, admitted) if r is not None]
             if seen:
                 values[LEARNED] = max(MIN_RATE, RATE_DECREASE * min(seen))
             values[DECREASED] = now
+            # The meter starts again when the pause ends: a rate measured across a pause would be too low.
+            values[METER_COUNT], values[METER_STAMP], values[METER_START] = 0.0, values[PAUSED], values[PAUSED]
             learned = _nan_none(values[LEARNED])
         self._follow_learned_rate(learned)
         self.cap.on_throttle()
@@ -352,10 +364,10 @@ class EndpointLimiter:
             now = self._clock()
             if math.isnan(values[METER_COUNT]) or now - values[METER_STAMP] > IDLE_RESET_S:
                 values[METER_COUNT], values[METER_STAMP], values[METER_START] = 0.0, now, now
-            values[METER_COUNT] = values[METER_COUNT] * math.exp(-(now - values[METER_STAMP]) / METER_TAU_S) + 1
-            values[METER_STAMP] = now
+            values[METER_COUNT] += 1
+            values[METER_STAMP] = max(now, values[METER_STAMP])
             if not math.isnan(values[LEARNED]):
-                grown = values[LEARNED] * (1 + RATE_GROWTH)
+                grown = values[LEARNED] * (1 + (GUESS_GROWTH if values[GUESSED] == 1.0 else RATE_GROWTH))
                 values[LEARNED] = grown if self._configured_rate is None else min(grown, self._configured_rate)
 
 
@@ -363,13 +375,14 @@ def _nan_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _admitted_rate(values: list[float], now: float) -> float | None:
-    """Successes per second over the last few seconds (corrected for a meter younger than its time constant)."""
-    if math.isnan(values[METER_COUNT]) or now - values[METER_STAMP] > IDLE_RESET_S:
+def _admitted_rate(values: list[float], trust_few: bool) -> float | None:
+    """Successes per second since the last 429's pause ended (or the first success), up to the latest success:
+    idle time after it is no evidence of a lower limit. None with no successes, or with few unless `trust_few`
+    (nothing else is known)."""
+    count = values[METER_COUNT]
+    if math.isnan(count) or count < (1 if trust_few else METER_MIN_COUNT):
         return None
-    count = values[METER_COUNT] * math.exp(-(now - values[METER_STAMP]) / METER_TAU_S)
-    age = max(0.1, now - values[METER_START])
-    return count / (METER_TAU_S * (1 - math.exp(-age / METER_TAU_S)))
+    return count / max(METER_MIN_SPAN_S, values[METER_STAMP] - values[METER_START])
 
 
 class CircuitBreaker:
