@@ -38,13 +38,15 @@ IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a prov
 # when the first of them reach it late (a provider's bucket counts from their arrival, ours from their send)
 # requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until,
 # learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, and whether
-# the learned rate is a guess from too few successes (it then grows fast until the next 429 measures it)
+# the learned rate is a guess from too few successes or too short a time (it then grows fast until the next
+# 429 measures it)
 SLOTS = 13
 PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED = 6, 7, 8, 9, 10, 11, 12
 METER_MIN_COUNT = 5  # with fewer successes than this since the last pause, a told rate is trusted more
 METER_MIN_SPAN_S = 1.0  # the admitted rate is measured over at least a second: a burst is not a rate
 RATE_DECREASE = 0.95  # on a 429 the learned rate drops to this share of what the endpoint admitted
 RATE_GROWTH = 1e-4  # each success grows the learned rate by this share: 5 % takes about 500 successes
+GUESS_CUT = 0.8  # the 429 that ends a guess's growth leaves at least this share of it
 GUESS_GROWTH = 1e-2  # a guessed rate grows 1 % per success (x10 in about 230 successes) until a 429 measures it
 MIN_RATE = 1 / 60  # never learn less than one request a minute
 
@@ -324,10 +326,12 @@ class EndpointLimiter:
                 seen = [r for r in (self._configured_rate, learned) if r is not None]
             else:  # told nothing: what the endpoint admitted since the last pause is the best guess
                 admitted = _admitted_rate(values, trust_few=learned is None)
-                if values[GUESSED] == 1.0:  # a guess grown until this 429: the rate it reached is the measure
-                    admitted, values[GUESSED] = None, 0.0
-                elif learned is None:
-                    values[GUESSED] = float(values[METER_COUNT] < METER_MIN_COUNT)
+                if learned is not None and values[GUESSED] == 1.0 and admitted is not None:
+                    # A guess that grew into this 429: the meter averaged its ramp, so it may read low.
+                    admitted, values[GUESSED] = max(admitted, GUESS_CUT * learned), 0.0
+                elif learned is None:  # a first rate from a handful of successes or a burst is a guess
+                    span = values[METER_STAMP] - values[METER_START]
+                    values[GUESSED] = float(values[METER_COUNT] < METER_MIN_COUNT or not span >= METER_MIN_SPAN_S)
                 seen = [r for r in (learned, admitted) if r is not None]
             if seen:
                 values[LEARNED] = max(MIN_RATE, RATE_DECREASE * min(seen))
