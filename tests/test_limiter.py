@@ -640,13 +640,19 @@ def test_a_429_with_no_rate_told_learns_a_rate_below_what_was_admitted() -> None
     assert wait == pytest.approx(1.0 + 1 / learned)  # the pause, then one slot (the bucket was held empty)
 
 
-def test_a_429_when_told_a_rate_takes_five_percent_off_it() -> None:
+def test_told_a_rate_a_lone_429_only_pauses_and_repeated_ones_take_five_percent_off() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, concurrency=8, requests_per_minute=2400)  # told 40/s
     _succeed(limiter, clock, 5.0, 10.0)  # a slow start measures little: it must not drag the rate down
     limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.learned_rate is None and limiter.pause_wait() == pytest.approx(1.0)  # a lone 429: jitter
+    clock.advance(61.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.learned_rate is None  # a minute later: lone again
+    clock.advance(2.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
     assert limiter.requests is not None and limiter.requests.rate == pytest.approx(0.95 * 40)
-    clock.advance(1.0)
+    clock.advance(100.0)  # once learned, every 429 takes 5 % off
     limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
     assert limiter.requests.rate == pytest.approx(0.95**2 * 40)
 
@@ -669,6 +675,8 @@ def test_successes_grow_the_learned_rate_slowly_and_never_past_the_told_rate() -
     limiter = _limiter(clock, concurrency=8, requests_per_minute=1260)  # 21/s
     _succeed(limiter, clock, 20.0, 5.0)
     limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    clock.advance(1.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)  # a second 429 within the minute
     learned = limiter.learned_rate
     assert learned is not None
     _succeed(limiter, clock, 10.0, 10.0)  # 100 successes: about 1 % more

@@ -49,6 +49,7 @@ RATE_GROWTH = 1e-4  # each success grows the learned rate by this share: 5 % tak
 GUESS_CUT = 0.8  # the 429 that ends a guess's growth leaves at least this share of it
 GUESS_GROWTH = 1e-2  # a guessed rate grows 1 % per success (x10 in about 230 successes) until a 429 measures it
 MIN_RATE = 1 / 60  # never learn less than one request a minute
+LONE_429_S = 60.0  # told a rate, a 429 cuts it only when another came within this many seconds
 
 
 class MemoryState:
@@ -322,8 +323,13 @@ class EndpointLimiter:
             values[PAUSED] = until if math.isnan(values[PAUSED]) else max(values[PAUSED], until)
             pause = values[PAUSED] - now
             learned = _nan_none(values[LEARNED])
+            lone = math.isnan(values[DECREASED]) or now - values[DECREASED] > LONE_429_S
             if self._configured_rate is not None:  # told a rate: 5 % off what we sent at (slow starts measure low)
-                seen = [r for r in (self._configured_rate, learned) if r is not None]
+                # A lone 429 (timer jitter, a stalled loop) only pauses; a second within a minute says the told
+                # rate is too high.
+                seen = (
+                    [] if lone and learned is None else [r for r in (self._configured_rate, learned) if r is not None]
+                )
             else:  # told nothing: what the endpoint admitted since the last pause is the best guess
                 admitted = _admitted_rate(values, trust_few=learned is None)
                 if learned is not None and values[GUESSED] == 1.0 and admitted is not None:
