@@ -255,6 +255,8 @@ class GenerateConfig:
     max_tokens: int | None = 512
     use_schema: bool = True
     max_attempts: int = 4
+    max_rate_limit_wait_s: float = 600.0
+    endpoint_down_after_s: float = 60.0
     fail_fast_after: int = 20
     fail_on_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
     fail_on_empty: bool = True

@@ -121,6 +121,19 @@ class Progress:
         else:
             self._statuses[key] = (text, until)
 
+    def breaker(self, label: str, next_probe_s: float | None) -> None:
+        """An endpoint's breaker is open (it is not answering) and when it is probed next; None: closed again."""
+        if next_probe_s is None:
+            self.status("breaker", None)
+            return
+        text = f"{label} not answering: breaker open, next probe {clock_time(self._wall() + next_probe_s)}"
+        shown = (self._statuses.get("breaker") or ("", None))[0]
+        if text == shown:
+            return
+        self.status("breaker", text)
+        if not self.live and not shown:  # a log line when the breaker opens, not for each probe after
+            self._log_line(f"generate {self.label}: {text}")
+
     def advance(self, ok: bool, cost: float | None, throttled: int, tokens: int = 0) -> None:
         self.add(ok=int(ok), failed=int(not ok), cost=cost, tokens=tokens, throttled=throttled)
 

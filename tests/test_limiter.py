@@ -168,7 +168,7 @@ def test_first_use_and_long_idle_start_nearly_empty() -> None:
     clock.advance(30)  # created long before its first use: still starts nearly empty
     assert bucket.level == pytest.approx(1.0)
     clock.advance(30)
-    assert bucket.level == pytest.approx(bucket.capacity)  # used recently: refilled to capacity
+    assert bucket.level == pytest.approx(8.0)  # idle, though used recently: under one second of rate, not capacity
     clock.advance(61)
     assert bucket.level == pytest.approx(1.0)  # nobody used it for a minute: nearly empty again
 
@@ -207,11 +207,33 @@ def test_bucket_keeps_the_rate_under_load(pattern: str) -> None:
     assert sent >= min(expected, 0.97 * rate * 20)
 
 
-def test_bucket_idle_burst_is_bounded_by_capacity() -> None:
+def test_bucket_idle_burst_is_under_one_second_of_rate() -> None:
     sends = _simulate([0.0] + [30.0] * 300, 50.0, 2.0)
     at_once = sum(1 for t in sends if t == 30.0)
-    assert at_once == 100  # exactly capacity goes immediately after a long idle
-    assert _max_in_window(sends, start_after=1.0) <= 150
+    assert at_once == 40  # after idle, 0.8 s of rate goes at once, not the 2 s capacity
+    assert _max_in_window(sends, start_after=1.0) <= 100
+
+
+@pytest.mark.parametrize("idle", [1.5, 2.0, 5.0, 59.0])
+def test_bucket_after_idle_never_holds_more_than_one_second_of_rate(idle: float) -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(50.0, 2.0, clock)
+    for _ in range(40):  # steady state: used every 0.1 s below its rate, it fills to its 2 s capacity
+        bucket.reserve(1)
+        clock.advance(0.1)
+    assert bucket.level == pytest.approx(bucket.capacity)
+    clock.advance(idle)
+    assert bucket.level == pytest.approx(40.0)  # 0.8 s of rate: under a provider's one-second burst
+
+
+def test_bucket_steady_state_may_hold_burst_seconds() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(10.0, 3.0, clock)
+    _ = bucket.level
+    for _ in range(10):  # used every 0.5 s: never idle for a second, so it may grow to its capacity
+        clock.advance(0.5)
+        assert bucket.level <= 30.0
+    assert bucket.level == pytest.approx(30.0)
 
 
 # --------------------------------------------------------------------------- EndpointLimiter
@@ -384,7 +406,7 @@ def test_unparseable_or_absent_headers_are_ignored() -> None:
     _fill(clock, limiter.requests, limiter.input_tokens)
     limiter.observe_headers({"x-ratelimit-remaining-requests": "soon", "x-ratelimit-remaining-tokens": "30"})
     assert limiter.requests is not None and limiter.input_tokens is not None
-    assert limiter.requests.level == pytest.approx(limiter.requests.capacity)
+    assert limiter.requests.level == pytest.approx(8)  # unchanged: 0.8 s of rate after idle
     assert limiter.input_tokens.level == pytest.approx(30)  # the parseable one still applies
     _limiter(clock).observe_headers({"x-ratelimit-remaining-requests": "0"})  # no bucket: nothing to do
 
@@ -554,6 +576,148 @@ def test_breaker_successful_probe_closes_and_resets() -> None:
     assert breaker.wait() == 0.0  # everyone goes again
     breaker.record(False)  # one failure after closing does not reopen it
     assert breaker.state == "closed"
+
+
+def test_breaker_is_down_after_only_unreachable_attempts_for_the_bound() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, cooldown_s=1.0, clock=clock, down_after_s=5.0)
+    sent = clock.now
+    clock.advance(2.0)  # a timeout: counted from its send, not from when it came back
+    breaker.record(False, unreachable=True, sent_at=sent)
+    assert not breaker.down and breaker.down_in() == pytest.approx(3.0)
+    clock.advance(2.9)
+    breaker.record(False, unreachable=True, sent_at=clock.now)
+    assert not breaker.down
+    clock.advance(0.1)
+    assert breaker.down
+
+
+def test_breaker_an_answer_or_a_success_resets_the_down_clock() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=2, cooldown_s=1.0, clock=clock, down_after_s=5.0)
+    breaker.record(False, unreachable=True, sent_at=clock.now)
+    clock.advance(4.0)
+    breaker.record(False, unreachable=False, sent_at=clock.now)  # a 500: the endpoint is there
+    clock.advance(4.0)
+    assert not breaker.down and breaker.down_in() == float("inf")
+    breaker.record(False, unreachable=True, sent_at=clock.now)
+    clock.advance(4.0)
+    breaker.record(True, sent_at=clock.now)
+    clock.advance(10.0)
+    assert not breaker.down
+
+
+def test_breaker_admit_names_the_probe_and_a_released_probe_lets_another_go() -> None:
+    clock = FakeClock()
+    breaker = _open_breaker(clock)
+    assert breaker.next_probe_in() == pytest.approx(10.0)
+    clock.advance(10.5)
+    assert breaker.admit() == (0.0, True)
+    assert breaker.admit()[1] is False
+    breaker.release_probe()  # the probe was never sent (the run stopped)
+    assert breaker.admit() == (0.0, True)
+
+
+# --------------------------------------------------------------------------- learned request rate (AIMD)
+
+
+def _succeed(limiter: EndpointLimiter, clock: FakeClock, rate: float, seconds: float) -> None:
+    for _ in range(int(rate * seconds)):
+        clock.advance(1 / rate)
+        limiter.on_success()
+
+
+def test_a_429_with_no_rate_told_learns_a_rate_below_what_was_admitted() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, concurrency=8)
+    assert limiter.requests is None and limiter.learned_rate is None
+    _succeed(limiter, clock, 20.0, 10.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    learned = limiter.learned_rate
+    assert learned is not None and 0.9 * 20 <= learned <= 0.96 * 20
+    wait, _ = limiter.reserve(1, 0)  # the request bucket now exists at the learned rate
+    assert limiter.requests is not None and limiter.requests.rate == pytest.approx(learned)
+    assert wait == pytest.approx(1.0 + 1 / learned)  # the pause, then one slot (the bucket was held empty)
+
+
+def test_told_a_rate_a_lone_429_only_pauses_and_repeated_ones_take_five_percent_off() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, concurrency=8, requests_per_minute=2400)  # told 40/s
+    _succeed(limiter, clock, 5.0, 10.0)  # a slow start measures little: it must not drag the rate down
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.learned_rate is None and limiter.pause_wait() == pytest.approx(1.0)  # a lone 429: jitter
+    clock.advance(61.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.learned_rate is None  # a minute later: lone again
+    clock.advance(2.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.requests is not None and limiter.requests.rate == pytest.approx(0.95 * 40)
+    clock.advance(100.0)  # once learned, every 429 takes 5 % off
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.requests.rate == pytest.approx(0.95**2 * 40)
+
+
+def test_echo_429s_of_one_overload_change_nothing() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, concurrency=8)
+    _succeed(limiter, clock, 20.0, 5.0)
+    sent = clock.now - 0.2  # sent before the first 429 was handled, like every call in flight with it
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    learned, paused, cap = limiter.learned_rate, limiter.paused_until, limiter.cap.limit
+    clock.advance(0.1)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=sent)
+    assert (limiter.learned_rate, limiter.paused_until, limiter.cap.limit) == (learned, paused, cap)
+    assert limiter.throttled == 2  # still counted
+
+
+def test_successes_grow_the_learned_rate_slowly_and_never_past_the_told_rate() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, concurrency=8, requests_per_minute=1260)  # 21/s
+    _succeed(limiter, clock, 20.0, 5.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    clock.advance(1.0)
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)  # a second 429 within the minute
+    learned = limiter.learned_rate
+    assert learned is not None
+    _succeed(limiter, clock, 10.0, 10.0)  # 100 successes: about 1 % more
+    assert limiter.learned_rate == pytest.approx(learned * 1.0001**100)
+    _succeed(limiter, clock, 10.0, 500.0)
+    assert limiter.learned_rate == pytest.approx(21.0)
+
+
+@pytest.mark.parametrize(
+    ("told", "burst_s"), [(None, 1.0), (2.0, 1.0), (2.0, 0.1)], ids=["told-nothing", "told-2x", "told-2x-short-burst"]
+)
+def test_learned_rate_converges_against_a_server_limit(told: float | None, burst_s: float) -> None:
+    """Simulated: a server allowing R/s with a burst of `burst_s` seconds answers 429 (Retry-After 1) when its bucket is
+    empty; requests go one after another as the limiter allows. After the first minute 429s are under 1 %
+    of requests and the admitted rate is at least 0.9 R."""
+    rate = 20.0
+    clock = FakeClock(0.0)
+    limits: dict[str, object] = {"concurrency": 8}
+    if told is not None:
+        limits["requests_per_minute"] = told * rate * 60
+    limiter = _limiter(clock, **limits)
+    server = TokenBucket(rate, burst_s, clock, initial_s=1.0)
+    sends: list[tuple[float, bool]] = []
+    while clock.now < 600:
+        wait, reservation = limiter.reserve(1, 0)
+        clock.advance(wait)
+        if limiter.voided(reservation):
+            continue
+        sent = clock.now
+        admitted = server.level >= 1
+        if admitted:
+            server.reserve(1)
+            limiter.on_success()
+        else:
+            limiter.on_throttle(retry_after_s=1.0, backoff_s=0.5, sent_at=sent)
+        sends.append((sent, admitted))
+        clock.advance(0.001)
+    late = [ok for t, ok in sends if t >= 60]
+    throttled = late.count(False)
+    assert throttled / len(late) < 0.01, (throttled, len(late))
+    assert late.count(True) / (600 - 60) >= 0.9 * rate
 
 
 # --------------------------------------------------------------------------- engine helpers

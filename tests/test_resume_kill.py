@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, run_env
 
+from pipeline import exit_codes
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -152,6 +153,7 @@ def test_interrupted_run_resumes_without_repeating_calls(
             assert exit_s < 5, f"Ctrl+C took {exit_s:.1f}s to exit"
             assert "Traceback" not in stdout + stderr, stderr[-3000:]
             assert "hydra.run.dir" in stderr and str(run_dir) in stderr, stderr[-2000:]
+            assert "stopping: no new calls; waiting for the" in stderr, stderr[-2000:]
         else:
             assert proc.returncode == -signal.SIGKILL
         records = journalled(run_dir)
@@ -160,10 +162,15 @@ def test_interrupted_run_resumes_without_repeating_calls(
         assert first <= records + CONCURRENCY, f"{first} requests but only {records} journalled"
         assert records < QUESTIONS, "the run finished before it was interrupted: nothing to resume"
 
+        if sig == signal.SIGINT:  # the calls in flight finished and were journalled: none is paid twice
+            assert first == records, f"{first} requests but {records} journalled"
+
         check_ok(run_to_end(cmd))
         total = server.stats()["requests"]
         assert total <= QUESTIONS + CONCURRENCY, f"{total} requests for {QUESTIONS} questions"
         assert total - first <= QUESTIONS - records + CONCURRENCY
+        if sig == signal.SIGINT:
+            assert total == QUESTIONS, "the rerun sent only what was never sent"
         print(f"{sig.name}: {records} journalled, {first} requests before, {total} in all, exit in {exit_s:.2f}s")
     check_final_table(run_dir, reference)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -233,10 +240,68 @@ def test_workers_interrupted_then_resumed(tmp_path: Path, reference: dict[str, d
         first = server.stats()["requests"]
         assert KILL_AFTER <= records < QUESTIONS
         assert first <= records + CONCURRENCY, f"{first} requests but only {records} journalled"
+        if victim == "ctrl-c":  # the workers let their calls in flight finish and journalled them
+            assert first == records, f"{first} requests but {records} journalled"
+            assert "stopping: no new calls; waiting for the" in stderr, stderr[-2000:]
 
         check_ok(run_to_end(cmd))
         total = server.stats()["requests"]
         assert total - first <= QUESTIONS - records + CONCURRENCY
+        if victim == "ctrl-c":
+            assert total == QUESTIONS, "the rerun sent only what was never sent"
         print(f"{victim}: {records} journalled, {first} requests before, {total} in all, exit in {exit_s:.2f}s")
     check_final_table(run_dir, reference)
     assert not (run_dir / ".workers").exists()
+
+
+# -- the endpoint dies mid-run ------------------------------------------------------------------------------
+
+
+def test_dead_endpoint_ends_the_run_within_the_bound_and_a_rerun_completes(
+    tmp_path: Path, reference: dict[str, dict[str, Any]]
+) -> None:
+    """The server is stopped mid-run: within `generate.endpoint_down_after_s` (3 s here) of nothing but refused
+    connections the run ends with one line naming the endpoint and how to resume; once the server is back on
+    the same port, a rerun into the folder completes."""
+    run_dir = tmp_path / "run"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
+        cmd = command(run_dir, server, "generate.endpoint_down_after_s=3")
+        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 90
+                while journalled(run_dir) < KILL_AFTER:
+                    assert proc.poll() is None, (logs / "stderr").read_text()
+                    assert time.monotonic() < deadline, "the journal never reached 40 records"
+                    time.sleep(0.1)
+                server.stop()
+                killed = time.monotonic()
+                proc.wait(timeout=60)
+                ended_s = time.monotonic() - killed
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        stderr, stdout = (logs / "stderr").read_text(), (logs / "stdout").read_text()
+        # t13's runner exits INCOMPLETE (3) for a stopped stage; before it, a stopped stage still exited 0.
+        expected = getattr(exit_codes, "INCOMPLETE", 0)
+        assert proc.returncode == expected, f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+        assert "Traceback" not in stdout + stderr, stderr[-3000:]
+        line = f"endpoint down: fake ({server.api_base}) gave only connection failures or timeouts for 3s"
+        assert line in stderr, stderr[-3000:]
+        assert "rerun" in stderr
+        # 3 s of refused connections, the calls in flight (300 ms) and the stages after generate.
+        assert ended_s < 3 + 25, f"the run took {ended_s:.1f}s to end after the server died"
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        generate = manifest["stages"]["generate"]
+        assert generate["status"] == "incomplete" and generate["metrics"]["stopped"].startswith("endpoint down")
+        records = journalled(run_dir)
+        assert KILL_AFTER <= records < QUESTIONS
+
+        server.start()  # back, on the same port
+        check_ok(run_to_end(cmd))
+    check_final_table(run_dir, reference)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["status"] == "done"

@@ -18,6 +18,7 @@ RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed
 FAILOVER = {"context_window", "auth", "not_found"}
 FATAL = {"quota_exhausted"}
 # The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
+CONNECTION_MARKER = "connection error"
 MALFORMED_MARKERS = ("unterminated string", "expecting value", "jsondecodeerror", "invalid json", "json.decoder")
 
 
@@ -109,6 +110,8 @@ def classify(exc: BaseException) -> tuple[str, int | None]:
         return ("quota_exhausted" if quota else "rate_limited"), status
     if isinstance(exc, lm.Timeout):
         return "timeout", status
+    if CONNECTION_MARKER in text and status in (None, 500):  # litellm reports a refused connection as a made-up 500
+        return "connection", None
     # Status before class: litellm raises BadRequestError for a 403 whose body says invalid_request_error.
     if isinstance(exc, lm.AuthenticationError | lm.PermissionDeniedError) or status in (401, 403):
         return "auth", status

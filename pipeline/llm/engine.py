@@ -12,12 +12,15 @@ tasks, never more than a window of them alive, so memory follows concurrency, no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
 import logging
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from pipeline.llm.client import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
 from pipeline.llm.journal import Claims, ResultLog
-from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
+from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter, Reservation
 from pipeline.llm.litellm_env import warm_up
 from pipeline.llm.prices import Price, price_for
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec, request_hash, response_id
@@ -54,6 +57,9 @@ CACHE_MODES = ("on", "read_only", "off")
 PLAN_KEY_VERSION = 2  # bump when the plan key's layout changes: old journals then match nothing
 FIRST_BATCH = 64  # units rendered before the first call goes out; later batches are STREAM_BATCH
 TRANSPORTS = ("litellm", "direct")
+UNREACHABLE = {"connection", "timeout"}  # what counts towards an endpoint being down
+BREAKER_FAILURES = RETRYABLE - {"rate_limited"}  # a 429 is the endpoint answering: it never opens the breaker
+BREAKER_COOLDOWN_S = 10.0  # the longest an open breaker waits before its next probe
 
 
 @dataclass
@@ -233,7 +239,14 @@ class Engine:
         self.budget = Budget(cfg.max_cost_usd, targets[0].price)
         self.seed = seed
         self._rng = random.Random(seed)
-        self._stop_dispatch = False
+        self._stop_dispatch = False  # no new units
+        self._stopping = False  # no new sends either: calls not yet sent end unsent
+        self._stop_event: asyncio.Event | None = None  # wakes calls sleeping before a send when stopping
+        self._interrupted = False  # Ctrl+C: stop sending, let the calls in flight finish
+        self._on_stop: list[Callable[[], None]] = []  # also told when sending stops (worker processes)
+        self._twins: dict[str, asyncio.Future[dict[str, Any] | None]] = {}  # requests in flight in this run
+        self._sent: set[bytes] = set()  # requests this run already settled (16 bytes of their hash)
+        self._configure_breakers()
         # Checks the endpoints and starts the model's server; called once, just before the first request is
         # sent (never when the journal and the cache answer everything), it returns the targets to call.
         self._prepare = prepare
@@ -384,17 +397,75 @@ class Engine:
             todo,
         )
         try:
-            if self.cfg.workers > 1 and todo > 0:
-                from pipeline.llm.workers import dispatch_in_workers  # it builds engines: imported when used
+            with self._graceful_interrupt():
+                if self.cfg.workers > 1 and todo > 0:
+                    from pipeline.llm.workers import dispatch_in_workers  # it builds engines: imported when used
 
-                self._ready()
-                await dispatch_in_workers(self, pending, build)
-            else:
-                await self.dispatch(pending, build)
+                    self._ready()
+                    await dispatch_in_workers(self, pending, build)
+                else:
+                    await self.dispatch(pending, build)
         finally:
             self.progress.stop()
         self._compact()
         return self.summary()
+
+    @contextlib.contextmanager
+    def _graceful_interrupt(self) -> Generator[None, None, None]:
+        """The first Ctrl+C stops sending and lets the calls in flight finish (they are paid for); the second
+        one goes to the handler that was there before (asyncio's: it cancels them)."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            yield  # not the main thread, or Ctrl+C is ignored here (a worker process: its parent owns the stop)
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                signal.signal(signal.SIGINT, previous)
+                previous(signum, frame)
+                return
+            self._interrupted = True
+            loop.call_soon_threadsafe(self.interrupt)
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def interrupt(self, say: bool = True) -> None:
+        """Stop sending: calls in flight finish and are journalled, the rest stays pending for a rerun."""
+        self._interrupted = True
+        if self._stopping:
+            return
+        timeout = max(t.endpoint.timeout_s for t in self.targets)
+        if say:
+            self.progress.console.print(
+                f"[yellow]stopping:[/] no new calls; waiting for the {self.progress.running} in flight (at most "
+                f"{timeout:g}s); press Ctrl+C again to cancel them",
+                highlight=False,
+            )
+        self._stop()
+
+    def on_stop(self, hook: Callable[[], None]) -> None:
+        self._on_stop.append(hook)
+
+    def _stop(self) -> None:
+        self._stop_dispatch = self._stopping = True
+        if self._stop_event is not None:
+            self._stop_event.set()
+        for hook in self._on_stop:
+            hook()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep before a send, waking at once when sending stops."""
+        if seconds <= 0 or self._stopping:
+            return
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
 
     async def dispatch(self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]) -> None:
         """Call every pending unit (cache hits are reused instead) and journal each result."""
@@ -424,7 +495,10 @@ class Engine:
                             break
                         self._ready()
                         await window.acquire()
-                        group.create_task(self._run_one(unit, window))
+                        if self._stop_dispatch:
+                            window.release()
+                            break
+                        group.create_task(self._start(unit, window))
                     if self._stop_dispatch:
                         break
         except BaseExceptionGroup as group_exc:
@@ -442,12 +516,51 @@ class Engine:
             self.journal.close()
             if self.cache is not None:
                 self.cache.close()
+        if self._interrupted:
+            raise KeyboardInterrupt  # after the calls in flight were journalled: the run ends as interrupted
+
+    async def _start(self, unit: Unit, window: asyncio.Semaphore) -> None:
+        """Send a request once per run: a copy of one in flight waits for its twin, a copy of one already
+        settled takes it from the journal; either way as a cache hit."""
+        key = unit.request_hash
+        twin = self._twins.get(key)
+        if twin is None and bytes.fromhex(key[:32]) not in self._sent:
+            self._twins[key] = asyncio.get_running_loop().create_future()
+            await self._run_one(unit, window)
+            return
+        try:
+            record = await asyncio.shield(twin) if twin is not None else self._journalled(key)
+            if record is not None:
+                self._reuse(unit, record)
+        finally:
+            window.release()
+
+    def _journalled(self, key: str) -> dict[str, Any] | None:
+        """This run's settling record for a request hash (a twin's answer)."""
+        self.peer_con.register("engine_twin_journal", self.journal.relation(self.peer_con))
+        rows = self.peer_con.execute(
+            "SELECT * FROM engine_twin_journal WHERE request_hash = ? "
+            "ORDER BY (status = 'ok') DESC, final DESC, created_at DESC LIMIT 1",
+            [key],
+        )
+        names = [d[0] for d in rows.description or []]
+        found = rows.fetchall()
+        self.peer_con.unregister("engine_twin_journal")
+        return dict(zip(names, found[0], strict=True)) if found else None
 
     def _ready(self) -> None:
         """Before the first request: check the endpoints and start the model's server (once)."""
         if self._prepare is not None:
             prepare, self._prepare = self._prepare, None
             self.targets = prepare()
+            self._configure_breakers()
+
+    def _configure_breakers(self) -> None:
+        """An endpoint is down after `endpoint_down_after_s` of nothing but connection failures and timeouts."""
+        down_after = max(0.0, self.cfg.endpoint_down_after_s)
+        for target in self.targets:
+            target.breaker.down_after_s = down_after
+            target.breaker.cooldown_s = min(BREAKER_COOLDOWN_S, max(0.5, down_after / 6))
 
     def _compact(self) -> None:
         self.journal.compact(self.side)
@@ -501,6 +614,7 @@ class Engine:
         return dry_run.estimate(batches, self.targets[0], self.totals)
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
+        record: dict[str, Any] | None = None
         try:
             max_tokens = unit.spec.max_tokens  # already capped by the first preset's max_tokens
             reservation = await self.budget.reserve(self.budget.worst_case(unit.est_tokens, max_tokens))
@@ -513,11 +627,14 @@ class Engine:
                 observers.emit("budget_stop", reason=self.totals.stopped)
                 return
             cost: float | None = None
-            if self.claims is not None and not await self._claim(unit):
+            if self.claims is not None and (peer := await self._claim(unit)) is not None:
+                record = peer  # a peer process answered it: copies in this run take that answer too
                 await self.budget.settle(reservation, None)
                 return
             try:
                 record = await self._call(unit)
+                if record is None:
+                    return  # stopped before anything was sent: the unit stays pending
                 cost = record["cost_usd"]
                 self.journal.append(record)  # on disk before it counts as done
                 observers.settled(record)
@@ -530,9 +647,14 @@ class Engine:
             self._count_result(record)
         finally:
             window.release()
+            twin = self._twins.pop(unit.request_hash, None)
+            if twin is not None:
+                if record is not None:
+                    self._sent.add(bytes.fromhex(unit.request_hash[:32]))
+                twin.set_result(record)
 
-    async def _claim(self, unit: Unit) -> bool:
-        """True when this process should send the request; False when a peer's answer was reused instead.
+    async def _claim(self, unit: Unit) -> dict[str, Any] | None:
+        """None when this process should send the request; the peer's answer when it was reused instead.
 
         After winning the claim the shared cache is checked again when a peer process writes to it: a peer
         may have answered this request between our batch look-up and our claim.
@@ -549,11 +671,11 @@ class Engine:
                 if hit is not None:
                     self.claims.release(unit.request_hash)
                     self._reuse(unit, hit)
-                    return False
+                    return hit
         except BaseException:
             self.claims.release(unit.request_hash)  # never leave a claim that peers would wait on forever
             raise
-        return True
+        return None
 
     def _count_result(self, record: dict[str, Any]) -> None:
         t = self.totals
@@ -581,13 +703,25 @@ class Engine:
     def throttled(self) -> int:
         return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_in_workers
 
-    async def _call(self, unit: Unit) -> dict[str, Any]:
+    async def _call(self, unit: Unit) -> dict[str, Any] | None:
+        """The unit's record, or None when the run stopped before anything was sent for it."""
         log_entries: list[dict[str, Any]] = []
         last: Attempt | None = None
         final = True
         for index, target in enumerate(self.targets):
             is_last_target = index == len(self.targets) - 1
-            outcome, last = await self._try_target(target, unit, log_entries)
+            outcome, attempt = await self._try_target(target, unit, log_entries)
+            last = attempt or last
+            if outcome == "down" and is_last_target:
+                self._endpoint_down(target)
+            if outcome in ("stopped", "down"):
+                final = False
+                if outcome == "down" and not is_last_target:
+                    continue  # the next preset takes over
+                if last is None:
+                    return None
+                break
+            assert last is not None
             if outcome == "done":
                 return self._record(unit, target, last, log_entries, final=True)
             if outcome == "exhausted" or (outcome == "failover" and last.error_type in RETRYABLE):
@@ -598,6 +732,23 @@ class Engine:
                 final = True  # e.g. context window exceeded on every preset
         assert last is not None
         return self._record(unit, self.targets[-1], last, log_entries, final=final)
+
+    def _endpoint_down(self, target: Target) -> None:
+        """The last preset's endpoint is down: stop sending (a rerun resumes) and say so in one line."""
+        if self.totals.stopped is None:
+            where = target.endpoint.api_base or target.endpoint.model
+            self.totals.stopped = (
+                f"endpoint down: {target.endpoint.preset} ({where}) gave only connection failures or timeouts for "
+                f"{target.breaker.down_after_s:g}s (generate.endpoint_down_after_s); once it is up, rerun the same "
+                "command into the same folder to resume"
+            )
+            log.warning("%s", self.totals.stopped)
+        self._stop()
+
+    def _show_breaker(self, target: Target) -> None:
+        show = getattr(self.progress, "breaker", None)  # a progress object may not show it (worker relay)
+        if show is not None:
+            show(target.endpoint.preset, target.breaker.next_probe_in())
 
     def _endpoint_error(self, target: Target, attempt: Attempt) -> str:
         hint = (
@@ -611,8 +762,12 @@ class Engine:
             f"{attempt.error_type}: {message}; {hint}"
         )
 
-    async def _try_target(self, target: Target, unit: Unit, log_entries: list[dict[str, Any]]) -> tuple[str, Attempt]:
-        """Attempts against one preset until success, a final failure, failover, or retries run out."""
+    async def _try_target(
+        self, target: Target, unit: Unit, log_entries: list[dict[str, Any]]
+    ) -> tuple[str, Attempt | None]:
+        """Attempts against one preset until success, a final failure, failover, retries run out, the endpoint
+        is down or the run stops sending. 429s and unanswered breaker probes do not use up `max_attempts`: 429s
+        are waited out, up to `max_rate_limit_wait_s` in all; an endpoint not answering is down in bounded time."""
         spec = unit.spec
         max_tokens = _min_opt(spec.max_tokens, target.endpoint.max_tokens)
         params: dict[str, Any] = {"temperature": spec.temperature}
@@ -621,29 +776,18 @@ class Engine:
         response_format = client.response_format_for(target.endpoint.response_format, spec.response_schema)
         if response_format is not None:
             params["response_format"] = response_format
-        limiter = target.limiter
+        limiter, breaker = target.limiter, target.breaker
         attempt: Attempt | None = None
-        for attempt_no in range(self.cfg.max_attempts):
-            while (wait := target.breaker.wait()) > 0:
-                await asyncio.sleep(wait)
-            requeued = False
-            while True:
-                wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
-                due = limiter.now() + wait
-                if wait > 0:
-                    self.progress.waited(binding_limit(limiter), wait)
-                    await asyncio.sleep(wait)
-                if limiter.voided(reservation):
-                    continue  # a 429 paused the endpoint while this call waited: queue again
-                if not requeued and limiter.late(due):
-                    requeued = True  # woke long after its slot (a stalled loop): queue again, once
-                    continue
-                break
-            queued = time.monotonic()
-            await limiter.cap.acquire()
-            self.progress.waited("concurrency", time.monotonic() - queued)
+        failures = throttles = 0
+        throttled_s = 0.0
+        while True:
+            gate = await self._gate(target, unit, max_tokens)
+            if isinstance(gate, str):
+                return gate, attempt
+            reservation, probe = gate
             if log_entries:
                 self.progress.retried()
+            sent_at = limiter.now()
             self.progress.in_flight(+1)
             observers.emit("attempt_start", endpoint=target.endpoint.preset)
             try:
@@ -655,11 +799,14 @@ class Engine:
             limiter.observe_headers(attempt.headers)
             log_entries.append(self._attempt_entry(len(log_entries) + 1, target, attempt))
             observers.emit("attempt_end", **log_entries[-1])
-            target.breaker.record(attempt.ok or attempt.error_type not in RETRYABLE)
+            kind = attempt.error_type or ""
+            was_open = breaker.state != "closed"
+            breaker.record(kind not in BREAKER_FAILURES, unreachable=kind in UNREACHABLE, sent_at=sent_at)
+            if was_open and breaker.state == "closed":
+                self._show_breaker(target)  # closed again: the progress line stops showing it
             if attempt.ok:
                 limiter.on_success()
                 return "done", attempt
-            kind = attempt.error_type or ""
             if kind in FATAL:
                 raise RunStopped(
                     f"{target.endpoint.preset}: the provider says the quota is exhausted "
@@ -669,18 +816,59 @@ class Engine:
                 return "failover", attempt
             if kind not in RETRYABLE:
                 return "done", attempt  # refused for good: recorded as failed, never retried
-            pause = backoff_s(attempt_no, attempt.retry_after_s, self._rng)
-            if attempt_no + 1 < self.cfg.max_attempts:
-                observers.emit("retry", endpoint=target.endpoint.preset, attempt=attempt_no + 1, error_type=kind)
             if kind == "rate_limited":
                 observers.emit("rate_limited", endpoint=target.endpoint.preset, retry_after_s=attempt.retry_after_s)
-                limiter.on_throttle(attempt.retry_after_s, pause)
+                limiter.on_throttle(attempt.retry_after_s, backoff_s(throttles, None, self._rng), sent_at)
                 self.progress.paused(limiter.pause_wait(), "429")
+                throttles += 1
+                throttled_s += limiter.pause_wait()
+                if throttled_s > self.cfg.max_rate_limit_wait_s:
+                    return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
+                observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
                 continue  # the limiter's endpoint-wide pause is the wait
-            if attempt_no + 1 < self.cfg.max_attempts:
-                await asyncio.sleep(pause)
-        assert attempt is not None
-        return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
+            if kind in UNREACHABLE and breaker.down:
+                return "down", attempt
+            if not (probe and kind in UNREACHABLE):
+                failures += 1  # a probe finding nobody there costs no attempt: `down` bounds that wait instead
+            if failures >= self.cfg.max_attempts:
+                return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
+            observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
+            await self._sleep(backoff_s(failures - 1, attempt.retry_after_s, self._rng))
+
+    async def _gate(self, target: Target, unit: Unit, max_tokens: int | None) -> tuple[Reservation, bool] | str:
+        """Wait until this call may be sent: breaker, buckets and 429 pause, then a concurrency slot. The pause is
+        checked again once the slot is held, so a 429 seen meanwhile holds back calls that already had a slot.
+        Returns (reservation, whether the send is the breaker's probe), or why it must not be sent."""
+        limiter, breaker = target.limiter, target.breaker
+        requeued = False
+        while True:
+            if self._stopping:
+                return "stopped"
+            if breaker.down:
+                return "down"
+            wait, probe = breaker.admit()
+            if wait > 0:
+                self._show_breaker(target)
+                await self._sleep(min(wait, breaker.down_in()))
+                continue
+            wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
+            due = limiter.now() + wait
+            if wait > 0:
+                self.progress.waited(binding_limit(limiter), wait)
+            await self._sleep(wait)
+            again = self._stopping or limiter.voided(reservation)  # voided: a 429 paused the endpoint meanwhile
+            if not again and not requeued and limiter.late(due):
+                requeued = again = True  # woke long after its slot (a stalled loop): queue again, once
+            if not again:
+                queued = time.monotonic()
+                await limiter.cap.acquire()
+                self.progress.waited("concurrency", time.monotonic() - queued)
+                again = self._stopping or limiter.voided(reservation) or limiter.pause_wait() > 0
+                if not again:
+                    return reservation, probe
+                await limiter.cap.release()
+            if probe:
+                breaker.release_probe()
 
     def _attempt_entry(self, number: int, target: Target, attempt: Attempt) -> dict[str, Any]:
         entry = {
@@ -766,12 +954,28 @@ class Engine:
         )
 
     def attempts(self) -> duckdb.DuckDBPyRelation:
+        """Every attempt sent for this run's units, from every record the journal holds (earlier runs of the
+        folder too), numbered per response in the order they were made. Cache copies sent nothing."""
+        self.con.register("engine_records", self.journal.relation(self.con))
         fields = ", ".join(f"CAST(a->>'$.{name}' AS {kind}) AS {name}" for name, kind in ATTEMPT_FIELDS.items())
+        numbered = ", ".join(
+            "CAST(row_number() OVER (PARTITION BY response_id ORDER BY created_at, started_at, attempt) AS INTEGER) "
+            "AS attempt"
+            if name == "attempt"
+            else name
+            for name in ATTEMPT_FIELDS
+        )
         return self.con.sql(
             f"""
-            SELECT response_id, {fields} FROM (
-                SELECT response_id, question_id, sample_index, round, unnest(CAST(attempt_log AS JSON[])) AS a
-                FROM ({self._latest()})
+            SELECT response_id, {numbered} FROM (
+                SELECT response_id, question_id, sample_index, round, created_at, {fields} FROM (
+                    SELECT *, unnest(CAST(attempt_log AS JSON[])) AS a FROM (
+                        SELECT DISTINCT j.response_id, j.question_id, j.sample_index, j.round, j.created_at,
+                               CAST(j.attempt_log AS VARCHAR) AS attempt_log
+                        FROM engine_records j SEMI JOIN engine_units u USING (plan_key)
+                        WHERE j.source = 'call'
+                    )
+                )
             ) ORDER BY question_id, sample_index, round, response_id, attempt
             """
         )

@@ -9,8 +9,9 @@ parallel sweep jobs use) and each worker gets its share of the concurrency cap a
 Nothing is merged at the end: every worker appends to its own file in the run's journal folder, which
 is what the run's tables are read from, so a run's tables are the same with one worker or many. A killed
 worker loses only its in-flight calls; the parent then stops the others cleanly and a rerun resumes.
-Workers ignore Ctrl+C (the terminal sends it to the whole process group): the parent owns the stop and
-sends them SIGTERM, and a worker whose parent dies stops by itself.
+Workers ignore Ctrl+C (the terminal sends it to the whole process group): the parent owns the stop. On a
+first Ctrl+C it sends them SIGUSR1 (stop sending, let the calls in flight finish), on a second SIGTERM
+(cancel them); a worker whose parent dies stops by itself.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ async def _run(engine: Engine, jobs: list[WorkerJob]) -> list[Outcome]:
     fleet = _Fleet(engine, jobs)
     try:
         fleet.start()
+        engine.on_stop(fleet.drain)
         while not fleet.all_reported():
             try:
                 fleet.take(*await asyncio.wait_for(fleet.inbox.get(), FLUSH_EVERY_S))
@@ -173,6 +175,7 @@ class _Fleet:
         self.inbox: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
         self._throttled = [0] * len(jobs)
         self._dead_since: dict[int, float] = {}
+        self.draining = False
         self._reading = threading.Event()
         self._reader = threading.Thread(target=self._read, args=(asyncio.get_running_loop(),), daemon=True)
 
@@ -204,7 +207,7 @@ class _Fleet:
             self.engine.progress.add(**{**payload, "throttled": sum(self._throttled)})
             return
         self.outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
-        if kind != "done":
+        if kind != "done" and not (kind == "interrupted" and self.draining):
             self.stop()  # one worker failed or was interrupted: the others stop too
 
     def note_deaths(self) -> None:
@@ -222,12 +225,17 @@ class _Fleet:
             self.outcomes[index] = Outcome("died", message=f"generate worker {index} {how}")
             self.stop()
 
-    def stop(self) -> None:
+    def stop(self, how: signal.Signals = signal.SIGTERM) -> None:
         """SIGTERM to every worker still at work: it cancels its calls, keeps what finished, reports."""
         for index, proc in enumerate(self.procs):
             if index not in self.outcomes and proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, how)
+
+    def drain(self) -> None:
+        """SIGUSR1 to every worker still at work: it stops sending, lets its calls in flight finish, reports."""
+        self.draining = True
+        self.stop(signal.SIGUSR1)
 
     async def shut_down(self) -> None:
         """Stop the workers, wait for them (killing any that outlive the grace period) and read every report."""
@@ -390,6 +398,7 @@ class _Worker:
             progress=relay,
             seed=job.seed,
         )
+        loop.add_signal_handler(signal.SIGUSR1, self.engine.interrupt, False)
         path = job.pending_path.replace("'", "''")
         pending = con.sql(
             f"SELECT * EXCLUDE ({SLOT_COLUMN}) FROM read_parquet('{path}') WHERE {SLOT_COLUMN} = {job.index}"
