@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from pipeline import exit_codes
+from pipeline import exit_codes, fast_exit
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import UserError
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import close_clients, litellm
+from pipeline.llm.litellm_env import close_clients, warm_up
 from pipeline.llm.servers import serving
 from pipeline.manifest import (
     config_files,
@@ -171,6 +171,12 @@ def check_reachable(model: ModelConfig) -> None:
         ) from None
 
 
+def litellm_models(chains: dict[str, list[ModelConfig]]) -> list[tuple[str, str | None]]:
+    """(model id, api_base) of every preset the run may call through litellm: what its warm-up prepares."""
+    found = {(m.name, m.api_base) for chain in chains.values() for m in chain if m.transport == "litellm"}
+    return sorted(found, key=str)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (taskset, cgroup cpusets), not the machine's count: DuckDB threads
     beyond them only take turns on the same cores."""
@@ -271,10 +277,11 @@ class Runner:
         self._begin()
         self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
-        if any(s.needs_engine for s in stages):
-            # litellm takes seconds to import: do it while the stages before generate run, not after. The
-            # engine then warms up each preset's first call (with its real api_base) while DuckDB plans.
-            importing = threading.Thread(target=litellm, name="import-litellm")
+        if warm := litellm_models(self.chains):
+            # litellm takes seconds to import and warm up: do both while ingest and planning run, not after
+            # (the engine's first call waits only for what is left). Presets on the direct transport never
+            # import it at all.
+            importing = threading.Thread(target=warm_up, args=(warm,), name="warm-up-litellm")
             importing.start()
         con = self._connection()
         started = time.monotonic()
@@ -537,6 +544,8 @@ def run_job(raw: DictConfig) -> None:
     console = Console(stderr=True)
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if not in_sweep:
+        fast_exit.allow()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         cfg = typed_config(raw)

@@ -1,0 +1,73 @@
+"""A run on the direct transport never imports litellm (seconds of CPU, ~150 MB): prices are read from litellm's
+bundled price file as data; and a litellm run still gets its import and warm-up done off the event loop."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, run_env
+
+from pipeline.config import ModelConfig, PricesConfig
+from pipeline.llm.prices import price_for
+
+
+def _imported_modules(run_dir: Path, *overrides: str) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+    """run.py under `-X importtime`: the set of modules the whole process imported."""
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        str(ROOT / "run.py"),
+        f"hydra.run.dir={run_dir}",
+        f"paths.output_dir={run_dir.parent / 'outputs'}",
+        "model=fake",
+        "ingest.limit=20",
+        *overrides,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240)
+    modules = set(re.findall(r"^import time:\s+-?\d+ \|\s+\d+ \| +(\S+)$", done.stderr, flags=re.M))
+    return modules, done
+
+
+def test_direct_run_imports_no_litellm(tmp_path: Path) -> None:
+    modules, done = _imported_modules(tmp_path / "run")  # the fake preset's default transport: direct
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pipeline.llm.engine" in modules  # the importtime listing works: the engine was imported
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("litellm", "openai", "tiktoken", "tokenizers"))
+    assert heavy == []
+    assert (tmp_path / "run" / "export").is_dir()
+
+
+def test_litellm_run_imports_litellm(tmp_path: Path) -> None:
+    modules, done = _imported_modules(tmp_path / "run", "model.transport=litellm")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "litellm" in modules
+
+
+def test_prices_come_from_the_bundled_file_without_litellm() -> None:
+    """Same numbers as litellm's own map, looked up in a process that never imports litellm."""
+    code = (
+        "import sys\n"
+        "from pipeline.config import ModelConfig\n"
+        "from pipeline.llm.prices import price_for\n"
+        "p = price_for(ModelConfig(name='openai/gpt-4o-mini'))\n"
+        "print(p.input_per_token, p.output_per_token, 'litellm' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    from pipeline.llm.litellm_env import litellm
+
+    entry = litellm().model_cost["gpt-4o-mini"]
+    assert out == [str(entry["input_cost_per_token"]), str(entry["output_cost_per_token"]), "False"]
+
+
+def test_preset_prices_win_and_unknown_stays_unknown() -> None:
+    prices = PricesConfig(input_per_mtok=1.0, output_per_mtok=2.0)
+    own = price_for(ModelConfig(name="openai/gpt-4o-mini", prices=prices))
+    assert (own.input_per_token, own.output_per_token) == (1e-6, 2e-6)
+    unknown = price_for(ModelConfig(name="hosted_vllm/no-such-model-anywhere"))
+    assert not unknown.known and unknown.cost(10, 10) is None
