@@ -3,6 +3,7 @@ bundled price file as data; and a litellm run still gets its import and warm-up 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -71,3 +72,15 @@ def test_preset_prices_win_and_unknown_stays_unknown() -> None:
     assert (own.input_per_token, own.output_per_token) == (1e-6, 2e-6)
     unknown = price_for(ModelConfig(name="hosted_vllm/no-such-model-anywhere"))
     assert not unknown.known and unknown.cost(10, 10) is None
+
+
+def test_cache_lookups_do_not_import_pandas(tmp_path: Path) -> None:
+    """pyarrow imports pandas (0.3 s, ~40 MB) the first time it converts Python lists: generate never asks it to."""
+    generate_only = ("pipeline.stages=[ingest,generate]", "generate.cache=on")
+    _, first = _imported_modules(tmp_path / "first", *generate_only)
+    assert first.returncode == 0, first.stderr[-2000:]
+    modules, second = _imported_modules(tmp_path / "second", *generate_only, "ingest.limit=30")  # 20 of 30 cached
+    assert second.returncode == 0, second.stderr[-2000:]
+    manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
+    assert manifest["stages"]["generate"]["metrics"]["cache_hits"] == 20  # the look-up really ran and matched
+    assert "pandas" not in modules
