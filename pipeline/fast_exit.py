@@ -14,6 +14,8 @@ import os
 import sys
 import threading
 
+from pipeline.llm.litellm_env import stop_logging_threads
+
 _allowed = False
 
 
@@ -28,7 +30,10 @@ def leave(code: object) -> None:
 
     Only the main thread may be left: a thread still running could be writing something.
     """
-    if not _allowed or threading.active_count() > 1 or not (code is None or isinstance(code, int)):
+    if not _allowed or not (code is None or isinstance(code, int)):
+        return
+    stop_logging_threads()
+    if threading.active_count() > 1:
         return
     logging.shutdown()  # flushes and closes run.log
     for stream in (sys.stdout, sys.stderr):

@@ -84,3 +84,25 @@ def test_cache_lookups_do_not_import_pandas(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
     assert manifest["stages"]["generate"]["metrics"]["cache_hits"] == 20  # the look-up really ran and matched
     assert "pandas" not in modules
+
+
+def _leave(script: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys, threading, logging\nfrom pipeline import fast_exit\n" + script
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_fast_exit_keeps_the_code_and_flushes_output() -> None:
+    done = _leave(
+        "fast_exit.allow()\nprint('summary', end='')\nsys.stderr.write('log')\nfast_exit.leave(3)\nsys.exit(9)"
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (3, "summary", "log")
+
+
+def test_fast_exit_only_when_allowed_and_nothing_else_runs() -> None:
+    not_allowed = _leave("fast_exit.leave(3)\nsys.exit(9)")
+    assert not_allowed.returncode == 9  # a sweep never allows it: the normal exit and its atexit handlers
+    busy = _leave(
+        "fast_exit.allow()\nstop = threading.Event()\nthreading.Thread(target=stop.wait).start()\n"
+        "fast_exit.leave(3)\nstop.set()\nsys.exit(9)"
+    )
+    assert busy.returncode == 9  # a thread still running could be writing: the normal exit waits for it
