@@ -11,6 +11,7 @@ Each row has `document_id` (the path relative to the inputs' common folder), `ch
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -21,7 +22,6 @@ import pyarrow as pa
 
 from pipeline.config import DocumentsOptions, IngestConfig
 from pipeline.errors import UserError
-from pipeline.llm.litellm_env import bundled_path
 from pipeline.sources import HIDDEN_FIELDS, display_names, materialize, python_encoding
 from pipeline.sources_errors import ENCODING_HINT
 
@@ -120,9 +120,11 @@ def _cl100k() -> Callable[[str], list[int]]:
             "ingest.documents.unit=tokens needs tiktoken (pip install tiktoken); or use unit=chars"
         ) from None
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        bundled = bundled_path("litellm_core_utils", "tokenizers")
-        if bundled is not None:
-            os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)  # what litellm itself does on import
+        spec = importlib.util.find_spec("litellm")
+        if spec and spec.submodule_search_locations:
+            bundled = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
+            if bundled.is_dir():
+                os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)  # what litellm itself does on import
     try:
         encoding = tiktoken.get_encoding("cl100k_base")
     except Exception as exc:
