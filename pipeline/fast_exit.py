@@ -14,8 +14,6 @@ import os
 import sys
 import threading
 
-from pipeline.llm.litellm_env import stop_logging_threads
-
 _allowed = False
 
 
@@ -32,7 +30,10 @@ def leave(code: object) -> None:
     """
     if not _allowed or not (code is None or isinstance(code, int)):
         return
-    stop_logging_threads()
+    if "litellm" in sys.modules:  # imported here only then: run.py imports this module for --help too
+        from pipeline.llm.litellm_env import stop_logging_threads
+
+        stop_logging_threads()
     if threading.active_count() > 1:
         return
     logging.shutdown()  # flushes and closes run.log
