@@ -7,12 +7,15 @@ import json
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, run_env
 
 from pipeline.config import ModelConfig, PricesConfig
 from pipeline.llm.prices import price_for
+from pipeline.manifest import distribution_of
 
 
 def _imported_modules(run_dir: Path, *overrides: str) -> tuple[set[str], subprocess.CompletedProcess[str]]:
@@ -106,3 +109,30 @@ def test_fast_exit_only_when_allowed_and_nothing_else_runs() -> None:
         "fast_exit.leave(3)\nstop.set()\nsys.exit(9)"
     )
     assert busy.returncode == 9  # a thread still running could be writing: the normal exit waits for it
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+        "pipeline.sweep_launcher.SweepLauncher",
+        "yaml.loader",
+        "no_such_package.module",
+    ],
+)
+def test_distribution_of_agrees_with_the_standard_library(module: str) -> None:
+    """The launcher's package in the manifest, found from RECORD text as `packages_distributions` would find it."""
+    parts = module.split(".")
+    candidates = list(dict.fromkeys(metadata.packages_distributions().get(parts[0], [])))
+    prefix = "/".join(parts[:2])
+    expected = next(
+        (
+            name
+            for name in candidates
+            if len(candidates) == 1
+            or any(f.as_posix().startswith(prefix) for f in metadata.distribution(name).files or [])
+        ),
+        None,
+    )
+    assert distribution_of(module) == expected
