@@ -382,11 +382,12 @@ class Runner:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
         if "model" in sections:
             sections["model"].pop("api_base", None) if self.cfg.model.serve else None
+            sections["model"].pop("transport", None)  # both send the same request and record the same rows
         if "generate" in sections:
             sections["generate"].pop("workers", None)  # how many processes call changes no result
         if stage.engine_preset:  # the presets it calls, whichever config key named them
             sections["engine_presets"] = [
-                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve)}
+                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve) and k != "transport"}
                 for m in self.chains.get(stage.name, [])
             ]
         return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})

@@ -136,3 +136,17 @@ def test_distribution_of_agrees_with_the_standard_library(module: str) -> None:
         None,
     )
     assert distribution_of(module) == expected
+
+
+def test_switching_transport_reruns_nothing(tmp_path: Path) -> None:
+    """Both transports send the same request and record the same rows: a run folder made through litellm is
+    finished for the direct transport (the presets' new default) too."""
+    run_dir = tmp_path / "run"
+    _, first = _imported_modules(run_dir, "model.transport=litellm")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    _, second = _imported_modules(run_dir)
+    assert second.returncode == 0, second.stderr[-2000:]
+    after = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert {n: s["fingerprint"] for n, s in after.items()} == {n: s["fingerprint"] for n, s in before.items()}
+    assert "stage generate: fingerprint " in (log := (run_dir / "run.log").read_text()) and "unchanged, skipped" in log
