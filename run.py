@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline import folder_config
+from pipeline import fast_exit, folder_config
 from pipeline.config_check import accepted, refuse
 from pipeline.config_store import register
 from pipeline.exit_codes import USAGE
@@ -34,7 +34,11 @@ if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose: we print it as one line
     try:
         main()
+    except SystemExit as exc:
+        fast_exit.leave(exc.code)  # a single run's exit code, without the interpreter's teardown
+        raise
     except Exception as exc:
         if accepted():
             raise  # the config was fine: a failure of the job itself keeps its traceback
         refuse(exc)
+    fast_exit.leave(0)

@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/run_all.py [--quick] [--only generate_throughput rate_limit ...]
 
-Takes about 15 minutes with the defaults (rate_limit and memory run about 3 minutes each); `--quick`
-is a smoke run of about 1.5 minutes that checks the harness, not the targets.
+Takes about 25 minutes with the defaults (run_py about 10, rate_limit and memory about 3 each); `--quick`
+is a smoke run of about 3 minutes that checks the harness, not the targets.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = (
     "generate_throughput",
     "direct_transport",
+    "run_py",
     "rate_limit",
     "memory",
     "resume",

@@ -59,6 +59,7 @@ def run_once(server: ServerProcess, workers: int, samples: int, tmp: Path) -> Me
         str(ROOT / "run.py"),
         "+experiment=math",
         "model=fake",
+        "model.transport=litellm",  # the CPU-bound transport workers are for (the preset defaults to direct)
         "model.serve=null",
         f"model.api_base={server.api_base}",
         f"model.limits.concurrency={CONCURRENCY}",

@@ -30,14 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from pipeline import exit_codes, folder_config, observers
+from pipeline import exit_codes, fast_exit, folder_config, observers
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import JobExit, RunStopped, UserError
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
 from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
 from pipeline.llm.journal import ResultLog
-from pipeline.llm.litellm_env import close_clients, litellm
+from pipeline.llm.litellm_env import close_clients, warm_up
 from pipeline.llm.servers import serving, with_identity
 from pipeline.manifest import (
     config_files,
@@ -169,6 +169,12 @@ def check_reachable(model: ModelConfig) -> None:
             f"cannot reach {model.api_base} for model {model.preset!r} ({exc.strerror or exc}); "
             "start the server or fix model.api_base"
         ) from None
+
+
+def litellm_models(chains: dict[str, list[ModelConfig]]) -> list[tuple[str, str | None]]:
+    """(model id, api_base) of every preset the run may call through litellm: what its warm-up prepares."""
+    found = {(m.name, m.api_base) for chain in chains.values() for m in chain if m.transport == "litellm"}
+    return sorted(found, key=str)
 
 
 def usable_cores() -> int:
@@ -303,10 +309,11 @@ class Runner:
     async def _run_stages(self, stages: list[Stage]) -> str | None:
         self.chains = self._engine_chains(stages)
         importing: threading.Thread | None = None
-        if any(s.needs_engine for s in stages):
-            # litellm takes seconds to import: do it while the stages before generate run, not after. The
-            # engine then warms up each preset's first call (with its real api_base) while DuckDB plans.
-            importing = threading.Thread(target=litellm, name="import-litellm")
+        if warm := litellm_models(self.chains):
+            # litellm takes seconds to import and warm up: do both while ingest and planning run, not after
+            # (the engine's first call waits only for what is left). Presets on the direct transport never
+            # import it at all.
+            importing = threading.Thread(target=warm_up, args=(warm,), name="warm-up-litellm")
             importing.start()
         con = self._connection()
         started = time.monotonic()
@@ -441,13 +448,14 @@ class Runner:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
         if "model" in sections:
             sections["model"].pop("api_base", None) if self.cfg.model.serve else None
+            sections["model"].pop("transport", None)  # both send the same request and record the same rows
         if "generate" in sections:
             # How many processes call, and who watches them, changes no result.
             for key in ("workers", *observers.CONFIG_KEYS):
                 sections["generate"].pop(key, None)
         if stage.engine_preset:  # the presets it calls, whichever config key named them
             sections["engine_presets"] = [
-                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve)}
+                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve) and k != "transport"}
                 for m in self.chains.get(stage.name, [])
             ]
         return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})
@@ -633,6 +641,8 @@ def run_job(raw: DictConfig) -> None:
     console = Console(stderr=True)
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if not in_sweep:
+        fast_exit.allow()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     runner: Runner | None = None
     try:

@@ -1,11 +1,19 @@
-"""Prices per token, looked up once per model (never per call). Unknown stays unknown (None), never 0."""
+"""Prices per token, looked up once per model (never per call). Unknown stays unknown (None), never 0.
+
+The price map is litellm's bundled JSON file, read as data: importing litellm costs ~2 s of CPU and
+~150 MB, which a run on the direct transport must never pay just to learn two numbers.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
 from pipeline.config import ModelConfig
-from pipeline.llm.litellm_env import litellm
+from pipeline.llm.litellm_env import bundled_path
+
+PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"  # what litellm loads offline (LOCAL_MODEL_COST_MAP)
 
 
 @dataclass(frozen=True)
@@ -24,8 +32,16 @@ class Price:
         return (prompt_tokens or 0) * self.input_per_token + (completion_tokens or 0) * self.output_per_token
 
 
+@functools.lru_cache(maxsize=64)
 def _map_entry(name: str) -> dict[str, object]:
-    cost_map = litellm().model_cost
+    """The price-map entry of a model id, or of its name without the provider prefix (as litellm looks up).
+
+    The ~1 MB map is parsed per look-up and dropped: only the entry stays (cached), not the whole map.
+    """
+    path = bundled_path(PRICE_MAP_FILE)
+    if path is None:
+        return {}
+    cost_map = json.loads(path.read_bytes())
     for key in (name, name.split("/", 1)[-1]):
         entry = cost_map.get(key)
         if isinstance(entry, dict):
@@ -37,7 +53,7 @@ def price_for(model: ModelConfig) -> Price:
     """The preset's own prices win; otherwise litellm's bundled price map; otherwise unknown."""
     per_in = model.prices.input_per_mtok
     per_out = model.prices.output_per_mtok
-    entry = _map_entry(model.name) if per_in is None or per_out is None else {}  # no litellm import needed
+    entry = _map_entry(model.name) if per_in is None or per_out is None else {}  # the preset's prices: no look-up
     map_in = entry.get("input_cost_per_token")
     map_out = entry.get("output_cost_per_token")
     return Price(
