@@ -955,7 +955,9 @@ class Engine:
 
     def attempts(self) -> duckdb.DuckDBPyRelation:
         """Every attempt sent for this run's units, from every record the journal holds (earlier runs of the
-        folder too), numbered per response in the order they were made. Cache copies sent nothing."""
+        folder too), numbered per response in the order they were made. A copy of a request this folder sent
+        itself adds nothing; a copy from the shared cache brings the attempts that bought its answer, so a
+        folder rebuilt from the cache has the same table as the one that paid."""
         self.con.register("engine_records", self.journal.relation(self.con))
         fields = ", ".join(f"CAST(a->>'$.{name}' AS {kind}) AS {name}" for name, kind in ATTEMPT_FIELDS.items())
         numbered = ", ".join(
@@ -973,7 +975,10 @@ class Engine:
                         SELECT DISTINCT j.response_id, j.question_id, j.sample_index, j.round, j.created_at,
                                CAST(j.attempt_log AS VARCHAR) AS attempt_log
                         FROM engine_records j SEMI JOIN engine_units u USING (plan_key)
-                        WHERE j.source = 'call'
+                        WHERE j.source = 'call' OR (
+                            j.source = 'cache'
+                            AND j.request_hash NOT IN (SELECT request_hash FROM engine_records WHERE source = 'call')
+                        )
                     )
                 )
             ) ORDER BY question_id, sample_index, round, response_id, attempt
