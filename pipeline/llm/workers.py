@@ -111,20 +111,37 @@ async def dispatch_in_workers(
     engine: Engine, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
 ) -> None:
     """Run `engine`'s pending units in `engine.cfg.workers` processes and fold their totals into it."""
-    n = engine.cfg.workers
     scratch = engine.journal.folder.parent / ".workers"
     scratch.mkdir(parents=True, exist_ok=True)
     _remove_stale(scratch)
     pending_path = scratch / f"pending-{os.getpid()}.parquet"
     try:
-        # Hashing the plan key spreads the units evenly and the same way on every rerun.
-        pending.project(f"*, CAST(hash(plan_key) % {n} AS INTEGER) AS {SLOT_COLUMN}").write_parquet(str(pending_path))
+        await asyncio.to_thread(_write_pending, engine, pending, build, pending_path)
         outcomes = await _run(engine, _jobs(engine, pending_path, build))
     finally:
         pending_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             scratch.rmdir()
     _raise_for(outcomes)
+
+
+def _write_pending(
+    engine: Engine, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec], path: Path
+) -> None:
+    """The pending units with the worker each goes to, chosen by request hash: identical requests (a question
+    asked under two ids) land in the same worker, whose engine sends them once whatever `generate.cache` is.
+    This renders every pending request once more, in the parent; the hash spreads the units evenly."""
+    n, side = engine.cfg.workers, engine.side  # `side`: the stream below holds `engine.con`
+    side.execute("CREATE OR REPLACE TABLE engine_worker_slots (plan_key VARCHAR, slot INTEGER)")
+    for units in engine.pending_units(pending, build):
+        side.execute(
+            "INSERT INTO engine_worker_slots SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[])",
+            [[u.row["plan_key"] for u in units], [int(u.request_hash[:8], 16) % n for u in units]],
+        )
+    pending.join(engine.con.table("engine_worker_slots"), "plan_key").project(
+        f"* EXCLUDE (slot), slot AS {SLOT_COLUMN}"
+    ).write_parquet(str(path))
+    side.execute("DROP TABLE engine_worker_slots")
 
 
 def _remove_stale(scratch: Path) -> None:
