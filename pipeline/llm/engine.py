@@ -747,9 +747,7 @@ class Engine:
         self._stop()
 
     def _show_breaker(self, target: Target) -> None:
-        show = getattr(self.progress, "breaker", None)  # a progress object may not show it (worker relay)
-        if show is not None:
-            show(target.endpoint.preset, target.breaker.next_probe_in())
+        self.progress.breaker(target.endpoint.preset, target.breaker.next_probe_in())
 
     def _endpoint_error(self, target: Target, attempt: Attempt) -> str:
         hint = (
