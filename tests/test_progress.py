@@ -191,3 +191,28 @@ def test_retries_in_worker_processes_reach_the_parents_display(server: FakeServe
     summary = execute(engine_for(tmp_path, fake_model(server), progress, workers=2, max_attempts=8), 40)
     assert summary["ok"] == 40 and summary["attempts"] > summary["calls"]
     assert progress.retries == summary["attempts"] - summary["calls"]
+
+
+@pytest.mark.slow
+def test_a_pause_and_the_binding_limit_in_worker_processes_reach_the_parents_display(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    server.configure(script=[{"status": 429, "retry_after": 0.5}])
+    progress = frozen()
+    model = fake_model(server, concurrency=16, requests_per_minute=600, burst_seconds=0.1)
+    summary = execute(engine_for(tmp_path, model, progress, workers=2), 12)
+    assert summary["ok"] == 12 and progress.throttled == 1
+    assert any(text.startswith("paused until") and text.endswith("(429)") for text, _ in progress._statuses.values())
+    assert progress.binding_limit() == "requests/min"
+
+
+@pytest.mark.slow
+def test_an_open_breaker_in_worker_processes_reaches_the_parents_display(tmp_path: Path) -> None:
+    with FakeServer(FakeServerConfig()) as gone:
+        pass  # stopped: its port refuses every connection
+    progress = Progress(live=False)
+    engine = engine_for(tmp_path, fake_model(gone, concurrency=2), progress, workers=2, endpoint_down_after_s=5.0)
+    summary = execute(engine, 12)
+    assert summary["stopped"] and summary["stopped"].startswith("endpoint down")
+    note = progress._statuses["breaker"][0]
+    assert note.startswith("fake not answering: breaker open, next probe "), note

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
-from conftest import Poller, RunResult, run_pipeline
+from conftest import ROOT, Poller, RunResult, run_pipeline
 
 from pipeline.config import Config, GenerateConfig, PromptConfig
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.journal import ResultLog
 from pipeline.llm.workers import shares
 from stages.generate import SpecBuilder
 
@@ -89,6 +92,35 @@ def test_two_workers_write_the_same_tables_as_one(one_and_two: tuple[Path, Path,
     assert metrics["prompt_tokens"] > 0
     assert not (two / ".workers").exists(), "the workers' scratch folder is removed"
     assert len(list((two / "journal").glob("part-*.parquet"))) == 1, "both workers' journals compacted into one part"
+
+
+@pytest.mark.slow
+def test_a_question_asked_twice_is_sent_once_across_workers_without_a_cache(tmp_path: Path) -> None:
+    """Every question twice under two ids, two workers, `generate.cache=off`: one request per distinct
+    question (the parent routes a request's copies to one worker), the copies recorded as cache hits."""
+    distinct = 30
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "data" / "math" / "questions.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    source = tmp_path / "twice.jsonl"
+    copies = [{**row, "id": f"{prefix}-{row['id']}"} for row in rows[:distinct] for prefix in ("a", "b")]
+    source.write_text("".join(json.dumps(row) + "\n" for row in copies), encoding="utf-8")
+    with FakeServer(FakeServerConfig(latency_ms=30, latency_jitter_ms=20)) as server:
+        result = run(
+            tmp_path / "run", server, "generate.workers=2", f"ingest.path={source}", "pipeline.stages=[ingest,generate]"
+        )
+        sent = server.stats()["requests"]
+    check_ok(result)
+    assert sent == distinct, "one request per distinct question"
+    metrics = result.manifest["stages"]["generate"]["metrics"]
+    assert (metrics["calls"], metrics["cache_hits"]) == (distinct, distinct), metrics
+    journal = ResultLog(tmp_path / "run" / "journal").relation(duckdb.connect()).to_arrow_table().to_pylist()
+    assert Counter(r["source"] for r in journal) == {"call": distinct, "cache": distinct}
+    answers = {r["question_id"]: r["content"] for r in table(tmp_path / "run", "responses")}
+    assert len(answers) == 2 * distinct and all(
+        answers[f"a-{r['id']}"] == answers[f"b-{r['id']}"] for r in rows[:distinct]
+    )
 
 
 @pytest.mark.slow

@@ -309,9 +309,10 @@ class Engine:
         rows = self.con.execute(sql).fetchall()
         return int(rows[0][0]) if rows else 0
 
-    def _pending_units(
+    def pending_units(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> Generator[list[Unit], None, None]:
+        """The pending rows in batches, each rendered into its request and keyed by the request's hash."""
         target = self.targets[0]
         kind = target.endpoint.response_format
         reader = pending.to_arrow_reader(STREAM_BATCH)
@@ -336,7 +337,7 @@ class Engine:
     def _pending_batches(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> Generator[tuple[list[Unit], dict[str, dict[str, Any]]], None, None]:
-        for batch in self._pending_units(pending, build):
+        for batch in self.pending_units(pending, build):
             seen = self.cache.version() if self.cache is not None else ()
             cached = self._cached(batch)
             for unit in batch:
@@ -610,7 +611,7 @@ class Engine:
     def _dry_run(
         self, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
     ) -> dict[str, Any]:
-        batches = ((batch, set(self._cached(batch))) for batch in self._pending_units(pending, build))
+        batches = ((batch, set(self._cached(batch))) for batch in self.pending_units(pending, build))
         return dry_run.estimate(batches, self.targets[0], self.totals)
 
     async def _run_one(self, unit: Unit, window: asyncio.Semaphore) -> None:
@@ -746,9 +747,7 @@ class Engine:
         self._stop()
 
     def _show_breaker(self, target: Target) -> None:
-        show = getattr(self.progress, "breaker", None)  # a progress object may not show it (worker relay)
-        if show is not None:
-            show(target.endpoint.preset, target.breaker.next_probe_in())
+        self.progress.breaker(target.endpoint.preset, target.breaker.next_probe_in())
 
     def _endpoint_error(self, target: Target, attempt: Attempt) -> str:
         hint = (

@@ -111,20 +111,37 @@ async def dispatch_in_workers(
     engine: Engine, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec]
 ) -> None:
     """Run `engine`'s pending units in `engine.cfg.workers` processes and fold their totals into it."""
-    n = engine.cfg.workers
     scratch = engine.journal.folder.parent / ".workers"
     scratch.mkdir(parents=True, exist_ok=True)
     _remove_stale(scratch)
     pending_path = scratch / f"pending-{os.getpid()}.parquet"
     try:
-        # Hashing the plan key spreads the units evenly and the same way on every rerun.
-        pending.project(f"*, CAST(hash(plan_key) % {n} AS INTEGER) AS {SLOT_COLUMN}").write_parquet(str(pending_path))
+        await asyncio.to_thread(_write_pending, engine, pending, build, pending_path)
         outcomes = await _run(engine, _jobs(engine, pending_path, build))
     finally:
         pending_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             scratch.rmdir()
     _raise_for(outcomes)
+
+
+def _write_pending(
+    engine: Engine, pending: duckdb.DuckDBPyRelation, build: Callable[[dict[str, Any]], RequestSpec], path: Path
+) -> None:
+    """The pending units with the worker each goes to, chosen by request hash: identical requests (a question
+    asked under two ids) land in the same worker, whose engine sends them once whatever `generate.cache` is.
+    This renders every pending request once more, in the parent; the hash spreads the units evenly."""
+    n, side = engine.cfg.workers, engine.side  # `side`: the stream below holds `engine.con`
+    side.execute("CREATE OR REPLACE TABLE engine_worker_slots (plan_key VARCHAR, slot INTEGER)")
+    for units in engine.pending_units(pending, build):
+        side.execute(
+            "INSERT INTO engine_worker_slots SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[])",
+            [[u.row["plan_key"] for u in units], [int(u.request_hash[:8], 16) % n for u in units]],
+        )
+    pending.join(engine.con.table("engine_worker_slots"), "plan_key").project(
+        f"* EXCLUDE (slot), slot AS {SLOT_COLUMN}"
+    ).write_parquet(str(path))
+    side.execute("DROP TABLE engine_worker_slots")
 
 
 def _remove_stale(scratch: Path) -> None:
@@ -202,9 +219,7 @@ class _Fleet:
             return
         if kind == "progress":
             self._throttled[index] = payload["throttled"]
-            self.engine.progress.in_flight(payload.pop("in_flight"))
-            self.engine.progress.retried(payload.pop("retries", 0))
-            self.engine.progress.add(**{**payload, "throttled": sum(self._throttled)})
+            ProgressRelay.replay({**payload, "throttled": sum(self._throttled)}, self.engine.progress)
             return
         self.outcomes[index] = Outcome(kind, payload.get("totals", {}), payload.get("message", ""))
         if kind != "done" and not (kind == "interrupted" and self.draining):
@@ -297,7 +312,9 @@ def _raise_for(outcomes: list[Outcome]) -> None:
 
 
 class ProgressRelay(Progress):
-    """A worker's progress: counts are batched and sent to the parent, which shows them."""
+    """A worker's progress: counts, retries, waits, 429 pauses and breaker notes are batched and sent to the
+    parent, which replays them on its display. Times go as wall-clock instants (one machine, one clock), so
+    a pause shows the same "until" however late the batch arrives."""
 
     def __init__(self, events: Any, index: int) -> None:
         super().__init__(live=False)
@@ -308,7 +325,33 @@ class ProgressRelay(Progress):
 
     @staticmethod
     def _empty() -> dict[str, Any]:
-        return {"ok": 0, "failed": 0, "cost": 0.0, "tokens": 0, "throttled": 0, "in_flight": 0, "retries": 0}
+        return {
+            "ok": 0,
+            "failed": 0,
+            "cost": 0.0,
+            "tokens": 0,
+            "throttled": 0,
+            "in_flight": 0,
+            "retries": 0,
+            "waits": {},  # limit -> seconds calls waited for it
+            "pause": None,  # (until, reason): the latest end of a 429 pause
+            "breaker": None,  # (label, next probe at, or None once closed): the latest breaker note
+        }
+
+    @staticmethod
+    def replay(batch: dict[str, Any], progress: Progress) -> None:
+        """Show a worker's batch on the parent's display."""
+        b = dict(batch)
+        progress.in_flight(b.pop("in_flight"))
+        progress.retried(b.pop("retries"))
+        for limit, seconds in b.pop("waits").items():
+            progress.waited(limit, seconds)
+        now = time.time()
+        if (pause := b.pop("pause")) is not None:
+            progress.paused(pause[0] - now, pause[1])
+        if (breaker := b.pop("breaker")) is not None:
+            progress.breaker(breaker[0], None if breaker[1] is None else max(0.0, breaker[1] - now))
+        progress.add(**b)
 
     def start(self, total: int, done: int, label: str) -> None:
         pass
@@ -321,6 +364,19 @@ class ProgressRelay(Progress):
 
     def retried(self, count: int = 1) -> None:
         self._batch["retries"] += count
+
+    def waited(self, limit: str | None, seconds: float) -> None:
+        if limit is not None and seconds > 0.001:  # as `Progress.waited` counts them
+            waits = self._batch["waits"]
+            waits[limit] = waits.get(limit, 0.0) + seconds
+
+    def paused(self, seconds: float, reason: str = "429") -> None:
+        until = time.time() + seconds
+        if seconds > 0 and until > (self._batch["pause"] or (0.0, ""))[0]:
+            self._batch["pause"] = (until, reason)
+
+    def breaker(self, label: str, next_probe_s: float | None) -> None:
+        self._batch["breaker"] = (label, None if next_probe_s is None else time.time() + next_probe_s)
 
     def add(self, ok: int, failed: int, cost: float | None, tokens: int, throttled: int) -> None:
         b = self._batch
