@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
+from pipeline.llm.litellm_env import bundled_path
+
 BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"  # tiktoken's cache key is its sha1
-
-
-def _bundled_dir() -> Path | None:
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "litellm_core_utils" / "tokenizers"
-    return folder if folder.is_dir() else None
 
 
 @functools.cache
@@ -27,7 +19,7 @@ def bundled_encoding(name: str) -> Any:
     import tiktoken
 
     if not os.environ.get("TIKTOKEN_CACHE_DIR"):
-        bundled = _bundled_dir()
+        bundled = bundled_path("litellm_core_utils", "tokenizers")
         if bundled is None or not (bundled / hashlib.sha1(BLOB_URL.format(name).encode()).hexdigest()).is_file():
             raise LookupError(f"tiktoken encoding {name} is not bundled with litellm here")
         os.environ["TIKTOKEN_CACHE_DIR"] = str(bundled)  # what litellm itself does on import
