@@ -102,6 +102,23 @@ def distribution_of(module: str) -> str | None:
         dist = next(d for d in candidates if d.metadata["Name"] == name)
         if len(names) == 1 or any(line.startswith(prefix) for line in (dist.read_text("RECORD") or "").splitlines()):
             return name
+    return _editable_provider(".".join(parts[:2]), [d for d in candidates if d.metadata["Name"] in names])
+
+
+def _editable_provider(module: str, candidates: list[metadata.Distribution]) -> str | None:
+    """An editable install lists no source files in RECORD: the one whose source folder holds `module`."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec is not None else None
+    if not origin:
+        return None
+    for dist in candidates:
+        url = json.loads(dist.read_text("direct_url.json") or "{}")
+        folder = str(url.get("url", "")).removeprefix("file://")
+        if url.get("dir_info", {}).get("editable") and folder and origin.startswith(folder.rstrip("/") + "/"):
+            return str(dist.metadata["Name"])
     return None
 
 

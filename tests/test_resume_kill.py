@@ -84,6 +84,12 @@ def journalled(run_dir: Path) -> int:
     return count
 
 
+def ctrl_c_reaches() -> None:
+    """In the child: Ctrl+C acts as in a terminal, even when this test runs where SIGINT is ignored (a background
+    job of a non-interactive shell passes SIG_IGN on, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when_journalled(
     cmd: list[str], run_dir: Path, sig: signal.Signals, logs: Path, victim: Callable[[int], int] | None = None
 ) -> tuple[subprocess.Popen[bytes], float]:
@@ -92,7 +98,9 @@ def interrupt_when_journalled(
     to exit after the signal."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
+        )
         try:
             deadline = time.monotonic() + 90
             while journalled(run_dir) < KILL_AFTER:
@@ -269,7 +277,9 @@ def test_dead_endpoint_ends_the_run_within_the_bound_and_a_rerun_completes(
     with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
         cmd = command(run_dir, server, "generate.endpoint_down_after_s=3")
         with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
+            )
             try:
                 deadline = time.monotonic() + 90
                 while journalled(run_dir) < KILL_AFTER:

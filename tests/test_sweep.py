@@ -360,8 +360,9 @@ def test_parallel_sweep_completes_every_job(rate_limited_sweep: ParallelRun) -> 
         rows = responses(job)
         assert len(rows) == PER_JOB and all(r["status"] == "ok" for r in rows), job
         environment = json.loads((job / "manifest.json").read_text(encoding="utf-8"))["environment"]
-        assert environment["launcher"]["package"] == "hydra-joblib-launcher", environment["launcher"]
-        assert environment["packages"]["hydra-joblib-launcher"] == metadata.version("hydra-joblib-launcher")
+        # hydra/launcher=joblib is the project's own launcher (pipeline.sweep_launcher), so the project provides it
+        assert environment["launcher"]["package"] == "distillery", environment["launcher"]
+        assert environment["packages"]["distillery"] == metadata.version("distillery")
     # One endpoint, one shared limiter state file.
     states = list((result.output_dir / ".cache" / "limits").glob("*.state"))
     assert len(states) == 1, states
