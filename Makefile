@@ -40,7 +40,7 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP) ## benchmarks against the fake server and ingest (ratios, PASS/FAIL per target; ~12 min)
+bench: $(STAMP) ## benchmarks against the fake server and ingest (ratios, PASS/FAIL per target; ~25 min)
 	$(PY) bench/run_all.py
 
 clean: ## remove the venv and caches (run folders in outputs/ are kept)
