@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -90,6 +90,13 @@ def ctrl_c_reaches() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def start_run(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> subprocess.Popen[bytes]:
+    """`run.py` in its own session (signals reach only it and its workers), with Ctrl+C acting as in a terminal."""
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
+    )
+
+
 def interrupt_when_journalled(
     cmd: list[str], run_dir: Path, sig: signal.Signals, logs: Path, victim: Callable[[int], int] | None = None
 ) -> tuple[subprocess.Popen[bytes], float]:
@@ -98,9 +105,7 @@ def interrupt_when_journalled(
     to exit after the signal."""
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
-        )
+        proc = start_run(cmd, out, err)
         try:
             deadline = time.monotonic() + 90
             while journalled(run_dir) < KILL_AFTER:
@@ -277,9 +282,7 @@ def test_dead_endpoint_ends_the_run_within_the_bound_and_a_rerun_completes(
     with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
         cmd = command(run_dir, server, "generate.endpoint_down_after_s=3")
         with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
-            )
+            proc = start_run(cmd, out, err)
             try:
                 deadline = time.monotonic() + 90
                 while journalled(run_dir) < KILL_AFTER:
