@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from pipeline import exit_codes, fast_exit, folder_config, observers
+from pipeline import duck, exit_codes, fast_exit, folder_config, observers
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import JobExit, RunStopped, UserError
 from pipeline.hub_record import open_hub_view
@@ -177,13 +177,6 @@ def litellm_models(chains: dict[str, list[ModelConfig]]) -> list[tuple[str, str 
     return sorted(found, key=str)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count: DuckDB threads
-    beyond them only take turns on the same cores."""
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
-    return max(1, len(affinity(0)) if affinity is not None else os.cpu_count() or 1)
-
-
 def check_api_key(model: ModelConfig) -> None:
     if model.api_key_env and not os.environ.get(model.api_key_env):
         raise UserError(
@@ -218,17 +211,7 @@ class Runner:
         return [STAGES[name] for name in STAGE_ORDER if name in wanted]
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(
-            config={
-                "memory_limit": "2GB",
-                "threads": usable_cores(),
-                "autoinstall_known_extensions": False,  # nothing may download at run time
-                "autoload_known_extensions": False,
-            }
-        )
-        spill = self.paths.run_dir / ".duckdb_tmp"
-        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
-        return con
+        return duck.connect(memory_limit="2GB", spill_dir=self.paths.run_dir / ".duckdb_tmp")
 
     def _begin(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,62 @@
+"""DuckDB, the one way this project opens it and writes SQL text.
+
+Every connection refuses extension downloads (DuckDB would fetch a missing reader or encoding from the
+internet on first use; nothing downloads at run time here) and uses the cores this process may run on,
+not the machine's count. Identifiers and literals that come from users' files or paths are quoted here,
+never by hand at the call site.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import duckdb
+
+NO_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets): DuckDB threads beyond them only take turns."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return max(1, len(affinity(0)) if affinity is not None else os.cpu_count() or 1)
+
+
+def connect(
+    database: str | Path = ":memory:",
+    *,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+    spill_dir: Path | None = None,
+    read_only: bool = False,
+) -> duckdb.DuckDBPyConnection:
+    """A connection that never downloads, with `threads` (default: the usable cores) and an optional spill folder."""
+    config: dict[str, str | bool | int | float | list[str]] = {**NO_DOWNLOADS, "threads": threads or usable_cores()}
+    if memory_limit is not None:
+        config["memory_limit"] = memory_limit
+    con = duckdb.connect(str(database), read_only=read_only, config=config)
+    if spill_dir is not None:
+        con.execute(f"SET temp_directory = {literal(str(spill_dir))}")
+    return con
+
+
+def no_downloads(con: duckdb.DuckDBPyConnection) -> None:
+    """The same refusal for a connection made elsewhere (a cursor's parent, a user's connection)."""
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+
+
+def literal(text: str | Path | None) -> str:
+    """A SQL string literal (`NULL` for None)."""
+    return "NULL" if text is None else "'" + str(text).replace("'", "''") + "'"
+
+
+def ident(name: str) -> str:
+    """A SQL identifier, quoted whatever characters the name holds."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal_list(items: Iterable[str | Path]) -> str:
+    """A SQL list of string literals, e.g. the files a `read_parquet` scans."""
+    return "[" + ", ".join(literal(item) for item in items) + "]"
