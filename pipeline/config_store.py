@@ -4,6 +4,7 @@ Imported by `run.py` before `@hydra.main` composes anything. Kept apart from `pi
 stages can use the dataclasses without importing Hydra.
 """
 
+import warnings
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -22,6 +23,10 @@ def register() -> None:
     # scan (once per process) registers the joblib plugin's node: scan now, then replace that node with ours.
     Plugins.instance()
     ConfigStore.instance().store(group="hydra/launcher", name="joblib", node=LauncherConf, provider="distillery")
+    # conf/hydra/launcher/{ray,submitit_slurm,submitit_local}.yaml are whole configs of those plugins' schemas:
+    # Hydra checks each against the plugin's node of the same name (welcome) and warns three times that this
+    # check is deprecated (noise on every sweep; without the check the YAML alone still works).
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
     # `${project_root:}`: where conf/ and the shipped data live, whatever the working directory.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
