@@ -15,19 +15,13 @@ from ray_cluster import LocalCluster, local_cluster, on_node
 from test_limiter import FakeClock
 
 from pipeline.config import LimitsConfig
-from pipeline.llm.limiter import Reservation
-from pipeline.llm.ray_limiter import (
-    Admission,
-    LimiterClient,
-    LimiterSettings,
-    Outcome,
-    SharedLimits,
-    actor_name,
-)
+from pipeline.llm.gate import Admission, Gate, Outcome
+from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter, Reservation
+from pipeline.llm.ray_limiter import LimiterActor, LimiterClient, LimiterSettings, actor_name
 
 
-def shared(clock: FakeClock, **limits: Any) -> SharedLimits:
-    settings = LimiterSettings(
+def settings_for_tests(**limits: Any) -> LimiterSettings:
+    return LimiterSettings(
         LimitsConfig(**{"concurrency": 2, "requests_per_minute": 600, "burst_seconds": 1.0, **limits}),
         breaker_threshold=3,
         breaker_cooldown_s=5.0,
@@ -35,15 +29,26 @@ def shared(clock: FakeClock, **limits: Any) -> SharedLimits:
         lease_s=20.0,
         idle_exit_s=60.0,
     )
-    return SharedLimits(settings, clock=clock)
 
 
-async def granted(limits: SharedLimits, clock: FakeClock) -> tuple[int, Admission]:
+def shared(clock: FakeClock, **limits: Any) -> Gate:
+    """A gate in this process around a limiter and a breaker on the fake clock."""
+    settings = settings_for_tests(**limits)
+    breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s, clock, settings.down_after_s)
+    return Gate(EndpointLimiter(settings.limits, clock=clock), breaker, settings.lease_s)
+
+
+def actor_body(clock: FakeClock, **limits: Any) -> LimiterActor:
+    """The actor's class, outside Ray, on the fake clock (ending itself is a no-op here)."""
+    return LimiterActor(settings_for_tests(**limits), clock=clock, exit_when_idle=lambda: None)
+
+
+async def granted(limits: Gate, clock: FakeClock) -> tuple[int, Admission]:
     """admit, wait (on the fake clock), acquire: the lease and its admission."""
     admission = await limits.admit(10, 0)
     assert admission.reservation is not None
     clock.advance(admission.wait_s)
-    grant = await limits.acquire(admission.reservation, admission.due, admission.probe, may_requeue=True)
+    grant = await limits.acquire(admission, may_requeue=True)
     assert grant.lease is not None
     return grant.lease, admission
 
@@ -84,7 +89,7 @@ def test_a_429_voids_reservations_made_before_it() -> None:
         settled = await limits.finish(lease, first.reservation, Outcome(breaker_ok=True, throttled=(2.0, 0.5)))
         assert settled.pause_wait_s == pytest.approx(2.0)
         clock.advance(queued.wait_s)
-        grant = await limits.acquire(queued.reservation, queued.due, queued.probe, may_requeue=True)
+        grant = await limits.acquire(queued, may_requeue=True)
         assert grant.lease is None and not grant.requeued  # void: admit again, behind the pause
         again = await limits.admit(10, 0)
         assert clock() + again.wait_s >= 1002.0 - 1e-9  # not before the pause ends
@@ -117,9 +122,9 @@ def test_a_late_wake_queues_again_once() -> None:
         admission = await limits.admit(10, 0)
         assert admission.reservation is not None
         clock.advance(5.0)  # the caller's loop stalled far past its slot
-        grant = await limits.acquire(admission.reservation, admission.due, admission.probe, may_requeue=True)
+        grant = await limits.acquire(admission, may_requeue=True)
         assert grant.lease is None and grant.requeued
-        grant = await limits.acquire(admission.reservation, admission.due, admission.probe, may_requeue=False)
+        grant = await limits.acquire(admission, may_requeue=False)
         assert grant.lease is not None
 
     asyncio.run(go())
@@ -141,7 +146,7 @@ def test_the_breaker_opens_then_lets_one_probe_through() -> None:
         probe = await limits.admit(10, 0)
         assert probe.probe and probe.reservation is not None
         assert (await limits.admit(10, 0)).breaker_wait_s > 0  # one probe at a time
-        lease_grant = await limits.acquire(probe.reservation, probe.due, probe.probe, may_requeue=True)
+        lease_grant = await limits.acquire(probe, may_requeue=True)
         await limits.release(lease_grant.lease, probe=True)  # never sent (the run stopped): another may probe
         assert (await limits.admit(10, 0)).probe
         assert limits.limiter.cap.in_use == 0
@@ -187,7 +192,7 @@ def test_a_dead_holders_slot_is_freed_when_its_lease_runs_out() -> None:
         await granted(limits, clock)  # its holder dies: never finishes
         admission = await limits.admit(10, 0)
         assert admission.reservation is not None
-        waiter = asyncio.create_task(limits.acquire(admission.reservation, admission.due, False, may_requeue=False))
+        waiter = asyncio.create_task(limits.acquire(admission, may_requeue=False))
         await asyncio.sleep(0.01)
         assert not waiter.done()
         clock.advance(19.0)
@@ -220,7 +225,7 @@ def test_finishing_after_the_lease_ran_out_frees_nothing_twice() -> None:
 def test_new_settings_rebuild_the_limits_and_equal_ones_keep_them() -> None:
     async def go() -> None:
         clock = FakeClock()
-        limits = shared(clock)
+        limits = actor_body(clock)
         await granted(limits, clock)
         same = limits.settings
         assert not await limits.configure(same)
@@ -234,7 +239,7 @@ def test_new_settings_rebuild_the_limits_and_equal_ones_keep_them() -> None:
 def test_idle_means_no_call_for_a_while_and_no_slot_held() -> None:
     async def go() -> None:
         clock = FakeClock()
-        limits = shared(clock)  # idle after 60 s; a slot's lease runs 20 s
+        limits = actor_body(clock)  # idle after 60 s; a slot's lease runs 20 s
         await granted(limits, clock)
         clock.advance(61.0)
         assert not limits.idle()  # its holder vanished, but the slot is not freed yet
