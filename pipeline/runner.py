@@ -50,7 +50,7 @@ from pipeline.manifest import (
 )
 from pipeline.progress import Progress
 from pipeline.secrets import MASK, SECRET_NAME, RedactingFilter, Redactor
-from pipeline.sources import open_source
+from pipeline.sources.registry import open_source
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text
 from pipeline.summary import print_summary
@@ -400,8 +400,7 @@ class Runner:
         """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
         if stage.name == "ingest":
             source = open_source(con, self.cfg.ingest)
-            schema = [Path(self.cfg.ingest.answer_schema_file)] if self.cfg.ingest.answer_schema_file else []
-            digests = source.digests(self.paths.root_dir) | files_sha256(schema, self.paths.root_dir)
+            digests = source.digests(self.paths.root_dir)
             self.manifest.data["inputs"] = dict(digests)
             texts = {"answer_schema": source.answer_schema, "source_name": source.name}
             return {"source": source.relation}, digests, texts

@@ -30,7 +30,7 @@ from jsonschema.exceptions import SchemaError
 
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
-from pipeline.sources_errors import describe_read_error, first_line
+from pipeline.sources.errors import describe_read_error, first_line
 from pipeline.stage_api import Stage, StageContext, StageResult
 
 TARGETS = ("json_id", "category", "question", "golden_answer", "answer_schema")
