@@ -50,6 +50,7 @@ from pipeline.manifest import (
 )
 from pipeline.progress import Progress
 from pipeline.secrets import MASK, SECRET_NAME, RedactingFilter, Redactor
+from pipeline.sources.common import OpenedSource
 from pipeline.sources.registry import open_source
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text
@@ -396,16 +397,15 @@ class Runner:
 
     def _inputs(
         self, stage: Stage, con: duckdb.DuckDBPyConnection
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None]]:
-        """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
-        if stage.name == "ingest":
-            source = open_source(con, self.cfg.ingest)
-            digests = source.digests(self.paths.root_dir)
-            self.manifest.data["inputs"] = dict(digests)
-            texts = {"answer_schema": source.answer_schema, "source_name": source.name}
-            return {"source": source.relation}, digests, texts
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None], OpenedSource | None]:
+        """Relations for the stage, the digests its fingerprint covers, texts the pipeline read for it, and the
+        user's input when the stage declares `needs_source` (its files' digests are the manifest's `inputs`)."""
         relations: dict[str, Any] = {}
         found: dict[str, str | None] = {}
+        source = open_source(con, self.cfg.ingest) if stage.needs_source else None
+        if source is not None:
+            found.update(source.digests(self.paths.root_dir))
+            self.manifest.data["inputs"] = dict(found)
         for name in stage.inputs:
             if not self.store.exists(name):
                 raise UserError(
@@ -424,7 +424,7 @@ class Runner:
         # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
         # same data into another folder gives byte-identical files.
         rerun = rerun_command(self.manifest.data["overrides"], None)
-        return relations, found, {"rerun": rerun}
+        return relations, found, {"rerun": rerun}, source
 
     def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
         sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
@@ -457,7 +457,7 @@ class Runner:
         start_targets: Callable[[list[ModelConfig]], list[Target]],
     ) -> bool:
         """Runs (or skips) one stage; returns whether the stages after it should run."""
-        relations, digests, texts = self._inputs(stage, con)
+        relations, digests, texts, source = self._inputs(stage, con)
         fp = self._fingerprint(stage, digests)
         if self._is_current(stage, fp) and stage.name not in self.cfg.pipeline.force:
             log.info("stage %s: fingerprint %s unchanged, skipped", stage.name, fp)
@@ -500,6 +500,7 @@ class Runner:
             log=logging.getLogger(f"stages.{stage.name}"),
             texts=texts,
             engine=engine,
+            source=source,
         )
         started = time.monotonic()
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)

@@ -2,8 +2,8 @@
 
 A stage is a function of a `StageContext`. It reads its named input tables as DuckDB relations, writes
 its named outputs through the `Writer` it is handed, and gets everything else injected (the LLM engine,
-texts the pipeline read for it). Stages never import Hydra and never open files: an import-linter
-contract in the tests keeps it so.
+the user's input opened as a `Source`, texts the pipeline read for it). Stages never import Hydra and never
+open files: an import-linter contract in the tests keeps it so.
 """
 
 from __future__ import annotations
@@ -53,6 +53,29 @@ class Engine(Protocol):
     def unsettled(self) -> int: ...
 
 
+class Source(Protocol):
+    """The user's input, opened by the runner (`pipeline.sources`) for a stage that declares `needs_source`.
+
+    Its files' sha256 (and the answer schema file's) are the stage's fingerprint inputs and the manifest's
+    `inputs`, so a changed file reruns the stage.
+    """
+
+    @property
+    def relation(self) -> duckdb.DuckDBPyRelation:
+        """The rows, with the bookkeeping columns of `pipeline.sources.columns`."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """How messages and the `source` column name the input (a file name, a URL without credentials)."""
+        ...
+
+    @property
+    def answer_schema(self) -> str | None:
+        """The text of `ingest.answer_schema_file`: every row's JSON Schema unless a row maps its own."""
+        ...
+
+
 @dataclass
 class StageResult:
     """What a stage reports back: figures for the manifest and summary, and whether it is complete.
@@ -74,6 +97,7 @@ class StageContext:
     log: logging.Logger
     texts: Mapping[str, str | None] = field(default_factory=dict)
     engine: Engine | None = None
+    source: Source | None = None
 
 
 StageFn = Callable[[StageContext], "StageResult | Awaitable[StageResult]"]
@@ -90,6 +114,8 @@ class Stage:
     config_sections: tuple[str, ...]
     files_dir: str | None = None
     needs_engine: bool = False
+    # The runner opens the configured input (`ingest.format`, `ingest.path`, ...) and hands it as `ctx.source`.
+    needs_source: bool = False
     # Tables passed only when the run folder has them (e.g. `repairs`, made by an opt-in stage); their
     # absence is part of the fingerprint too.
     optional_inputs: tuple[str, ...] = ()

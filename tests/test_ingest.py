@@ -102,10 +102,10 @@ def run_ingest(fmt: str, path: Any, con: duckdb.DuckDBPyConnection | None = None
         ctx = StageContext(
             cfg=cfg,
             con=con,
-            inputs={"source": source.relation},
+            inputs={},
             writer=writer,
             log=logging.getLogger("test.ingest"),
-            texts={"answer_schema": source.answer_schema, "source_name": source.name},
+            source=source,
         )
         result = ingest.run(ctx)
         table = writer.tables["questions"]
