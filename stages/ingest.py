@@ -7,7 +7,7 @@ dataset's quirks are handled in config; `ingest.columns` may also name extra col
 they name, so a dataset without them (GSM8K: question and answer) needs no mapping to drop; a mapping in
 `ingest.columns` must work. `question_id` is the source's own id (`json_id`) when mapped, else a hash of the
 normalised question, so it is stable across runs. The last column, `row_digest`, is an md5 of all the
-others (`row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
+others (`pipeline.tables.row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
 joins 32-character digests instead of hashing whole rows, and any change to a row (re-ingested with a
 new text, answer, schema or extra column) changes it.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,50 +29,29 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from pipeline.config import IngestConfig
+from pipeline.duck import ident as _ident
+from pipeline.duck import literal as _lit
 from pipeline.errors import UserError
 from pipeline.sources.columns import BOOKKEEPING, FILE_COL, ROW_COL, SOURCE_COL
 from pipeline.sources.errors import describe_read_error, first_line
 from pipeline.stage_api import Source, Stage, StageContext, StageResult
+from pipeline.tables import NORMALISED_QUESTION, ROW_DIGEST, row_digest_sql
+from pipeline.tables import QUESTION_COLUMNS as OUTPUT
+from pipeline.tables import QUESTION_TARGETS as TARGETS
 
-TARGETS = ("json_id", "category", "question", "golden_answer", "answer_schema")
-OUTPUT = ("question_id", *TARGETS, "source", "source_row", "meta")
-ROW_DIGEST = "row_digest"  # written last, after the extra columns
 RESERVED = ("question_id", "source", "source_row", "meta", ROW_DIGEST)  # set by ingest, never mapped
 DEDUPE = ("json_id", "question", "none")
 ON_DUPLICATE = ("error", "keep_first")
-NORMALISED_QUESTION = "lower(trim(regexp_replace(question, '\\s+', ' ', 'g')))"
 MARK = "[ingest] "  # prefixes the errors our SQL raises with error(), to tell them from DuckDB's own
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
 _ROWS, _FINAL, _VIEW = "ingest_rows", "ingest_final", "ingest_source"
 
 
-def row_digest_sql(columns: Sequence[str], alias: str | None = None) -> str:
-    """SQL for the digest of a questions row: md5 over the names and values of every other column.
-
-    The answer schema (often the same long text on every row) is hashed on its own rather than serialised
-    into every row's JSON, which made digesting a million rows three times slower. Ingest stores the result
-    as `row_digest`; generate computes the same expression for a table written before that column existed.
-    """
-    col = (lambda c: f"{alias}.{_ident(c)}") if alias else _ident
-    names = [c for c in columns if c != ROW_DIGEST]
-    packed = "to_json(struct_pack(" + ", ".join(f"{_ident(c)} := {col(c)}" for c in names if c != "answer_schema")
-    schema = f"coalesce(md5({col('answer_schema')}), '-')" if "answer_schema" in names else "'-'"
-    return f"md5(CAST({packed})) AS VARCHAR) || ':' || {schema})"
-
-
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...] | None:
     """The first row of a query, the result fully consumed (DuckDB refuses new work while one is pending)."""
     rows = con.execute(sql).fetchall()
     return tuple(rows[0]) if rows else None
-
-
-def _lit(text: str | None) -> str:
-    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _schema_problem(text: str) -> str | None:
