@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from omegaconf import OmegaConf
 
+from pipeline.config import ModelConfig
 from pipeline.llm import client
 from pipeline.llm.client import Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
@@ -39,7 +40,8 @@ FIELDS = ("error_type", "status_code", "retry_after_s", "content", "finish_reaso
 
 
 def _preset(name: str) -> Any:
-    return OmegaConf.load(PRESETS / f"{name}.yaml")
+    """The preset as a run sees it: its file over the schema's defaults (a preset states only what differs)."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{name}.yaml"))
 
 
 def test_every_preset_is_listed() -> None:
