@@ -35,10 +35,12 @@ from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import JobExit, RunStopped, UserError
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
-from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
+from pipeline.llm.run_folder import cache_folder, journal_folder, limits_folder
 from pipeline.llm.servers import serving, with_identity
+from pipeline.llm.targets import Target, target_for
 from pipeline.manifest import (
     config_files,
     environment,

@@ -26,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pipeline.config import RepairConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec
-from pipeline.stage_api import Engine, Stage, StageContext, StageResult
+from pipeline.stage_api import Stage, StageContext, StageEngine, StageResult
 from stages.generate import SpecBuilder, spec_builder
 from stages.ingest import ROW_DIGEST, row_digest_sql
 from stages.validate import Validators, check_answer
@@ -150,7 +150,7 @@ class _Chains:
             """
         )
 
-    def record_round(self, engine: Engine) -> None:
+    def record_round(self, engine: StageEngine) -> None:
         """Keep this round's answers (and attempts); the ones that succeeded become the chains' new heads."""
         con = self.con
         con.register("repair_round", engine.responses())
