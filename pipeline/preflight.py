@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.llm.engine import Target, target_for
 from pipeline.llm.servers import serving, with_identity
+from pipeline.llm.targets import Target, target_for
 
 log = logging.getLogger("pipeline")
 

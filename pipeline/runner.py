@@ -34,7 +34,8 @@ from pipeline.errors import JobExit, RunStopped, UserError
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
-from pipeline.llm.engine import Engine, cache_folder, journal_folder, limits_folder
+from pipeline.layout import cache_folder, journal_folder, limits_folder
+from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
 from pipeline.manifest import (

@@ -31,8 +31,9 @@ class Writer(Protocol):
     def open_binary(self, relpath: str) -> AbstractContextManager[IO[bytes]]: ...
 
 
-class Engine(Protocol):
-    """The generate engine (pipeline.llm.engine): plans, calls, journals, and yields the result tables.
+class StageEngine(Protocol):
+    """The LLM engine as a stage sees it (`pipeline.llm.engine.Engine`): plans, calls, journals, and yields the
+    result tables.
 
     `units` has one row per unit of work with `question_id`, `sample_index`, `round`, `parent_response_id`
     and `unit_key` (text that changes with everything that shapes the request, e.g. digests joined with
@@ -96,7 +97,7 @@ class StageContext:
     writer: Writer
     log: logging.Logger
     texts: Mapping[str, str | None] = field(default_factory=dict)
-    engine: Engine | None = None
+    engine: StageEngine | None = None
     source: Source | None = None
 
 

@@ -28,7 +28,7 @@ from pipeline.config import RepairConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import RequestSpec
 from pipeline.request_builder import SpecBuilder, spec_builder
-from pipeline.stage_api import Engine, Stage, StageContext, StageResult
+from pipeline.stage_api import Stage, StageContext, StageEngine, StageResult
 from pipeline.tables import ATTEMPT_FIELDS, RESPONSE_COLUMNS, ROOT_RESPONSE_ID, empty_sql, row_digest_of
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
@@ -143,7 +143,7 @@ class _Chains:
             """
         )
 
-    def record_round(self, engine: Engine) -> None:
+    def record_round(self, engine: StageEngine) -> None:
         """Keep this round's answers (and attempts); the ones that succeeded become the chains' new heads."""
         con = self.con
         con.register("repair_round", engine.responses())

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ModelConfig
 from pipeline.llm import client
-from pipeline.llm.client import Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.transport import Attempt, Endpoint, response_format_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "conf" / "model"
@@ -100,7 +100,7 @@ async def _compare(server: FakeServer, preset: Any) -> list[tuple[Attempt, Attem
         max_tokens=int(preset.max_tokens),
     )
     params: dict[str, Any] = {"temperature": 0.0, "max_tokens": int(preset.max_tokens)}
-    response_format = client.response_format_for(endpoint.response_format, SCHEMA)
+    response_format = response_format_for(endpoint.response_format, SCHEMA)
     if response_format is not None:
         params["response_format"] = response_format
     transport = DirectTransport(connections=2)
