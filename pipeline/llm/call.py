@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pipeline import observers
 from pipeline.config import GenerateConfig
 from pipeline.errors import RunStopped, UserError
-from pipeline.llm.binding import binding_limit
+from pipeline.llm.gate import Admission, Outcome
 from pipeline.llm.journal_record import attempt_entry, journal_record
-from pipeline.llm.limiter import Reservation
 from pipeline.llm.pending import Unit, min_opt
 from pipeline.llm.stop import Stop
 from pipeline.llm.targets import Target
@@ -113,36 +111,49 @@ class CallRunner:
         spec = unit.spec
         params = request_params(unit, target)
         max_tokens: int | None = params.get("max_tokens")
-        limiter, breaker = target.limiter, target.breaker
+        gate = target.gate
         attempt: Attempt | None = None
         failures = throttles = 0
         throttled_s = 0.0
         while True:
-            gate = await self._gate(target, unit, max_tokens)
-            if isinstance(gate, str):
-                return gate, attempt
-            reservation, probe = gate
+            passed = await self._gate(target, unit, max_tokens)
+            if isinstance(passed, str):
+                return passed, attempt
+            admission, lease = passed
+            assert admission.reservation is not None
             if log_entries:
                 self.progress.retried()
-            sent_at = limiter.now()
             self.progress.in_flight(+1)
             observers.emit("attempt_start", endpoint=target.endpoint.preset)
             try:
                 attempt = await target.send(spec.messages, params)
+            except BaseException:
+                await gate.release(lease)  # cancelled (a second Ctrl+C): the slot is free again
+                raise
             finally:
                 self.progress.in_flight(-1)
-                await limiter.cap.release()
-            limiter.settle(reservation, attempt.prompt_tokens, attempt.completion_tokens)
-            limiter.observe_headers(attempt.headers)
+            kind = attempt.error_type or ""
+            throttle = None
+            if kind == "rate_limited":  # the back-off a 429 without Retry-After pauses the endpoint for
+                throttle = (attempt.retry_after_s, backoff_s(throttles, None, self._rng))
+            settled = await gate.finish(
+                lease,
+                admission.reservation,
+                Outcome(
+                    attempt.prompt_tokens,
+                    attempt.completion_tokens,
+                    attempt.headers,
+                    breaker_ok=kind not in BREAKER_FAILURES,
+                    unreachable=kind in UNREACHABLE,
+                    success=attempt.ok,
+                    throttled=throttle,
+                ),
+            )
             log_entries.append(attempt_entry(len(log_entries) + 1, target, attempt, self.redact))
             observers.emit("attempt_end", **log_entries[-1])
-            kind = attempt.error_type or ""
-            was_open = breaker.state != "closed"
-            breaker.record(kind not in BREAKER_FAILURES, unreachable=kind in UNREACHABLE, sent_at=sent_at)
-            if was_open and breaker.state == "closed":
-                self._show_breaker(target)  # closed again: the progress line stops showing it
+            if settled.closed_again:
+                self.progress.breaker(target.endpoint.preset, None)  # closed: the progress line stops showing it
             if attempt.ok:
-                limiter.on_success()
                 return "done", attempt
             if kind in FATAL:
                 raise RunStopped(
@@ -155,57 +166,54 @@ class CallRunner:
                 return "done", attempt  # refused for good: recorded as failed, never retried
             if kind == "rate_limited":
                 observers.emit("rate_limited", endpoint=target.endpoint.preset, retry_after_s=attempt.retry_after_s)
-                limiter.on_throttle(attempt.retry_after_s, backoff_s(throttles, None, self._rng), sent_at)
-                self.progress.paused(limiter.pause_wait(), "429")
+                self.progress.paused(settled.pause_wait_s, "429")
                 throttles += 1
-                throttled_s += limiter.pause_wait()
+                throttled_s += settled.pause_wait_s
                 if throttled_s > self.cfg.max_rate_limit_wait_s:
                     return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
                 observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
                 continue  # the limiter's endpoint-wide pause is the wait
-            if kind in UNREACHABLE and breaker.down:
+            if kind in UNREACHABLE and settled.down:
                 return "down", attempt
-            if not (probe and kind in UNREACHABLE):
+            if not (admission.probe and kind in UNREACHABLE):
                 failures += 1  # a probe finding nobody there costs no attempt: `down` bounds that wait instead
             if failures >= self.cfg.max_attempts:
                 return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
             observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
             await self.stop.sleep(backoff_s(failures - 1, attempt.retry_after_s, self._rng))
 
-    async def _gate(self, target: Target, unit: Unit, max_tokens: int | None) -> tuple[Reservation, bool] | str:
-        """Wait until this call may be sent: breaker, buckets and 429 pause, then a concurrency slot. The pause is
-        checked again once the slot is held, so a 429 seen meanwhile holds back calls that already had a slot.
-        Returns (reservation, whether the send is the breaker's probe), or why it must not be sent."""
-        limiter, breaker = target.limiter, target.breaker
+    async def _gate(self, target: Target, unit: Unit, max_tokens: int | None) -> tuple[Admission, int] | str:
+        """Wait until this call may be sent: breaker, buckets and 429 pause, then a concurrency slot, through the
+        target's gate (in this process, or a Ray cluster's limiter actor). A 429 seen while waiting voids the
+        reservation, so calls that already had a slot are held back too. Returns (the admission, the slot's
+        lease), or why it must not be sent."""
+        gate = target.gate
         requeued = False
         while True:
             if self.stop.no_new_sends:
                 return "stopped"
-            if breaker.down:
+            admission = await gate.admit(float(unit.est_tokens), float(max_tokens or 0))
+            if admission.down:
                 return "down"
-            wait, probe = breaker.admit()
-            if wait > 0:
-                self._show_breaker(target)
-                await self.stop.sleep(min(wait, breaker.down_in()))
+            if admission.reservation is None:  # the breaker is open: wait for its next probe
+                self.progress.breaker(target.endpoint.preset, admission.next_probe_in)
+                await self.stop.sleep(admission.breaker_wait_s)
                 continue
-            wait, reservation = limiter.reserve(float(unit.est_tokens), float(max_tokens or 0))
-            due = limiter.now() + wait
-            if wait > 0:
-                self.progress.waited(binding_limit(limiter), wait)
-            await self.stop.sleep(wait)
-            again = self.stop.no_new_sends or limiter.voided(reservation)  # voided: a 429 paused the endpoint meanwhile
-            if not again and not requeued and limiter.late(due):
-                requeued = again = True  # woke long after its slot (a stalled loop): queue again, once
-            if not again:
-                queued = time.monotonic()
-                await limiter.cap.acquire()
-                self.progress.waited("concurrency", time.monotonic() - queued)
-                again = self.stop.no_new_sends or limiter.voided(reservation) or limiter.pause_wait() > 0
-                if not again:
-                    return reservation, probe
-                await limiter.cap.release()
-            if probe:
-                breaker.release_probe()
+            if admission.wait_s > 0:
+                self.progress.waited(admission.binding, admission.wait_s)
+            await self.stop.sleep(admission.wait_s)
+            if self.stop.no_new_sends:
+                await gate.release(None, admission.probe)
+                return "stopped"
+            # Void (a 429 paused the endpoint meanwhile), or woke long after its slot (a stalled loop: once): again.
+            grant = await gate.acquire(admission, may_requeue=not requeued)
+            requeued = requeued or grant.requeued
+            if grant.lease is None:
+                continue
+            self.progress.waited("concurrency", grant.waited_s)
+            if not self.stop.no_new_sends:
+                return admission, grant.lease
+            await gate.release(grant.lease, admission.probe)
 
     def _record(
         self, unit: Unit, target: Target, attempt: Attempt, log_entries: list[dict[str, Any]], final: bool
@@ -226,9 +234,6 @@ class CallRunner:
         if self.stop.reason is None:
             log.warning("%s", reason)
         self.stop.sending(reason)
-
-    def _show_breaker(self, target: Target) -> None:
-        self.progress.breaker(target.endpoint.preset, target.breaker.next_probe_in())
 
     def _endpoint_error(self, target: Target, attempt: Attempt) -> str:
         hint = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.llm.client import LitellmTransport
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.direct import supports as direct_supports
+from pipeline.llm.gate import Gate, Limits
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter
 from pipeline.llm.prices import Price, price_for
 from pipeline.llm.transport import Attempt, Endpoint, Transport
@@ -47,6 +48,12 @@ class Target:
     model: ModelConfig  # what it was built from: worker processes build their own from it
     transport: Transport
     limits_dir: Path | None = None  # where its limits are shared across processes (None: this process only)
+    # What every attempt passes (`call.CallRunner._gate`): this limiter and breaker in this process, unless
+    # replaced (a Ray caller's targets reach their endpoint's limiter actor instead).
+    gate: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gate = Gate(self.limiter, self.breaker)
 
     async def send(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> Attempt:
         return await self.transport.attempt(self.endpoint, messages, params)
