@@ -84,6 +84,11 @@ class Transport(StrEnum):
     direct = "direct"
 
 
+class ExecutorKind(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 class CacheMode(StrEnum):
     on = "on"
     read_only = "read_only"
@@ -273,6 +278,14 @@ class PromptConfig:
 
 
 @dataclass
+class RayGenerateConfig:
+    """`generate.executor=ray`: where the cluster is and how many callers (one CPU each) send the calls."""
+
+    address: str = "auto"  # auto: the cluster this machine belongs to; HOST:PORT; local: one started for the run
+    tasks: int = 2  # callers on the cluster, one CPU each
+
+
+@dataclass
 class GenerateConfig:
     samples: int = 1
     temperature: float = 0.0
@@ -288,6 +301,8 @@ class GenerateConfig:
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
+    executor: ExecutorKind = ExecutorKind.local  # local: this machine (generate.workers processes); ray: a Ray cluster
+    ray: RayGenerateConfig = field(default_factory=RayGenerateConfig)
     # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.
     observers: list[Any] = field(default_factory=list)  # [{_target_: module.Class, ...}]
     metrics_port: int | None = None  # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)

@@ -18,7 +18,7 @@ from pipeline import observers
 from pipeline.config import Config, ModelConfig, as_plain
 from pipeline.stage_api import Stage
 
-GENERATE_KEYS_NOT_FINGERPRINTED = ("workers", *observers.CONFIG_KEYS)
+GENERATE_KEYS_NOT_FINGERPRINTED = ("workers", "executor", "ray", *observers.CONFIG_KEYS)  # where calls run: no result
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

@@ -1,15 +1,17 @@
 """Where a stage's calls run: `executor_for` picks the executor from the config, and nothing else does.
 
-Today: in this process (`InProcess`), or in `generate.workers` processes (`workers.WorkerProcesses`). A new
-way to run calls (provider batch mode, a Ray cluster) is one module with one class, and one line here.
+Today: in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`), or on a Ray
+cluster (`ray_executor.RayExecutor`, `generate.executor=ray`). A new way to run calls (provider batch mode) is
+one module with one class, and one line here.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pipeline.config import GenerateConfig
+from pipeline.config import ExecutorKind, GenerateConfig
 from pipeline.llm.dispatch import Work
+from pipeline.llm.ray_executor import RayExecutor
 from pipeline.llm.workers import WorkerProcesses
 
 
@@ -60,6 +62,8 @@ class InProcess:
 
 def executor_for(cfg: GenerateConfig) -> Executor:
     """The executor `generate` asks for; the one place that chooses."""
+    if cfg.executor == ExecutorKind.ray:
+        return RayExecutor(cfg)
     if cfg.workers > 1:
         return WorkerProcesses()
     return InProcess()
