@@ -1,22 +1,30 @@
-"""The Ray limiter actor's overhead: how many reservations per second one endpoint's actor sustains.
+"""`generate.executor=ray` on this 2-core machine: calls/s against local `generate.workers=2`, and the limiter
+actor's overhead (how many reservations per second one endpoint's actor sustains).
 
-Starts a local Ray cluster (`ray.address=local`: this machine, stopped at the end by handle), makes one limiter
-actor with no rate limit and a concurrency cap far above the callers, and times full call rounds against it
-(`admit`, `acquire`, `finish`: the three round trips one call costs), first from one caller awaiting each
-round, then from many concurrent callers in the driver and in tasks on both of its CPUs. The figure is what
-tells how many nodes one actor can serve: a fleet sending more calls per second than it sustains waits on the
-actor rather than on the provider. Needs the `[ray]` extra.
+(a) Runs `python run.py +experiment=math model=fake ...` against the fake server (its own process, pinned to
+core 1, 0 ms latency, litellm transport as in `workers.py`) with thousands of calls and the cache off, once
+with `generate.workers=2` and once with `generate.executor=ray generate.ray.address=local
+generate.ray.tasks=2` (a one-node cluster with 2 task slots started for the run), interleaved; prints each
+run's server-side steady rate (200s per second between 10 % and 90 % of the calls) and the generate stage's
+wall time, which includes starting the cluster. (b) Starts a local Ray cluster (stopped at the end by handle),
+makes one limiter actor with no rate limit and a concurrency cap far above the callers, and times full call
+rounds against it (`admit`, `acquire`, `finish`: the three round trips one call costs), first from one
+caller awaiting each round, then from many concurrent callers in the driver and in tasks on both of its CPUs.
+That figure tells how many nodes one actor can serve: a fleet sending more calls per second than it sustains
+waits on the actor rather than on the provider. Needs the `[ray]` extra.
 
-    .venv/bin/python bench/ray_executor.py [--seconds 5] [--quick]
+    .venv/bin/python bench/ray_executor.py [--samples 10] [--seconds 5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import time
 
-from common import load_note, section
+from common import fake_server, load_note, section, setup_env, work_dir
+from workers import QUESTIONS, run_once
 
 from pipeline.config import LimitsConfig
 from pipeline.llm.ray_connect import connected
@@ -51,10 +59,30 @@ def task_rounds(seconds: float, callers: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
-    parser.add_argument("--quick", action="store_true", help="1-second measurements (checks the harness)")
+    parser.add_argument("--samples", type=int, default=10, help="answers per question (240 questions)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each actor measurement")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 samples, one round, 1-second measurements")
     args = parser.parse_args()
-    seconds = 1.0 if args.quick else args.seconds
+    setup_env()
+    samples, repeats, seconds = (3, 1, 1.0) if args.quick else (args.samples, 2, args.seconds)
+    executors = {
+        "local, generate.workers=2": ["generate.workers=2"],
+        "ray, 2 tasks": ["generate.executor=ray", "generate.ray.address=local", "generate.ray.tasks=2"],
+    }
+    section(f"executor=ray vs local workers=2 (litellm transport, 0 ms latency, {QUESTIONS * samples} calls)")
+    print(load_note(), flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in executors}
+    with fake_server() as server, work_dir("ray-executor") as tmp:
+        for _ in range(repeats):
+            for name, overrides in executors.items():
+                measure = run_once(server, name, overrides, samples, tmp)
+                rates[name].append(measure.steady_per_s)
+                print(measure.line(), flush=True)
+    local, ray_rate = (statistics.median(rates[name]) for name in executors)
+    print(
+        f"REPORT executor=ray vs local workers=2: steady rate {ray_rate / local:.2f}x ({local:.0f} -> {ray_rate:.0f} "
+        "calls/s; no target: 2 cores shared by the driver, the callers, the limiter actor and the server)"
+    )
     section("Ray limiter actor: reservations per second (one round = admit + acquire + finish)")
     print(load_note())
     with connected("local", cpus=2):

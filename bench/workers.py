@@ -32,14 +32,14 @@ CONCURRENCY = 64  # split between the workers
 
 @dataclass
 class Measure:
-    workers: int
+    label: str  # how the calls ran (workers=2, executor=ray ...)
     calls: int
     steady_per_s: float
     stage_s: float
 
     def line(self) -> str:
         return (
-            f"workers={self.workers}: {self.calls} calls, steady {self.steady_per_s:.0f} calls/s, "
+            f"{self.label}: {self.calls} calls, steady {self.steady_per_s:.0f} calls/s, "
             f"generate stage {self.stage_s:.1f} s ({self.calls / self.stage_s:.0f} calls/s with start-up)"
         )
 
@@ -51,9 +51,10 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
     return (hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] > lo[0] else float("nan")
 
 
-def run_once(server: ServerProcess, workers: int, samples: int, tmp: Path) -> Measure:
+def run_once(server: ServerProcess, label: str, overrides: list[str], samples: int, tmp: Path) -> Measure:
+    """One `run.py` run with `overrides` (how the calls run: `generate.workers=2`, an executor) against `server`."""
     server.reset()
-    run_dir = tmp / f"w{workers}-{time.monotonic_ns()}"
+    run_dir = tmp / f"run-{time.monotonic_ns()}"
     cmd = [
         sys.executable,
         str(ROOT / "run.py"),
@@ -66,7 +67,7 @@ def run_once(server: ServerProcess, workers: int, samples: int, tmp: Path) -> Me
         f"generate.samples={samples}",
         "generate.temperature=0.7",
         "generate.cache=off",
-        f"generate.workers={workers}",
+        *overrides,
         "pipeline.stages=[ingest,generate]",
         f"hydra.run.dir={run_dir}",
         f"paths.output_dir={tmp / 'outputs'}",
@@ -92,7 +93,7 @@ def run_once(server: ServerProcess, workers: int, samples: int, tmp: Path) -> Me
     calls = int(generate["metrics"]["calls"])
     if calls != total:
         raise RuntimeError(f"expected {total} calls, the manifest says {calls}")
-    return Measure(workers, calls, steady_rate(polled, total), float(generate["seconds"]))
+    return Measure(label, calls, steady_rate(polled, total), float(generate["seconds"]))
 
 
 def main() -> None:
@@ -108,7 +109,7 @@ def main() -> None:
     with fake_server() as server, work_dir("workers") as tmp:
         for _ in range(rounds):
             for workers in (1, 2):
-                measure = run_once(server, workers, samples, tmp)
+                measure = run_once(server, f"workers={workers}", [f"generate.workers={workers}"], samples, tmp)
                 results[workers].append(measure)
                 print(measure.line(), flush=True)
     print(load_note())
