@@ -54,6 +54,18 @@ def _ray_processes() -> set[tuple[int, str]]:
     return found
 
 
+def test_no_cluster_at_the_address_is_one_clear_line(tmp_path: Path) -> None:
+    """Before the module's cluster starts: `auto` finds no cluster on this machine."""
+    require_ray()
+    with FakeServer(FakeServerConfig()) as server:
+        result = run(tmp_path / "run", server, "ingest.limit=3", "generate.executor=ray", "generate.ray.address=auto")
+        assert server.stats()["requests"] == 0
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-2000:]
+    assert "generate.ray.address=auto: no Ray cluster answers there" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "tables" / "responses.parquet").exists()
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
     with local_cluster() as running:

@@ -127,8 +127,9 @@ def connected(address: str, cpus: int | None = None) -> Iterator[str]:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as exc:
             raise UserError(
-                f"ray.address={address}: no Ray cluster answers there ({str(exc).splitlines()[0][:160]}); start one "
-                "with `ray start --head`, give its address (ray.address=HOST:6379), or use ray.address=local"
+                f"generate.ray.address={address}: no Ray cluster answers there ({str(exc).splitlines()[0][:160]}); "
+                "start one with `ray start --head`, give its address (generate.ray.address=HOST:6379), or use "
+                "generate.ray.address=local"
             ) from exc
     try:
         yield address
