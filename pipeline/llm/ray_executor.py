@@ -115,6 +115,7 @@ class Callers:
     async def send(self, unit: Unit) -> dict[str, Any] | None:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
+        progress = self.work.dispatcher.progress
         if not self.handles:
             self.handles = [self._new_caller() for _ in range(self.tasks)]
             self.busy = [0] * self.tasks
@@ -122,6 +123,7 @@ class Callers:
             index = min(range(len(self.handles)), key=self.busy.__getitem__)
             handle = self.handles[index]
             self.busy[index] += 1
+            progress.in_flight(+1)  # at a caller: sent, or waiting there for the endpoint's limits
             try:
                 record: dict[str, Any] | None = await handle.call.remote(unit)
             except RayTaskError as exc:  # the run's own stop (quota, a refused key) comes back as its cause
@@ -135,6 +137,7 @@ class Callers:
                 continue
             finally:
                 self.busy[index] -= 1
+                progress.in_flight(-1)
             if record is not None:
                 self.work.dispatcher.totals.throttled_in_workers += sum(
                     1 for entry in record["attempt_log"] if entry["error_type"] == "rate_limited"
