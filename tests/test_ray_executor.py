@@ -8,6 +8,7 @@ Skipped without the `[ray]` extra, failed under CI=true.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,15 +30,20 @@ SAMPLES = 10  # 2,400 units
 
 
 def test_a_local_address_starts_a_cluster_for_the_run_and_leaves_nothing(tmp_path: Path) -> None:
+    """First in the module, before its cluster starts; then the same folder on the local executor reruns nothing."""
     require_ray()
     before = _ray_processes()
     with FakeServer(FakeServerConfig(latency_ms=5)) as server:
         local = ("generate.executor=ray", "generate.ray.address=local", "generate.ray.tasks=1")
         result = run(tmp_path / "run", server, "ingest.limit=20", *local, timeout=180)
         assert server.stats()["requests"] == 20
-    check_ok(result)
-    left = _ray_processes() - before
-    assert not left, f"Ray processes the run started are still running: {sorted(left)}"
+        check_ok(result)
+        left = _ray_processes() - before
+        assert not left, f"Ray processes the run started are still running: {sorted(left)}"
+        again = run(tmp_path / "run", server, "ingest.limit=20")  # the local executor: not in the fingerprint
+        check_ok(again)
+        assert server.stats()["requests"] == 20
+    assert re.search(r"generate\s*│\s*skipped", again.stderr), again.stderr[-2000:]
 
 
 def _ray_processes() -> set[tuple[int, str]]:
