@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, RunResult, run_env, run_pipeline
+from conftest import ROOT, Poller, RunResult, run_env, run_pipeline
 from ray_cluster import LocalCluster, local_cluster, require_ray
+from test_sweep import run_sweep
 from test_workers import check_ok, check_shared_rate_limit, table
 
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
@@ -192,3 +193,31 @@ def test_a_quota_stop_on_a_caller_ends_the_run_with_one_line(cluster: LocalClust
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     assert "quota" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "tables" / "responses.parquet").exists(), "nothing half-written"
+
+
+def test_parallel_sweep_jobs_on_the_cluster_share_one_limit(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Two sweep jobs at once (`hydra/launcher=joblib`), each with a caller on the cluster: both jobs' calls to the
+    endpoint go through its one limiter actor, so together they keep to the server's 20 requests/s."""
+    rps, per_job = 20.0, 60
+    with FakeServer(FakeServerConfig(latency_ms=20)) as server:
+        server.configure(rate_limit_rps=rps, rate_limit_burst=2)
+        with Poller(server) as poller:
+            result = run_sweep(
+                tmp_path,
+                "hydra/launcher=joblib",
+                "hydra.launcher.n_jobs=2",
+                "generate.temperature=0.0,0.3",  # different requests: nothing is shared through the cache
+                f"ingest.limit={per_job}",
+                f"model.limits.requests_per_minute={int(rps * 60)}",
+                "model.limits.burst_seconds=0.2",
+                "model.serve=null",
+                f"model.api_base={server.api_base}",
+                *on_ray(cluster, tasks=1),
+            )
+        stats = server.stats()
+    assert result.returncode == 0, result.tail()
+    ok_rate, window = poller.ok_rate()
+    print(f"\nray, 2 parallel sweep jobs: server {stats['by_status']}, {ok_rate:.2f} ok/s over {window:.1f}s")
+    assert stats["by_status"].get("200", 0) == 2 * per_job
+    assert stats["by_status"].get("429", 0) <= 1, stats
+    assert ok_rate >= 0.9 * rps, f"{ok_rate:.2f} ok/s = {ok_rate / rps:.2f} x the limit (want >= 0.9 x)"
