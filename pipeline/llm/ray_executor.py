@@ -51,10 +51,7 @@ class RemoteCaller:
         targets = [target_for(model) for model in models]
         configure_breakers(targets, cfg.endpoint_down_after_s)
         for target in targets:
-            breaker = target.breaker
-            settings = LimiterSettings.for_model(
-                target.model.limits, target.endpoint.timeout_s, breaker.down_after_s, breaker.cooldown_s
-            )
+            settings = LimiterSettings.like(target.model.limits, target.breaker, target.endpoint.timeout_s)
             target.gate = LimiterClient(limits_key(target.model), settings)
         self.stop = Stop()
         self.calls = CallRunner(targets, cfg, Redactor(), Progress(live=False), self.stop, seed)

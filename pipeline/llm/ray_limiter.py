@@ -48,17 +48,10 @@ class LimiterSettings:
     idle_exit_s: float = 600.0  # an actor nobody called for this long (and holding no slot) ends itself
 
     @classmethod
-    def for_model(
-        cls, limits: LimitsConfig, timeout_s: float, down_after_s: float, cooldown_s: float
-    ) -> LimiterSettings:
-        """The engine's breaker rules for one preset (a threshold of at least 5, or the concurrency cap)."""
-        return cls(
-            limits=limits,
-            breaker_threshold=max(5, limits.concurrency),
-            breaker_cooldown_s=cooldown_s,
-            down_after_s=down_after_s,
-            lease_s=2 * timeout_s + 60.0,
-        )
+    def like(cls, limits: LimitsConfig, breaker: CircuitBreaker, timeout_s: float) -> LimiterSettings:
+        """The settings of a target's own limits and breaker (`targets.target_for` and `configure_breakers` made
+        them), with leases longer than any call's attempt can last."""
+        return cls(limits, breaker.threshold, breaker.cooldown_s, breaker.down_after_s, lease_s=2 * timeout_s + 60.0)
 
 
 def actor_name(limits_key: str) -> str:
