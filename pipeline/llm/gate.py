@@ -21,7 +21,7 @@ from pipeline.llm.binding import binding_limit
 from pipeline.llm.limiter import CircuitBreaker, EndpointLimiter, Reservation
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admission:
     """`admit`'s answer: wait `wait_s` then `acquire` with the reservation; or the breaker says wait or down."""
 
@@ -35,7 +35,7 @@ class Admission:
     down: bool = False  # the endpoint is down: do not send
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Grant:
     """`acquire`'s answer: a slot (`lease`) to send with, or None: the reservation is void, admit again."""
 
@@ -44,7 +44,7 @@ class Grant:
     requeued: bool = False  # it woke too late after its slot and queues again (at most once per call)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """What the caller made of an attempt, in the limiter's terms (its classification; the gate only applies it)."""
 
@@ -57,7 +57,7 @@ class Outcome:
     throttled: tuple[float | None, float] | None = None  # a 429: (Retry-After, back-off) in seconds
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Settled:
     """`finish`'s answer: what the progress line and the retry loop need to know afterwards."""
 
