@@ -22,6 +22,7 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import SchemaError
 
+from pipeline import arrow_rows
 from pipeline.config import ValidateConfig
 from pipeline.errors import UserError
 from pipeline.stage_api import Stage, StageContext, StageResult
@@ -411,7 +412,7 @@ def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | No
         rows = [validate_row(scorer, checkers, row, bool(row["is_final"])) for row in batch.to_pylist()]
         for row in rows:
             metrics.add(row)
-        yield pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+        yield from arrow_rows.batches(rows, SCHEMA)
 
 
 def run(ctx: StageContext) -> StageResult:
