@@ -96,7 +96,7 @@ def test_a_429_cuts_to_what_was_admitted_when_that_is_measured_long_enough() -> 
     assert limiter.learned_rate == pytest.approx(0.95 * 0.9 * learned, rel=0.01)
 
 
-def test_a_429_soon_after_a_pause_cuts_deeper_and_the_rate_grows_back_fast_below_the_one_that_drew_it() -> None:
+def test_coming_down_a_429_soon_after_a_pause_cuts_deeper_and_the_rate_grows_back_fast() -> None:
     """A server whose one-second burst refills during each pause answers 429 within seconds while the client is
     far above its limit, and inflates every admitted-rate reading: 5 % steps would take minutes."""
     clock = FakeClock()
@@ -115,6 +115,10 @@ def test_a_429_soon_after_a_pause_cuts_deeper_and_the_rate_grows_back_fast_below
     clock.advance(10.0)
     limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)  # long after the pause: 5 %
     assert limiter.learned_rate == pytest.approx(0.95 * recovered)
+    settled = limiter.learned_rate
+    clock.advance(3.0)  # that ended the descent: a 429 soon after a pause is now more likely a burst of ours
+    limiter.on_throttle(retry_after_s=1, backoff_s=0.5, sent_at=clock.now)
+    assert limiter.learned_rate == pytest.approx(0.95 * settled)
 
 
 def test_once_a_rate_is_told_or_learned_429s_leave_the_concurrency_cap_alone() -> None:

@@ -48,9 +48,10 @@ IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a prov
 # when the first of them reach it late (a provider's bucket counts from their arrival, ours from their send)
 # requests (level in seconds of rate, stamp), input tokens (same), output tokens (same), paused_until,
 # learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, whether the
-# learned rate is a guess still growing fast, when it last grew, and the rate that drew the last 429
-SLOTS = 15
-PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED, GROWN, CEILING = range(6, 15)
+# learned rate is a guess still growing fast, when it last grew, the rate that drew the last 429, and whether
+# the rate is still coming down from an overshoot (a guess or a told rate too high)
+SLOTS = 16
+PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED, GROWN, CEILING, DESCENT = range(6, 16)
 METER_MIN_SPAN_S = 1.0  # the admitted rate is measured over at least a second: a burst is not a rate
 METER_TRUST_S = 2.0  # a measured rate cuts a learned one only when measured over this long since the pause
 RATE_DECREASE = 0.95  # on a 429 the learned rate drops to this share of what the endpoint admitted
@@ -436,12 +437,17 @@ def _after_429(values: list[float], learned: float | None, configured: float | N
     ends a guess takes 5 % off it. Told a rate, a lone 429 (timer jitter, a stalled loop) only pauses;
     a second within `LONE_429_S` says the told rate is too high. Otherwise 5 % off the lowest of the told
     rate, the learned one and what the endpoint admitted since the last pause (when measured long enough);
-    20 % when the 429 came within `QUICK_429_S` of the last pause's end (the rate then grows back fast to
-    `RECOVER_TO` of the rate that drew the 429, so a deep cut that was too deep costs seconds)."""
+    20 % when, coming down from a guess or a told rate, the 429 came within `QUICK_429_S` of the last pause's
+    end (the rate then grows back fast to `RECOVER_TO` of the rate that drew the 429, so a cut that was too
+    deep costs seconds); the first 429 that comes later ends the descent."""
     lone = math.isnan(values[DECREASED]) or now - values[DECREASED] > LONE_429_S
     # Back within seconds of the last pause: far above the limit (a server whose burst refilled during the
     # pause hides how far, and every admitted-rate reading is inflated by it), so the cut is deeper.
-    quick = not lone and now - values[METER_START] < QUICK_429_S
+    # Only while coming down from an overshoot: later, a 429 soon after a pause is more likely a burst of ours
+    # (a stalled event loop) than a limit far below, and 20 % cuts in a row would spiral down.
+    quick = values[DESCENT] == 1.0 and not lone and now - values[METER_START] < QUICK_429_S
+    if not quick:
+        values[DESCENT] = 0.0
     cut = QUICK_DECREASE if quick else RATE_DECREASE
     if configured is None and learned is None:
         first = _admitted_rate(values, 0.0)
@@ -451,14 +457,16 @@ def _after_429(values: list[float], learned: float | None, configured: float | N
         return math.nan
     if configured is None and values[GUESSED] == 1.0:
         assert learned is not None
-        values[GUESSED] = 0.0
+        values[GUESSED], values[DESCENT] = 0.0, 1.0
         drew = learned  # the meter averaged the guess's ramp: it would read low
     else:
         admitted = _admitted_rate(values, METER_TRUST_S)
         seen = [r for r in (configured, learned, admitted) if r is not None]
         floor = 0.0 if learned is None else MAX_CUT * learned  # sending below the rate (too few callers) measures low
         drew = max(floor, min(seen))
-    values[CEILING] = drew
+        if learned is None:  # a told rate that proved too high
+            values[DESCENT] = 1.0
+    values[CEILING] = drew if learned is None else learned  # the rate we were sending at drew it
     return max(MIN_RATE, cut * drew)
 
 
