@@ -53,6 +53,7 @@ def simulate(
     latency_s: float = 0.1,
     jitter_s: float = 0.002,
     seed: int = 0,
+    stall_every_s: float | None = None,
 ) -> Outcome:
     """Run `seconds` of traffic with more work than the limits allow; returns every send and whether it got in."""
     clock = FakeClock(0.0)
@@ -116,7 +117,18 @@ def simulate(
 
     for _ in range(2 * limits.concurrency):
         gate(Caller())
+    # Event-loop stalls (another process on the core, a garbage collection): every `stall_every_s` on average the
+    # loop stops for 20-150 ms, and whatever fell due meanwhile runs at once when it resumes.
+    stall = (math.inf, math.inf) if stall_every_s is None else _next_stall(rng, 0.0, stall_every_s)
     while events and events[0][0] < seconds:
-        clock.now, _, action = heapq.heappop(events)
+        when, _, action = heapq.heappop(events)
+        while stall_every_s is not None and when >= stall[1]:
+            stall = _next_stall(rng, stall[1], stall_every_s)
+        clock.now = max(clock.now, stall[1] if stall[0] <= when < stall[1] else when)
         action()
     return outcome
+
+
+def _next_stall(rng: random.Random, after: float, every_s: float) -> tuple[float, float]:
+    start = after + rng.expovariate(1 / every_s)
+    return start, start + rng.uniform(0.02, 0.15)
