@@ -11,12 +11,12 @@ When the provider answers 429 the request rate is learned (AIMD on the rate, not
 Told nothing, the first estimate is what the endpoint admitted so far; it is a guess, so it grows fast
 (doubling every `GUESS_DOUBLING_S` while calls succeed, like TCP's slow start) until the next 429 ends the
 guess 5 % below the rate that drew it. From then on a 429 takes 5 % off the lower of the learned rate
-and the rate the endpoint admitted since the last pause (20 % when it comes within seconds of the last
-pause: far above the limit), and the rate grows back by a share per second of successful traffic, whatever
-its size (a share per success would make a fast endpoint overshoot every second and a slow one recover in
-hours), capped per success (a slow endpoint would draw a 429 every few dozen calls). Told a rate, the same
-applies once 429s come twice within a minute. Only one 429 per overload counts (`sent_at`), and the
-concurrency cap halves only while no rate is known.
+and the rate the endpoint admitted since the last pause (20 % while coming down from a guess, when it comes
+within seconds of the last pause: far above the limit), and the rate grows back by a share per second of
+successful traffic, whatever its size (a share per success would make a fast endpoint overshoot every second
+and a slow one recover in hours), capped per success (a slow endpoint would draw a 429 every few dozen
+calls). Told a rate, the same applies once 429s come twice within a minute. Only one 429 per overload
+counts (`sent_at`), and the concurrency cap halves only while no rate is known.
 While a learned rate governs, no caller is given a slot more than `HORIZON_S` ahead: further back, it is
 asked back in turn and asks again, so that a rate that grew is used at once instead of after a queue
 reserved at the old one (and callers reserved at different rates do not bunch up into a burst).
@@ -49,7 +49,7 @@ IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a prov
 # requests (level in seconds of rate, stamp), input tokens (same), output tokens (same), paused_until,
 # learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, whether the
 # learned rate is a guess still growing fast, when it last grew, the rate that drew the last 429, and whether
-# the rate is still coming down from an overshoot (a guess or a told rate too high)
+# the rate is still coming down from a guess's overshoot
 SLOTS = 16
 PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED, GROWN, CEILING, DESCENT = range(6, 16)
 METER_MIN_SPAN_S = 1.0  # the admitted rate is measured over at least a second: a burst is not a rate
@@ -437,14 +437,14 @@ def _after_429(values: list[float], learned: float | None, configured: float | N
     ends a guess takes 5 % off it. Told a rate, a lone 429 (timer jitter, a stalled loop) only pauses;
     a second within `LONE_429_S` says the told rate is too high. Otherwise 5 % off the lowest of the told
     rate, the learned one and what the endpoint admitted since the last pause (when measured long enough);
-    20 % when, coming down from a guess or a told rate, the 429 came within `QUICK_429_S` of the last pause's
+    20 % when, coming down from a guess (told nothing), the 429 came within `QUICK_429_S` of the last pause's
     end (the rate then grows back fast to `RECOVER_TO` of the rate that drew the 429, so a cut that was too
     deep costs seconds); the first 429 that comes later ends the descent."""
     lone = math.isnan(values[DECREASED]) or now - values[DECREASED] > LONE_429_S
     # Back within seconds of the last pause: far above the limit (a server whose burst refilled during the
     # pause hides how far, and every admitted-rate reading is inflated by it), so the cut is deeper.
-    # Only while coming down from an overshoot: later, a 429 soon after a pause is more likely a burst of ours
-    # (a stalled event loop) than a limit far below, and 20 % cuts in a row would spiral down.
+    # Only while coming down from a guess's overshoot: later (or under a told rate, whose 429s under load are
+    # mostly bursts of ours from a stalled event loop), 20 % cuts in a row would spiral down.
     quick = values[DESCENT] == 1.0 and not lone and now - values[METER_START] < QUICK_429_S
     if not quick:
         values[DESCENT] = 0.0
@@ -464,8 +464,6 @@ def _after_429(values: list[float], learned: float | None, configured: float | N
         seen = [r for r in (configured, learned, admitted) if r is not None]
         floor = 0.0 if learned is None else MAX_CUT * learned  # sending below the rate (too few callers) measures low
         drew = max(floor, min(seen))
-        if learned is None:  # a told rate that proved too high
-            values[DESCENT] = 1.0
     values[CEILING] = drew if learned is None else learned  # the rate we were sending at drew it
     return max(MIN_RATE, cut * drew)
 
