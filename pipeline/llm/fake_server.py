@@ -400,15 +400,16 @@ def _error(
 
 
 class _TokenBucket:
-    """Server-side request limiter: ``burst`` tokens, refilled at ``rate`` per second."""
+    """Server-side request limiter: ``burst`` tokens, refilled at ``rate`` per second (the clock is injected for
+    the limiter's simulated traffic, `tests/limiter_sim.py`)."""
 
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.capacity = rate, burst
-        self.tokens, self.stamp = burst, time.monotonic()
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.capacity, self.clock = rate, burst, clock
+        self.tokens, self.stamp = burst, clock()
 
     def take(self) -> float:
         """Take a token; return 0 when admitted, else the seconds until one is available."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
