@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT
 
 from pipeline import arrow_rows
+from pipeline.tables import VALIDATIONS as SCHEMA
 from stages.export_formats import TABULAR
-from stages.validate import SCHEMA
 
 ROWS = [
     {
@@ -74,7 +74,7 @@ def test_building_tables_does_not_import_pandas() -> None:
     code = (
         "import sys\n"
         "from pipeline import arrow_rows\n"
-        "from stages.validate import SCHEMA\n"
+        "from pipeline.tables import VALIDATIONS as SCHEMA\n"
         "arrow_rows.table([{'response_id': 'r', 'errors': [{'path': '$', 'message': 'm'}]}], SCHEMA)\n"
         "print('pandas' in sys.modules)\n"
     )
