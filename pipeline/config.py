@@ -80,6 +80,19 @@ class Transport(StrEnum):
     direct = "direct"
 
 
+class BatchApi(StrEnum):
+    """Which provider batch API a preset's endpoint offers (`generate.mode=batch`); none: online only."""
+
+    none = "none"
+    openai = "openai"  # OpenAI's /v1/files + /v1/batches (also Azure and OpenAI-compatible servers)
+    anthropic = "anthropic"  # Anthropic's /v1/messages/batches
+
+
+class GenerateMode(StrEnum):
+    online = "online"
+    batch = "batch"
+
+
 class CacheMode(StrEnum):
     on = "on"
     read_only = "read_only"
@@ -195,6 +208,8 @@ class LimitsConfig:
 class PricesConfig:
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
+    batch_input_per_mtok: float | None = None  # None: litellm's batch price, else half the online price
+    batch_output_per_mtok: float | None = None
 
 
 @dataclass
@@ -226,6 +241,7 @@ class ModelConfig:
     max_tokens: int | None = None
     timeout_s: float = 60.0
     transport: Transport = Transport.litellm
+    batch: BatchApi = BatchApi.none
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     fallbacks: list[str] = field(default_factory=list)
@@ -249,6 +265,17 @@ class PromptConfig:
 
 
 @dataclass
+class BatchConfig:
+    """Provider batch mode (`generate.mode=batch`): none of these keys changes a result."""
+
+    wait: bool = True  # poll until every batch ended; false: submit, exit 4 and collect with a later run
+    poll_s: float = 30.0  # first wait between two polls of a batch
+    poll_max_s: float = 600.0  # the waits grow by half each poll up to this
+    max_requests: int | None = None  # requests per batch (None: the provider's limit)
+    max_bytes: int | None = None  # bytes of request lines per batch (None: the provider's limit)
+
+
+@dataclass
 class GenerateConfig:
     samples: int = 1
     temperature: float = 0.0
@@ -264,6 +291,8 @@ class GenerateConfig:
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
+    mode: GenerateMode = GenerateMode.online
+    batch: BatchConfig = field(default_factory=BatchConfig)
     # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.
     observers: list[Any] = field(default_factory=list)  # [{_target_: module.Class, ...}]
     metrics_port: int | None = None  # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)
