@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, run_pipeline
 
-from pipeline.config import BatchApi, GenerateMode, ModelConfig, PricesConfig
+from pipeline.config import BatchApi, ModelConfig, PricesConfig
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits
-from pipeline.llm.batch_book import BatchLedger, BatchRecord, check_available, params_for, split
+from pipeline.llm.batch_book import BatchLedger, BatchRecord, params_for, split
 from pipeline.llm.client import Endpoint
 from pipeline.llm.prices import batch_price_for
 from pipeline.llm.records import RequestSpec
@@ -87,14 +87,6 @@ def test_params_are_the_online_calls() -> None:
     assert params_for(loose, RequestSpec([], 0.0, None, None)) == {"temperature": 0.0}
 
 
-def test_batch_mode_needs_a_preset_with_a_batch_api() -> None:
-    model = ModelConfig(preset="vllm", name="hosted_vllm/x")
-    check_available(GenerateMode.online, model)
-    with pytest.raises(UserError, match="the preset 'vllm' has no batch API"):
-        check_available(GenerateMode.batch, model)
-    check_available(GenerateMode.batch, ModelConfig(preset="p", name="openai/x", batch=BatchApi.openai))
-
-
 def test_batch_prices() -> None:
     mapped = batch_price_for(ModelConfig(name="openai/gpt-4o-mini"))
     assert mapped.source == "litellm" and mapped.price.input_per_token == pytest.approx(0.075e-6)
@@ -122,6 +114,14 @@ def test_batch_keys_compose_and_a_bad_mode_is_one_line() -> None:
     assert bad.returncode == 2
     lines = [line for line in (bad.stderr + bad.stdout).splitlines() if line.strip()]
     assert len(lines) == 1 and "generate.mode" in lines[0] and "batch" in lines[0], lines
+
+
+def test_batch_mode_on_a_preset_without_a_batch_api_fails_before_any_work(tmp_path: Path) -> None:
+    done = run_pipeline(tmp_path / "run", "+experiment=math", "model=vllm", "generate.mode=batch")
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, lines
+    assert "generate.mode=batch" in lines[0] and "model.batch=none" in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_presets_say_whether_batch_is_available() -> None:

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import BatchApi, GenerateMode, ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits, BatchProvider
 from pipeline.llm.client import RETRYABLE, Attempt, Endpoint, response_format_for
@@ -37,15 +36,6 @@ log = logging.getLogger(__name__)
 
 LEDGER_GLOB = "batches-*.jsonl"
 EVENTS = ("submitting", "submitted", "collected", "abandoned")
-
-
-def check_available(mode: str, model: ModelConfig) -> None:
-    """Refuse batch mode, before any work, for a preset whose endpoint has no batch API."""
-    if mode == GenerateMode.batch and model.batch == BatchApi.none:
-        raise UserError(
-            f"generate.mode=batch: the preset {model.preset!r} has no batch API (model.batch=none); use "
-            "generate.mode=online, or set model.batch=openai|anthropic if its endpoint offers one"
-        )
 
 
 def params_for(endpoint: Endpoint, spec: RequestSpec) -> dict[str, Any]:
