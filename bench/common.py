@@ -169,8 +169,9 @@ def make_engine(
     `transport` (model.transport) is left at the preset default unless given.
     """
     from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
-    from pipeline.llm.engine import Engine, target_for
+    from pipeline.llm.engine import Engine
     from pipeline.llm.journal import ResultLog
+    from pipeline.llm.targets import target_for
     from pipeline.progress import Progress
 
     extra = {} if transport is None else {"transport": transport}

@@ -150,8 +150,10 @@ def build_fixture(
 ) -> dict[str, Any]:
     """The run folder: questions table and one compacted journal part; returns what it computed."""
     from pipeline.config import Config
-    from pipeline.llm.engine import Engine, journal_folder, target_for
+    from pipeline.layout import journal_folder
+    from pipeline.llm.engine import Engine
     from pipeline.llm.journal import ResultLog
+    from pipeline.llm.targets import target_for
     from pipeline.progress import Progress
     from pipeline.stage_api import StageContext
     from stages.generate import _request_key, units_relation

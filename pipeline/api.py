@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from pipeline import exit_codes, folder_config
+from pipeline import duck, exit_codes, folder_config, layout
 from pipeline.config_check import one_line
 from pipeline.errors import JobExit
 
@@ -71,7 +71,7 @@ class RunResult:
     @property
     def exports(self) -> list[Path]:
         """The exported files (fine-tuning files, splits and the dataset card), sorted."""
-        folder = self.run_dir / "export"
+        folder = layout.export_folder(self.run_dir)
         return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
     def close(self) -> None:
@@ -81,13 +81,13 @@ class RunResult:
 def open_run(run_dir: str | Path) -> RunResult:
     """An existing run folder's results (no config, no calls)."""
     folder = Path(run_dir).resolve()
-    manifest_path = folder / "manifest.json"
+    manifest_path = layout.manifest_path(folder)
     if not manifest_path.is_file():
         raise DistilleryError(
             f"{folder} is not a run folder (no manifest.json); pass a folder run() made", exit_codes.USAGE
         )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    return RunResult(run_dir=folder, manifest=manifest, con=duckdb.connect())
+    return RunResult(run_dir=folder, manifest=manifest, con=duck.connect())
 
 
 def run(experiment: str | None = "math", overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> RunResult:

@@ -6,6 +6,10 @@ not declared here (with or without `+`) and any value outside a fixed set before
 a fixed set of values is a `StrEnum` (equal to its plain string, so stage code may compare with text); one
 whose YAML spelling cannot be an Enum name (`export.is_correct=true` is a bool to Hydra) lists its values
 in the field's `choices` metadata instead. `dict` fields (`ingest.columns`, `ingest.xml.fields`) stay open.
+
+The defaults here are the one place a key's default is written: a preset (`conf/model/<name>.yaml`, the
+`model` group) and an ingest config (`conf/ingest/<format>.yaml`) state only what differs from them, so the
+comment on each field below is its documentation. `python run.py model=NAME --cfg job` prints a preset whole.
 """
 
 from __future__ import annotations
@@ -138,10 +142,10 @@ class PathsConfig:
 class CsvOptions:
     """CSV/TSV dialect, spelled out so DuckDB never guesses it differently on a file's first rows."""
 
-    delimiter: str | None = None  # None: "," for csv, a tab for tsv
-    header: bool = True
-    quote: str = '"'
-    escape: str = '"'
+    delimiter: str | None = None  # field separator, one character; None: "," for csv, a tab for tsv
+    header: bool = True  # the first line names the columns (False: they are column0, column1, ...)
+    quote: str = '"'  # quote character ("" for none)
+    escape: str = '"'  # escape inside quotes ('"' means a doubled quote, as Excel writes it)
 
 
 @dataclass
@@ -152,102 +156,122 @@ class JsonOptions:
 @dataclass
 class XmlOptions:
     record: str = "record"  # tag of the element that is one row (namespace-free local name)
-    fields: dict[str, str] = field(default_factory=dict)  # column -> path inside the record ("@attr", "a/b")
+    # column -> path inside the record: child/grandchild, @attribute, child/@attribute, . (its text)
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class SqlOptions:
-    url: str | None = None  # SQLAlchemy URL without a password (format=sql)
-    query: str | None = None
-    user_env: str | None = None
-    password_env: str | None = None
-    batch_rows: int = 10_000
+    url: str | None = None  # SQLAlchemy URL without a password (format=sql; one with a password is refused)
+    query: str | None = None  # any SELECT, run read-only; its result columns feed `ingest.columns`
+    user_env: str | None = None  # env variable holding the user name (None: the URL's user, if any)
+    password_env: str | None = None  # env variable holding the password (None: none, e.g. trust or .pgpass)
+    batch_rows: int = 10_000  # rows fetched at a time (a server-side cursor: the result is never held whole)
 
 
 @dataclass
 class DocumentsOptions:
-    unit: ChunkUnit = ChunkUnit.chars
-    chunk_size: int = 2000
-    chunk_overlap: int = 200
-    extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])
+    unit: ChunkUnit = ChunkUnit.chars  # what sizes count: chars | tokens (OpenAI's cl100k_base, bundled copy)
+    chunk_size: int = 2000  # at most this many units per chunk; chunks end on a paragraph break where possible
+    chunk_overlap: int = 200  # units each chunk repeats from the end of the one before (0: none)
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])  # file types taken from a folder
 
 
 @dataclass
 class IngestConfig:
-    format: InputFormat = InputFormat.jsonl
-    path: Any = MISSING  # a file, a glob, or a list of them (None for format=sql)
+    format: InputFormat = InputFormat.jsonl  # which reader opens `path` (the ingest group's options set it)
+    path: Any = MISSING  # a file, a folder, a glob, or a list of them (None for format=sql)
+    # utf-8, utf-16 and latin-1 are read directly; others (e.g. cp1252) are transcoded first; for XML, utf-8
+    # lets the document's own <?xml encoding=...?> decide and anything else overrides it
     encoding: str = "utf-8"
-    csv: CsvOptions = field(default_factory=CsvOptions)
-    json: JsonOptions = field(default_factory=JsonOptions)
-    xml: XmlOptions = field(default_factory=XmlOptions)
-    sql: SqlOptions = field(default_factory=SqlOptions)
-    documents: DocumentsOptions = field(default_factory=DocumentsOptions)
+    csv: CsvOptions = field(default_factory=CsvOptions)  # format=csv|tsv: the dialect
+    json: JsonOptions = field(default_factory=JsonOptions)  # format=json: where the records are
+    xml: XmlOptions = field(default_factory=XmlOptions)  # format=xml: which elements are rows, where their fields are
+    sql: SqlOptions = field(default_factory=SqlOptions)  # format=sqlite|sql: the query (sql: database, credentials)
+    documents: DocumentsOptions = field(default_factory=DocumentsOptions)  # format=documents: chunking
+    # target column -> DuckDB SQL expression over the source's columns; open: any key becomes an extra column
+    # and a template variable. `question` is required; `golden_answer`, `json_id`, `category` are known columns
     columns: dict[str, str] = field(default_factory=dict)
-    optional_columns: dict[str, str] = field(default_factory=dict)  # mapped only when the source has their columns
-    answer_schema_file: str | None = None
-    where: str | None = None
-    categories: list[str] | None = None
-    limit: int | None = None
-    sample: int | None = None
-    dedupe: IngestDedupe = IngestDedupe.json_id
-    on_duplicate: OnDuplicate = OnDuplicate.error
+    optional_columns: dict[str, str] = field(default_factory=dict)  # like `columns`, only where the source has them
+    answer_schema_file: str | None = None  # JSON Schema every answer must satisfy (None: none, or a per-row column)
+    where: str | None = None  # SQL filter over the source columns, e.g. "length(question) < 2000" (None: every row)
+    categories: list[str] | None = None  # keep only these categories, e.g. [algebra, geometry] (None: all)
+    limit: int | None = None  # read only the first N rows (None: all)
+    sample: int | None = None  # keep N rows drawn at random with the top-level seed (None: no sampling)
+    dedupe: IngestDedupe = IngestDedupe.json_id  # duplicates by: json_id (the question_id) | question (text) | none
+    on_duplicate: OnDuplicate = OnDuplicate.error  # what a duplicate does: error (names the rows) | keep_first
 
 
 @dataclass
 class LimitsConfig:
-    concurrency: int = 8
-    requests_per_minute: float | None = None
-    input_tokens_per_minute: float | None = None
-    output_tokens_per_minute: float | None = None
-    burst_seconds: float = 2.0
-    reserve_max_tokens: bool = False
-    limit_group: str | None = None
+    """What the endpoint allows (the preset's `api_base` and model id, or its `limit_group`); the engine waits
+    rather than trip them, and shares them with every process on the machine that calls the same endpoint."""
+
+    concurrency: int = 8  # calls in flight at once
+    requests_per_minute: float | None = None  # None: no request limit
+    input_tokens_per_minute: float | None = None  # None: no input-token limit
+    output_tokens_per_minute: float | None = None  # None: no output-token limit (or metered with input)
+    burst_seconds: float = 2.0  # how many seconds of rate the buckets may spend at once
+    reserve_max_tokens: bool = False  # count max_tokens against the output limit up front (as Anthropic does)
+    limit_group: str | None = None  # share limits with other presets naming the same group
 
 
 @dataclass
 class PricesConfig:
+    """USD per million tokens; None: looked up in litellm's bundled price map (unknown stays unknown, never 0)."""
+
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
-    batch_input_per_mtok: float | None = None  # None: litellm's batch price, else half the online price
-    batch_output_per_mtok: float | None = None
+    batch_input_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
+    batch_output_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
 
 
 @dataclass
 class FakeServeConfig:
-    latency_ms: float = 20.0
-    latency_jitter_ms: float = 0.0
-    error_rate: float = 0.0
-    rate_429: float = 0.0
-    seed: int = 0
+    """`serve: fake`: how the project's fake server behaves."""
+
+    latency_ms: float = 20.0  # simulated latency per call
+    latency_jitter_ms: float = 0.0  # +/- uniform jitter on the latency
+    error_rate: float = 0.0  # share of calls answered with HTTP 500
+    rate_429: float = 0.0  # share of calls answered with HTTP 429
+    seed: int = 0  # makes the simulated faults reproducible
 
 
 @dataclass
 class LocalServeConfig:
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    n_batch: int = 512
-    startup_timeout_s: float = 60.0
+    """`serve: llama_cpp`: how llama-cpp-python's server runs the embedded weights."""
+
+    n_ctx: int = 2048  # context window in tokens: prompt + max_tokens must fit
+    n_threads: int | None = None  # CPU threads per answer (None: one less than the cores, at least 1, at most 4)
+    n_batch: int = 512  # prompt tokens processed per batch
+    startup_timeout_s: float = 60.0  # how long the server may take to load the weights and answer
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "${hydra:runtime.choices.model}"
-    name: str = MISSING
-    api_base: str | None = None
-    api_key_env: str | None = None
-    serve: Served | None = None
-    identity: str | None = None
-    response_format: ResponseFormat = ResponseFormat.json_schema
-    max_tokens: int | None = None
-    timeout_s: float = 60.0
-    transport: Transport = Transport.litellm
-    batch: BatchApi = BatchApi.none
+    """A preset: one `conf/model/<name>.yaml` (the `model` group): a model id, its endpoint, key variable,
+    limits, prices and fallbacks. `model=NAME` picks the teacher's; `model.fallbacks` and
+    `validate.judge.preset` name others.
+    """
+
+    preset: str = "${hydra:runtime.choices.model}"  # the preset's name (the file's), filled in by Hydra
+    name: str = MISSING  # litellm model id, e.g. openai/gpt-4o-mini
+    api_base: str | None = None  # the endpoint's URL (None: the provider's; with `serve`, the server started)
+    api_key_env: str | None = None  # env variable holding the key, never the key itself (None: no key needed)
+    serve: Served | None = None  # a server the run starts and stops itself: fake | llama_cpp (None: none)
+    identity: str | None = None  # what the response cache keys on (None: the model id); never the URL or port
+    response_format: ResponseFormat = ResponseFormat.json_schema  # how the answer schema is sent
+    max_tokens: int | None = None  # the preset's cap on completion tokens per call (the lower of it and
+    # generate.max_tokens is sent; None: no cap of its own)
+    timeout_s: float = 60.0  # seconds before a call is abandoned and retried
+    transport: Transport = Transport.litellm  # direct: the project's aiohttp client for OpenAI's wire format
+    batch: BatchApi = BatchApi.none  # the endpoint's batch API for generate.mode=batch: openai | anthropic | none
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
-    fallbacks: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # other presets tried in order when a call fails for good
     fake: FakeServeConfig = field(default_factory=FakeServeConfig)
     local: LocalServeConfig = field(default_factory=LocalServeConfig)
-    question_limit: int | None = None
+    question_limit: int | None = None  # ask only the first N questions (None: every one)
 
 
 @dataclass
@@ -291,8 +315,8 @@ class GenerateConfig:
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
-    mode: GenerateMode = GenerateMode.online
-    batch: BatchConfig = field(default_factory=BatchConfig)
+    mode: GenerateMode = GenerateMode.online  # batch: the preset's batch API (`model.batch`), at its batch price
+    batch: BatchConfig = field(default_factory=BatchConfig)  # batch mode's waiting, polling and batch sizes
     # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.
     observers: list[Any] = field(default_factory=list)  # [{_target_: module.Class, ...}]
     metrics_port: int | None = None  # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)

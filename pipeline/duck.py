@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import duckdb
+
+# Paths are typed os.PathLike, not pathlib.Path: stages quote SQL through this module, and the layering contract
+# keeps pathlib (touching files) out of everything a stage imports.
+PathText = str | os.PathLike[str]
 
 NO_DOWNLOADS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
@@ -24,11 +27,11 @@ def usable_cores() -> int:
 
 
 def connect(
-    database: str | Path = ":memory:",
+    database: PathText = ":memory:",
     *,
     threads: int | None = None,
     memory_limit: str | None = None,
-    spill_dir: Path | None = None,
+    spill_dir: PathText | None = None,
     read_only: bool = False,
 ) -> duckdb.DuckDBPyConnection:
     """A connection that never downloads, with `threads` (default: the usable cores) and an optional spill folder."""
@@ -47,7 +50,7 @@ def no_downloads(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET autoload_known_extensions = false")
 
 
-def literal(text: str | Path | None) -> str:
+def literal(text: PathText | None) -> str:
     """A SQL string literal (`NULL` for None)."""
     return "NULL" if text is None else "'" + str(text).replace("'", "''") + "'"
 
@@ -57,6 +60,6 @@ def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def literal_list(items: Iterable[str | Path]) -> str:
+def literal_list(items: Iterable[PathText]) -> str:
     """A SQL list of string literals, e.g. the files a `read_parquet` scans."""
     return "[" + ", ".join(literal(item) for item in items) + "]"

@@ -17,6 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
 
+from pipeline import layout
+
 # Keys that say what one invocation does, not what the folder is; prefixes end with a dot.
 INVOCATION_ONLY = ("pipeline.", "generate.dry_run")
 RUN_DIR_KEY = "hydra.run.dir"
@@ -83,7 +85,7 @@ def merge(stored: list[str], new: list[str]) -> list[str]:
 
 def stored_overrides(run_dir: Path) -> list[str] | None:
     """The cumulative overrides a run folder's manifest keeps; None for a new folder (or one without them)."""
-    manifest = run_dir / "manifest.json"
+    manifest = layout.manifest_path(run_dir)
     if not manifest.is_file():
         return None
     try:

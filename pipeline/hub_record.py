@@ -14,13 +14,12 @@ from pathlib import Path
 
 import duckdb
 
+from pipeline.layout import hub_record_path
 from pipeline.store import atomic_write_json
-
-HUB_RECORD = "hub.json"
 
 
 def read_repo_id(run_dir: Path) -> str | None:
-    path = run_dir / HUB_RECORD
+    path = hub_record_path(run_dir)
     if not path.is_file():
         return None
     repo_id = json.loads(path.read_text(encoding="utf-8")).get("repo_id")
@@ -28,7 +27,7 @@ def read_repo_id(run_dir: Path) -> str | None:
 
 
 def write_repo_id(run_dir: Path, repo_id: str) -> None:
-    atomic_write_json(run_dir / HUB_RECORD, {"repo_id": repo_id})
+    atomic_write_json(hub_record_path(run_dir), {"repo_id": repo_id})
 
 
 def open_hub_view(con: duckdb.DuckDBPyConnection, run_dir: Path) -> tuple[duckdb.DuckDBPyRelation, str]:

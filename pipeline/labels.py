@@ -22,21 +22,9 @@ from typing import Any
 
 import duckdb
 
-LABEL_COLUMNS: dict[str, str] = {
-    "label_id": "VARCHAR",
-    "response_id": "VARCHAR",
-    "is_correct": "BOOLEAN",
-    "reviewer": "VARCHAR",
-    "note": "VARCHAR",
-    "created_at": "VARCHAR",  # UTC, ISO 8601 with microseconds: sorts as text
-    "source": "VARCHAR",  # tui | sheet:<file name>
-    "action": "VARCHAR",  # label | undo | note (the note changed, the value kept)
-}
-VIEW_COLUMNS = ("response_id", "is_correct", "reviewer", "note", "labeled_at")
-
-
-def labels_folder(run_dir: Path) -> Path:
-    return run_dir / "labels"
+from pipeline.duck import literal, literal_list
+from pipeline.layout import labels_folder
+from pipeline.tables import LABEL_COLUMNS, LABEL_VIEW, empty_sql
 
 
 def default_reviewer() -> str:
@@ -103,12 +91,11 @@ def all_labels(con: duckdb.DuckDBPyConnection, run_dir: Path) -> duckdb.DuckDBPy
     """Every label record (a torn last line after a crash is skipped)."""
     files = _files(run_dir)
     if not files:
-        empty = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in LABEL_COLUMNS.items())
-        return con.sql(f"SELECT {empty} WHERE false")
-    paths = "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "]"
-    spec = ", ".join(f"'{name}': '{kind}'" for name, kind in LABEL_COLUMNS.items())
+        return con.sql(empty_sql(LABEL_COLUMNS))
+    spec = ", ".join(f"{literal(name)}: {literal(kind)}" for name, kind in LABEL_COLUMNS.items())
     return con.sql(
-        f"SELECT * FROM read_json({paths}, format='newline_delimited', columns={{{spec}}}, ignore_errors=true) "
+        f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', columns={{{spec}}}, "
+        "ignore_errors=true) "
         "WHERE response_id IS NOT NULL AND created_at IS NOT NULL"
     )
 
@@ -138,5 +125,5 @@ def open_label_view(con: duckdb.DuckDBPyConnection, run_dir: Path) -> tuple[duck
     reader = con.sql("SELECT * FROM labels_view ORDER BY response_id").to_arrow_reader(4096)
     for batch in reader:
         for row in batch.to_pylist():
-            digest.update(json.dumps([row[c] for c in VIEW_COLUMNS], ensure_ascii=False).encode() + b"\n")
+            digest.update(json.dumps([row[c] for c in LABEL_VIEW], ensure_ascii=False).encode() + b"\n")
     return con.table("labels_view"), digest.hexdigest()

@@ -1,12 +1,13 @@
-"""What produced a run folder: code version, environment, inputs, and each stage's fingerprint.
+"""`manifest.json`, what produced a run folder: code version, environment, inputs, each stage's fingerprint,
+rows and time, and the totals of the last invocation.
 
 Paths in the manifest are relative to the project root (`paths.root_dir`, where run.py is), never absolute, so
-a run folder says the same thing on every machine and after the project or the folder moves.
+a run folder says the same thing on every machine and after the project or the folder moves. It is rewritten
+atomically after every stage, so a crash leaves a truthful record.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -14,9 +15,12 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pipeline.store import atomic_write_json, sha256_file
 
 # Every package between a question and its stored answer: config, reading, the request path (litellm and the SDK,
 # HTTP clients, token counting), the direct transport, prompts, validation, tables, the embedded model's server.
@@ -49,8 +53,6 @@ def relative_path(path: Path | str, root: Path) -> str:
 
 def files_sha256(paths: Iterable[Path], root: Path) -> dict[str, str]:
     """Relative path -> sha256 of each file."""
-    from pipeline.store import sha256_file
-
     return {relative_path(p, root): sha256_file(p) for p in paths}
 
 
@@ -155,6 +157,56 @@ def environment(launcher: str | None = None) -> dict[str, Any]:
     return found
 
 
-def fingerprint(parts: dict[str, Any]) -> str:
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# The counts a run's totals add up over the engine stages it ran: total -> the stage metric it sums.
+TOTALS = {
+    "calls": "calls",
+    "attempts": "attempts",
+    "failed": "failed",
+    "throttled": "throttled",
+    "cache_hits": "cache_hits",
+    "reused_from_journal": "reused_journal",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+}
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data.setdefault("stages", {})
+        return cls(path=path, data=data)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        stages: dict[str, Any] = self.data["stages"]
+        return stages.setdefault(name, {})
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def totals(self, engine_stages: Iterable[str], ran: Mapping[str, str], seconds: float) -> dict[str, Any]:
+        """Calls, tokens and cost of what this invocation did: the engine stages it ran (a skipped stage made
+        no calls; a dry run made none either); cost None when any is unknown."""
+        totals: dict[str, Any] = dict.fromkeys(TOTALS, 0)
+        totals["cost_usd"] = 0.0
+        for name in engine_stages:
+            metrics = self.data["stages"].get(name, {}).get("metrics", {})
+            if metrics.get("dry_run") or ran.get(name) != "ran":
+                continue
+            for total, metric in TOTALS.items():
+                totals[total] += metrics.get(metric, 0)
+            cost = metrics.get("cost_usd", 0.0)
+            totals["cost_usd"] = None if cost is None or totals["cost_usd"] is None else totals["cost_usd"] + cost
+        totals["seconds"] = round(seconds, 3)
+        return totals
+
+
+def record_failure(run_dir: Path, message: str) -> None:
+    """A sweep job's failure goes into its manifest, where the sweep summary finds it."""
+    manifest = Manifest.load(run_dir / "manifest.json")
+    manifest.data["failure"] = message
+    manifest.save()

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.observers import Event
+from pipeline.events import Event
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Observers: user objects told about a run's events (`generate.observers`), off the hot path.
 
-An observer is any object with some of the methods `on_<kind>(event)` (kinds in `EVENT_KINDS`), an
+An observer is any object with some of the methods `on_<kind>(event)` (kinds in `pipeline.events`), an
 `on_event(event)` that gets every kind, and `close()`; each is optional. The engine and the runner only
 `emit`: a non-blocking put on a bounded asyncio queue. One consumer task takes the events in batches and
 hands each batch to the observers' plain methods in one helper thread (coroutine methods are awaited by the
@@ -32,39 +32,16 @@ from typing import Any
 
 from pipeline.config import GenerateConfig
 from pipeline.errors import UserError
+from pipeline.events import EVENT_KINDS, Event
 
 log = logging.getLogger(__name__)
 
-EVENT_KINDS = (
-    "run_start",  # run_dir, name, urls (what built-in observers serve, e.g. {"MetricsObserver": url})
-    "run_end",  # run_dir, status (done | failed | interrupted), totals
-    "stage_start",  # stage, fingerprint
-    "stage_end",  # stage, status, rows, seconds, metrics
-    # Every event below also has `stage`: the stage whose engine made it (generate, repair, ...).
-    "attempt_start",  # endpoint: an HTTP attempt is about to be sent
-    "attempt_end",  # endpoint and the `attempts` table's columns of that attempt
-    "call_settled",  # the journal record of a call (source: call | cache), exactly one per responses row written
-    "call_failed",  # the same record, when its status is failed
-    "retry",  # endpoint, attempt (the number of the one that failed), error_type: another attempt follows
-    "rate_limited",  # endpoint, retry_after_s: a 429 paused the endpoint
-    "budget_stop",  # reason: generate.max_cost_usd stopped dispatching
-)
 CONFIG_KEYS = ("observers", "metrics_port", "event_log", "observer_queue")  # generate.*: not in its fingerprint
 ONCE = frozenset({"budget_stop"})  # many calls may hit the budget at once; observers hear it once
 BATCH = 256  # events handed to the observer thread at once
 CLOSE_GRACE_S = 10.0  # at the end of a run, how long observers may take for the events still queued
 
 _current: ContextVar[Hub | Relay | None] = ContextVar("distillery_observers", default=None)
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str
-    time: float  # Unix time when it was emitted
-    data: dict[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "time": self.time, **self.data}
 
 
 def emit(kind: str, **data: Any) -> None:
@@ -258,7 +235,7 @@ def build_observers(cfg: GenerateConfig, run_dir: Path) -> list[Any]:
     """The configured observers plus the built-in ones the config switches on."""
     from hydra.utils import instantiate
 
-    from pipeline.metrics import MetricsObserver
+    from pipeline.metrics import MetricsObserver  # only when observers are built: the engine imports this module
 
     observers: list[Any] = []
     for index, spec in enumerate(cfg.observers):

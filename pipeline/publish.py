@@ -21,11 +21,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline import exit_codes
+from pipeline import exit_codes, layout
+from pipeline.card_hub import CARD_FILE, HUB_URL, with_hub_id
 from pipeline.errors import UserError
 from pipeline.hub_record import write_repo_id
 from pipeline.store import atomic_write_text
-from stages.dataset_card import CARD_FILE, HUB_URL, with_hub_id
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 KEEP_ON_HUB = (".gitattributes",)  # the Hub's own file in every repository
@@ -44,7 +44,7 @@ def plan(run_dir: Path, repo_id: str) -> Upload:
     """The files to upload and the card to send, or a UserError naming what is missing."""
     if not REPO_ID.match(repo_id):
         raise UserError(f"--repo-id {repo_id!r}: write it as ORG/NAME (letters, digits, '-', '_', '.')")
-    export_dir = run_dir / "export"
+    export_dir = layout.export_folder(run_dir)
     card_path = export_dir / CARD_FILE
     if not card_path.is_file():
         raise UserError(f"{card_path} does not exist: run the pipeline into {run_dir} first (the export stage)")

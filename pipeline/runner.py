@@ -1,8 +1,10 @@
 """Runs the listed stages in order inside one run folder, skipping those whose fingerprint still matches.
 
-A stage's fingerprint is a hash of its config sections and of its input tables' bytes (for ingest: the
-input files' sha256), so a changed option reruns that stage and, when its output changes, everything
-after it. The manifest is rewritten atomically after every stage, so a crash leaves a truthful record.
+The runner opens each stage's inputs, hands it a writer and (for the stages that call) an engine, and
+records it in the manifest. What it builds on lives next to it: `fingerprint` (whether a stage reruns),
+`manifest` (the record it keeps), `presets` (which presets each stage calls), `preflight` (keys, endpoints
+and servers, checked only once a request will be sent) and `resolved_config` (the typed config and the
+redacted copy in the run folder).
 """
 
 from __future__ import annotations
@@ -11,48 +13,50 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import shlex
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import duckdb
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 from rich.console import Console
 
 from pipeline import duck, exit_codes, fast_exit, folder_config, observers
 from pipeline.config import STAGE_ORDER, Config, ModelConfig
 from pipeline.errors import JobExit, RunStopped, UserError
+from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
-from pipeline.llm.engine import Engine, Target, cache_folder, journal_folder, limits_folder, target_for
+from pipeline.layout import cache_folder, journal_folder, limits_folder
+from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
-from pipeline.llm.servers import serving, with_identity
 from pipeline.manifest import (
+    Manifest,
     config_files,
     environment,
     files_sha256,
-    fingerprint,
     git_state,
+    record_failure,
     relative_path,
     scorer_files,
 )
+from pipeline.preflight import Preflight, litellm_models
+from pipeline.presets import engine_chains
 from pipeline.progress import Progress
-from pipeline.secrets import MASK, SECRET_NAME, RedactingFilter, Redactor
-from pipeline.sources import open_source
+from pipeline.resolved_config import redacted_yaml, typed_config
+from pipeline.secrets import RedactingFilter, Redactor
+from pipeline.sources.common import OpenedSource
+from pipeline.sources.registry import open_source
 from pipeline.stage_api import Stage, StageContext, StageResult
-from pipeline.store import StagedWriter, TableStore, atomic_write_json, atomic_write_text
+from pipeline.store import StagedWriter, TableStore, atomic_write_text
 from pipeline.summary import print_summary
 
 log = logging.getLogger("pipeline")
@@ -76,73 +80,6 @@ class RunPaths:
         return self.run_dir / "manifest.json"
 
 
-@dataclass
-class Manifest:
-    path: Path
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        import json
-
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        data.setdefault("stages", {})
-        return cls(path=path, data=data)
-
-    def stage(self, name: str) -> dict[str, Any]:
-        stages: dict[str, Any] = self.data["stages"]
-        return stages.setdefault(name, {})
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-
-def typed_config(cfg: DictConfig) -> Config:
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        reason = str(exc).splitlines()[0]
-        raise UserError(f"config key {key or '?'}: {reason}; set it in the config or on the command line") from None
-    assert isinstance(obj, Config)
-    return obj
-
-
-def _redacted_config_yaml(cfg: DictConfig, redact: Redactor) -> str:
-    container = OmegaConf.to_container(cfg, resolve=True)
-
-    def scrub(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: (
-                    MASK
-                    if SECRET_NAME.search(str(k)) and not str(k).endswith("_env") and isinstance(v, str) and v
-                    else scrub(v)
-                )
-                for k, v in node.items()
-            }
-        if isinstance(node, list):
-            return [scrub(v) for v in node]
-        return node
-
-    return redact(OmegaConf.to_yaml(OmegaConf.create(scrub(container))))
-
-
-def load_preset(conf_dir: Path, name: str, cfg: Config, key: str = "model.fallbacks") -> ModelConfig:
-    """A preset from `conf/model/<name>.yaml` (named by the config `key`), typed and resolved like the main one."""
-    path = conf_dir / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"{key}: no preset {name!r} (no {path}); use a file name from {path.parent}")
-    try:
-        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), {"preset": name})
-        root = OmegaConf.create({"seed": cfg.seed, "name": cfg.name, "paths": asdict(cfg.paths), "model": node})
-        model = OmegaConf.to_object(root.model)
-    except OmegaConfBaseException as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
-    assert isinstance(model, ModelConfig)
-    return model
-
-
 def rerun_command(folder_overrides: list[str], run_dir: Path | None) -> str:
     """The command that rebuilds this run folder's tables from scratch (the folder's cumulative overrides, not
     the last command; with the cache it makes no new calls).
@@ -152,37 +89,6 @@ def rerun_command(folder_overrides: list[str], run_dir: Path | None) -> str:
     """
     folder = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
     return shlex.join(["python", "run.py", *folder_overrides, *folder])
-
-
-def check_reachable(model: ModelConfig) -> None:
-    """A self-hosted endpoint (an `api_base` we do not start) must accept connections before any work."""
-    if model.serve is not None or not model.api_base:
-        return
-    url = urlsplit(model.api_base)
-    if url.hostname is None:
-        raise UserError(f"model.api_base={model.api_base!r} is not a URL; write it like http://127.0.0.1:8000/v1")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=5).close()
-    except OSError as exc:
-        raise UserError(
-            f"cannot reach {model.api_base} for model {model.preset!r} ({exc.strerror or exc}); "
-            "start the server or fix model.api_base"
-        ) from None
-
-
-def litellm_models(chains: dict[str, list[ModelConfig]]) -> list[tuple[str, str | None]]:
-    """(model id, api_base) of every preset the run may call through litellm: what its warm-up prepares."""
-    found = {(m.name, m.api_base) for chain in chains.values() for m in chain if m.transport == "litellm"}
-    return sorted(found, key=str)
-
-
-def check_api_key(model: ModelConfig) -> None:
-    if model.api_key_env and not os.environ.get(model.api_key_env):
-        raise UserError(
-            f"model {model.preset!r} needs the environment variable {model.api_key_env}, which is not set; "
-            f"export {model.api_key_env}=<your key> (keys are read from the environment only)"
-        )
 
 
 class Runner:
@@ -215,7 +121,7 @@ class Runner:
 
     def _begin(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.run_dir / "config.resolved.yaml", _redacted_config_yaml(self.raw, self.redact))
+        atomic_write_text(self.paths.run_dir / "config.resolved.yaml", redacted_yaml(self.raw, self.redact))
         hydra_cfg = HydraConfig.get()
         typed = folder_config.typed_arguments
         runs: list[Any] = self.manifest.data.setdefault("invocations", [])
@@ -290,7 +196,7 @@ class Runner:
         return incomplete
 
     async def _run_stages(self, stages: list[Stage]) -> str | None:
-        self.chains = self._engine_chains(stages)
+        self.chains = engine_chains(self.cfg, stages, self.paths.conf_dir)
         importing: threading.Thread | None = None
         if warm := litellm_models(self.chains):
             # litellm takes seconds to import and warm up: do both while ingest and planning run, not after
@@ -301,28 +207,10 @@ class Runner:
         con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
-            live: dict[str, list[Target]] = {}
-
-            def planned_targets(chain: list[ModelConfig]) -> list[Target]:
-                """A stage's presets as planning sees them: their identity and prices; no server, no check, and
-                limits of their own (nothing is sent through them: `start_targets` gives the ones that call)."""
-                return [target_for(m) for m in [with_identity(chain[0]), *chain[1:]]]
-
-            def start_targets(chain: list[ModelConfig]) -> list[Target]:
-                """Check a preset's endpoints and start its server: only once a request will really be sent
-                (after planning against the journal and the cache), so a run that needs none works offline."""
-                if chain[0].preset not in live:
-                    for model in chain:
-                        check_api_key(model)
-                        check_reachable(model)
-                    log.info("model %s: requests to send; checking and starting its endpoint", chain[0].preset)
-                    model = servers.enter_context(serving(chain[0], self.paths.run_dir))
-                    live[chain[0].preset] = [target_for(m, self._limits_dir()) for m in [model, *chain[1:]]]
-                return live[chain[0].preset]
-
+            preflight = Preflight(servers, self.paths.run_dir, limits_folder(Path(self.cfg.paths.cache_dir)))
             try:
                 for stage in stages:
-                    if not await self._run_stage(stage, con, planned_targets, start_targets):
+                    if not await self._run_stage(stage, con, preflight):
                         break
             finally:
                 con.close()
@@ -333,7 +221,8 @@ class Runner:
                     importing.join()
                 await close_clients()
         self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
-        self.manifest.data["totals"] = self._totals(time.monotonic() - started)
+        engine_stages = [stage.name for stage in stages if stage.needs_engine]
+        self.manifest.data["totals"] = self.manifest.totals(engine_stages, self.ran, time.monotonic() - started)
         self.manifest.save()
         self.progress.stop()
         print_summary(self.console, self.manifest.data, self.ran, self.paths.run_dir)
@@ -364,49 +253,17 @@ class Runner:
             more.append(f"generate.max_cost_usd={round(budget * 2, 6)!r}")
         return resume_command(self.paths.run_dir, more)
 
-    def _engine_chains(self, stages: list[Stage]) -> dict[str, list[ModelConfig]]:
-        """The presets each engine stage calls: the teacher's, or the one its `engine_preset` key names."""
-        chains: dict[str | None, list[ModelConfig]] = {}
-        out: dict[str, list[ModelConfig]] = {}
-        for stage in stages:
-            if not stage.needs_engine:
-                continue
-            name = _config_value(self.cfg, stage.engine_preset) if stage.engine_preset else None
-            name = None if name == self.cfg.model.preset else name  # the teacher, with its command-line overrides
-            if name not in chains:
-                key = stage.engine_preset or "model"
-                main = self.cfg.model if name is None else load_preset(self.paths.conf_dir, name, self.cfg, key)
-                chains[name] = self._chain(main)
-            out[stage.name] = chains[name]
-        return out
-
-    def _chain(self, main: ModelConfig) -> list[ModelConfig]:
-        """A preset and its fallback presets, loaded before any work starts (their keys and endpoints are
-        checked only when a request is about to be sent)."""
-        models = [load_preset(self.paths.conf_dir, n, self.cfg) for n in main.fallbacks]
-        for model in models:
-            if model.serve is not None:
-                raise UserError(
-                    f"model.fallbacks: preset {model.preset!r} starts its own server; it cannot be a fallback"
-                )
-        return [main, *models]
-
-    def _limits_dir(self) -> Path:
-        return limits_folder(Path(self.cfg.paths.cache_dir))
-
     def _inputs(
         self, stage: Stage, con: duckdb.DuckDBPyConnection
-    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None]]:
-        """Relations for the stage, the digests its fingerprint covers, and texts the pipeline read for it."""
-        if stage.name == "ingest":
-            source = open_source(con, self.cfg.ingest)
-            schema = [Path(self.cfg.ingest.answer_schema_file)] if self.cfg.ingest.answer_schema_file else []
-            digests = source.digests(self.paths.root_dir) | files_sha256(schema, self.paths.root_dir)
-            self.manifest.data["inputs"] = dict(digests)
-            texts = {"answer_schema": source.answer_schema, "source_name": source.name}
-            return {"source": source.relation}, digests, texts
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None], OpenedSource | None]:
+        """Relations for the stage, the digests its fingerprint covers, texts the pipeline read for it, and the
+        user's input when the stage declares `needs_source` (its files' digests are the manifest's `inputs`)."""
         relations: dict[str, Any] = {}
         found: dict[str, str | None] = {}
+        source = open_source(con, self.cfg.ingest) if stage.needs_source else None
+        if source is not None:
+            found.update(source.digests(self.paths.root_dir))
+            self.manifest.data["inputs"] = dict(found)
         for name in stage.inputs:
             if not self.store.exists(name):
                 raise UserError(
@@ -425,23 +282,7 @@ class Runner:
         # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
         # same data into another folder gives byte-identical files.
         rerun = rerun_command(self.manifest.data["overrides"], None)
-        return relations, found, {"rerun": rerun}
-
-    def _fingerprint(self, stage: Stage, digests: dict[str, Any]) -> str:
-        sections = {name: _plain(getattr(self.cfg, name)) for name in stage.config_sections}
-        if "model" in sections:
-            sections["model"].pop("api_base", None) if self.cfg.model.serve else None
-            sections["model"].pop("transport", None)  # both send the same request and record the same rows
-        if "generate" in sections:
-            # How many processes call, and who watches them, changes no result.
-            for key in ("workers", *observers.CONFIG_KEYS):
-                sections["generate"].pop(key, None)
-        if stage.engine_preset:  # the presets it calls, whichever config key named them
-            sections["engine_presets"] = [
-                {k: v for k, v in asdict(m).items() if not (k == "api_base" and m.serve) and k != "transport"}
-                for m in self.chains.get(stage.name, [])
-            ]
-        return fingerprint({"stage": stage.name, "config": sections, "inputs": digests})
+        return relations, found, {"rerun": rerun}, source
 
     def _is_current(self, stage: Stage, fp: str) -> bool:
         prev = self.manifest.data["stages"].get(stage.name, {})
@@ -454,12 +295,11 @@ class Runner:
         self,
         stage: Stage,
         con: duckdb.DuckDBPyConnection,
-        planned_targets: Callable[[list[ModelConfig]], list[Target]],
-        start_targets: Callable[[list[ModelConfig]], list[Target]],
+        preflight: Preflight,
     ) -> bool:
         """Runs (or skips) one stage; returns whether the stages after it should run."""
-        relations, digests, texts = self._inputs(stage, con)
-        fp = self._fingerprint(stage, digests)
+        relations, digests, texts, source = self._inputs(stage, con)
+        fp = stage_fingerprint(self.cfg, stage, digests, self.chains.get(stage.name, []))
         if self._is_current(stage, fp) and stage.name not in self.cfg.pipeline.force:
             log.info("stage %s: fingerprint %s unchanged, skipped", stage.name, fp)
             self.ran[stage.name] = "skipped"
@@ -481,14 +321,14 @@ class Runner:
         engine = (
             Engine(
                 con,
-                planned_targets(self.chains[stage.name]),
+                preflight.planned(self.chains[stage.name]),
                 self.cfg.generate,
                 journal=ResultLog(journal_folder(self.paths.run_dir)),
                 cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
                 redact=self.redact,
                 progress=self.progress,
                 seed=self.cfg.seed,
-                prepare=lambda: start_targets(self.chains[stage.name]),
+                prepare=lambda: preflight.started(self.chains[stage.name]),
             )
             if stage.needs_engine
             else None
@@ -501,6 +341,7 @@ class Runner:
             log=logging.getLogger(f"stages.{stage.name}"),
             texts=texts,
             engine=engine,
+            source=source,
         )
         started = time.monotonic()
         log.info("stage %s: running (fingerprint %s)", stage.name, fp)
@@ -544,47 +385,6 @@ class Runner:
         # of the answers; a rerun of the folder completes it and runs the rest.
         return result.complete and not result.stop_pipeline
 
-    def _totals(self, seconds: float) -> dict[str, Any]:
-        from stages import STAGES
-
-        totals: dict[str, Any] = dict.fromkeys(
-            (
-                "calls",
-                "attempts",
-                "failed",
-                "throttled",
-                "cache_hits",
-                "reused_from_journal",
-                "prompt_tokens",
-                "completion_tokens",
-            ),
-            0,
-        )
-        totals["cost_usd"] = 0.0
-        for name, stage in STAGES.items():
-            metrics = self.manifest.data["stages"].get(name, {}).get("metrics", {})
-            if not stage.needs_engine or metrics.get("dry_run") or self.ran.get(name) != "ran":
-                continue  # totals count what this invocation did: a skipped stage made no calls
-            for key in ("calls", "attempts", "failed", "throttled", "cache_hits", "prompt_tokens", "completion_tokens"):
-                totals[key] += metrics.get(key, 0)
-            totals["reused_from_journal"] += metrics.get("reused_journal", 0)
-            cost = metrics.get("cost_usd", 0.0)
-            totals["cost_usd"] = None if cost is None or totals["cost_usd"] is None else totals["cost_usd"] + cost
-        totals["seconds"] = round(seconds, 3)
-        return totals
-
-
-def _config_value(cfg: Config, key: str) -> Any:
-    """The value at a dotted config key, e.g. `validate.judge.preset`."""
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def _plain(obj: Any) -> Any:
-    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj
-
 
 def _is_interrupt(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
@@ -602,13 +402,6 @@ def _paths(cfg: Config) -> RunPaths:
 def resume_command(run_dir: Path, overrides: list[str] | None = None) -> str:
     """The command that resumes a run folder: the folder keeps its config, so only new overrides are needed."""
     return shlex.join(["python", "run.py", f"hydra.run.dir={run_dir}", *(overrides or [])])
-
-
-def _record_failure(run_dir: Path, message: str) -> None:
-    """A sweep job's failure goes into its manifest, where the sweep summary finds it."""
-    manifest = Manifest.load(run_dir / "manifest.json")
-    manifest.data["failure"] = message
-    manifest.save()
 
 
 def run_job(raw: DictConfig) -> None:
@@ -642,7 +435,7 @@ def run_job(raw: DictConfig) -> None:
         log.error("%s", message)
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         if in_sweep:
-            _record_failure(run_dir, message)
+            record_failure(run_dir, message)
             return
         raise JobExit(exit_codes.USAGE, message) from None
     except KeyboardInterrupt:
@@ -656,14 +449,14 @@ def run_job(raw: DictConfig) -> None:
         log.exception("job failed")
         message = redact(f"{type(exc).__name__}: {exc}")
         console.print(f"[bold red]job failed:[/] {message} (traceback in {run_dir / 'run.log'})", highlight=False)
-        _record_failure(run_dir, message)
+        record_failure(run_dir, message)
         return
     if incomplete is None:
         return
     resume = runner.resume_command() if runner is not None else resume_command(run_dir)
     log.warning("incomplete: %s; resume: %s", incomplete, resume)
     if in_sweep:
-        _record_failure(run_dir, f"incomplete: {incomplete}")
+        record_failure(run_dir, f"incomplete: {incomplete}")
         return
     line = f"incomplete (exit {exit_codes.INCOMPLETE}), no export written: resume: {resume}"
     console.print(f"[bold yellow]{line.replace(': resume', ':[/] resume', 1)}", highlight=False, soft_wrap=True)

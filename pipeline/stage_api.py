@@ -2,8 +2,8 @@
 
 A stage is a function of a `StageContext`. It reads its named input tables as DuckDB relations, writes
 its named outputs through the `Writer` it is handed, and gets everything else injected (the LLM engine,
-texts the pipeline read for it). Stages never import Hydra and never open files: an import-linter
-contract in the tests keeps it so.
+the user's input opened as a `Source`, texts the pipeline read for it). Stages never import Hydra and never
+open files: an import-linter contract in the tests keeps it so.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class Writer(Protocol):
     def open_binary(self, relpath: str) -> AbstractContextManager[IO[bytes]]: ...
 
 
-class Engine(Protocol):
-    """The generate engine (pipeline.llm.engine): plans, calls, journals, and yields the result tables.
+class StageEngine(Protocol):
+    """The LLM engine as a stage sees it (`pipeline.llm.engine.Engine`): plans, calls, journals, and yields the
+    result tables.
 
     `units` has one row per unit of work with `question_id`, `sample_index`, `round`, `parent_response_id`
     and `unit_key` (text that changes with everything that shapes the request, e.g. digests joined with
@@ -51,6 +52,29 @@ class Engine(Protocol):
     def attempts(self) -> duckdb.DuckDBPyRelation: ...
 
     def unsettled(self) -> int: ...
+
+
+class Source(Protocol):
+    """The user's input, opened by the runner (`pipeline.sources`) for a stage that declares `needs_source`.
+
+    Its files' sha256 (and the answer schema file's) are the stage's fingerprint inputs and the manifest's
+    `inputs`, so a changed file reruns the stage.
+    """
+
+    @property
+    def relation(self) -> duckdb.DuckDBPyRelation:
+        """The rows, with the bookkeeping columns of `pipeline.sources.columns`."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """How messages and the `source` column name the input (a file name, a URL without credentials)."""
+        ...
+
+    @property
+    def answer_schema(self) -> str | None:
+        """The text of `ingest.answer_schema_file`: every row's JSON Schema unless a row maps its own."""
+        ...
 
 
 @dataclass
@@ -73,7 +97,8 @@ class StageContext:
     writer: Writer
     log: logging.Logger
     texts: Mapping[str, str | None] = field(default_factory=dict)
-    engine: Engine | None = None
+    engine: StageEngine | None = None
+    source: Source | None = None
 
 
 StageFn = Callable[[StageContext], "StageResult | Awaitable[StageResult]"]
@@ -90,6 +115,8 @@ class Stage:
     config_sections: tuple[str, ...]
     files_dir: str | None = None
     needs_engine: bool = False
+    # The runner opens the configured input (`ingest.format`, `ingest.path`, ...) and hands it as `ctx.source`.
+    needs_source: bool = False
     # Tables passed only when the run folder has them (e.g. `repairs`, made by an opt-in stage); their
     # absence is part of the fingerprint too.
     optional_inputs: tuple[str, ...] = ()

@@ -20,6 +20,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import duck, layout
+
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": True, "write_statistics": True}
 # The folder of the database file a connection opened, as SQL: DuckDB resolves a relative path in a view against
 # the process's working directory, never the database's folder, and has no function returning the database's
@@ -57,10 +59,10 @@ class TableStore:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.tables_dir = run_dir / "tables"
+        self.tables_dir = layout.tables_folder(run_dir)
 
     def path(self, name: str) -> Path:
-        return self.tables_dir / f"{name}.parquet"
+        return layout.table_path(self.run_dir, name)
 
     def exists(self, name: str) -> bool:
         return self.path(name).is_file()
@@ -87,11 +89,13 @@ class TableStore:
         """
         tmp = db_path.with_name(f".{db_path.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
-        con = duckdb.connect(str(tmp))
+        con = duck.connect(tmp)
         try:
             for name in self.names():
-                target = f"/{self.tables_dir.name}/{name}.parquet".replace("'", "''")
-                con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet({RUN_FOLDER_SQL} || '{target}')")
+                target = duck.literal(f"/{self.tables_dir.name}/{name}.parquet")
+                con.execute(
+                    f"CREATE VIEW {duck.ident(name)} AS SELECT * FROM read_parquet({RUN_FOLDER_SQL} || {target})"
+                )
         finally:
             con.close()
         os.replace(tmp, db_path)
@@ -102,7 +106,7 @@ class StagedWriter:
 
     def __init__(self, store: TableStore, files_dir: Path | None = None) -> None:
         self._store = store
-        self._staging = store.run_dir / ".staging"
+        self._staging = layout.staging_folder(store.run_dir)
         self._files_dir = files_dir
         self._tables: dict[str, int] = {}
         self._files: list[str] = []

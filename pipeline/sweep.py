@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import exit_codes
+from pipeline import duck, exit_codes, layout
 from pipeline.config_check import sweep_arguments
 from pipeline.store import atomic_write_text
 
@@ -98,19 +97,14 @@ def swept_keys(sweep_dir: Path) -> list[str]:
     return list(dict.fromkeys(keys))  # a key swept by the experiment and again on the command line: once
 
 
-def _sql_path(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
 def _answers(run_dir: Path) -> dict[str, Any]:
     """Cumulative figures of a job folder's answer tables (responses, and repairs when the stage ran)."""
-    tables = [run_dir / "tables" / f"{name}.parquet" for name in ("responses", "repairs")]
+    tables = [layout.table_path(run_dir, name) for name in ("responses", "repairs")]
     present = [t for t in tables if t.is_file()]
     empty = dict.fromkeys(("calls", "tokens", "cost_usd", "latency_p50_ms", "latency_p95_ms"))
     if not present:
         return empty
-    files = "[" + ", ".join(_sql_path(t) for t in present) + "]"
-    con = duckdb.connect()
+    con = duck.connect()
     try:
         row = con.execute(
             f"""
@@ -119,7 +113,7 @@ def _answers(run_dir: Path) -> dict[str, Any]:
                         ELSE coalesce(sum(cost_usd), 0) END,
                    quantile_cont(latency_ms, 0.5) FILTER (WHERE status = 'ok'),
                    quantile_cont(latency_ms, 0.95) FILTER (WHERE status = 'ok')
-            FROM read_parquet({files}, union_by_name = true)
+            FROM read_parquet({duck.literal_list(present)}, union_by_name = true)
             """
         ).fetchone()
     finally:
@@ -198,19 +192,20 @@ def _markdown(rows: list[dict[str, Any]], schema: pa.Schema) -> str:
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     keys = swept_keys(sweep_dir)
-    manifests = sorted(sweep_dir.glob("*/manifest.json"), key=lambda p: _job_order(p.parent.name))
+    manifests = sorted(sweep_dir.glob(f"*/{layout.MANIFEST}"), key=lambda p: _job_order(p.parent.name))
     rows = [job_row(p, keys) for p in manifests]
     schema = _schema(keys)
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = sweep_dir / ".sweep_summary.parquet.tmp"
+    final = layout.sweep_summary_path(sweep_dir, "parquet")
+    tmp = final.with_name(f".{final.name}.tmp")
     pq.write_table(table, tmp)
-    tmp.replace(sweep_dir / "sweep_summary.parquet")
-    atomic_write_text(sweep_dir / "sweep_summary.md", _markdown(rows, schema))
+    tmp.replace(final)
+    atomic_write_text(layout.sweep_summary_path(sweep_dir, "md"), _markdown(rows, schema))
     if rows:
         from pipeline.sweep_chart import draw
 
         name = next((json.loads(p.read_text()).get("name") for p in manifests), None) or sweep_dir.parent.parent.name
-        draw(rows, keys, sweep_dir / "sweep_summary.png", title=_title(name, rows))
+        draw(rows, keys, layout.sweep_summary_path(sweep_dir, "png"), title=_title(name, rows))
     return rows
 
 
@@ -234,7 +229,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
         print(_markdown(rows, _schema(swept_keys(sweep_dir))), flush=True)
-        print(f"sweep summary: {sweep_dir / 'sweep_summary.md'} (+ .parquet, .png)", flush=True)
+        print(f"sweep summary: {layout.sweep_summary_path(sweep_dir, 'md')} (+ .parquet, .png)", flush=True)
         failed = [r["job"] for r in rows if r["status"] == "failed"]
         if failed:
             print(f"error: {len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)})", file=sys.stderr)

@@ -31,7 +31,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pipeline import exit_codes
+from pipeline import exit_codes, layout
 from pipeline.store import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def death_cause(exitcode: int | None) -> str | None:
 
 def record_death(job_dir: Path, cause: str) -> None:
     """Write the cause into the job's manifest (made if the job died before writing one)."""
-    path = job_dir / "manifest.json"
+    path = layout.manifest_path(job_dir)
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     data["failure"] = cause
     job_dir.mkdir(parents=True, exist_ok=True)

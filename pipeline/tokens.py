@@ -7,7 +7,7 @@ import hashlib
 import os
 from typing import Any
 
-from pipeline.llm.litellm_env import bundled_path
+from pipeline.bundled import bundled_path
 
 BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"  # tiktoken's cache key is its sha1
 

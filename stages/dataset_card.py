@@ -15,13 +15,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.card_hub import HUB_HEADING, hub_line
 from pipeline.config import MISSING, ExportConfig
 from stages.export_formats import FORMATS, features, file_name
 from stages.judge_figures import judge_section
 
-CARD_FILE = "README.md"
-HUB_HEADING = "## Hugging Face Hub"
-HUB_URL = "https://huggingface.co/datasets/"
 BASE_TAGS = ("distillation", "synthetic", "distillery")
 TASKS = ("text-generation", "question-answering")
 SIZES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"))
@@ -105,28 +103,6 @@ def header(d: CardData) -> dict[str, Any]:
         ],
         "dataset_info": [{"config_name": fmt, "features": features(fmt, d.export.include_system)} for fmt in configs],
     }
-
-
-def hub_line(repo_id: str | None) -> str:
-    """The one line of the card that depends on the Hub id (`with_hub_id` swaps it after publishing)."""
-    if repo_id is None:
-        return (
-            "Not published yet: `python -m pipeline.publish RUN_DIR --repo-id ORG/NAME` uploads this folder "
-            "and records its id here."
-        )
-    return (
-        f'Published as [`{repo_id}`]({HUB_URL}{repo_id}): `load_dataset("{repo_id}")` loads the default '
-        f'config, `load_dataset("{repo_id}", CONFIG)` another.'
-    )
-
-
-def with_hub_id(card: str, repo_id: str) -> str:
-    """The card as the export stage renders it once `repo_id` is recorded (what `pipeline.publish` uploads)."""
-    lines = card.split("\n")
-    if HUB_HEADING not in lines:
-        raise ValueError(f"the card has no {HUB_HEADING!r} section")
-    lines[lines.index(HUB_HEADING) + 2] = hub_line(repo_id)
-    return "\n".join(lines)
 
 
 def portable_command(command: str, root_dir: str) -> str:

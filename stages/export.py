@@ -25,16 +25,18 @@ from typing import Any
 import duckdb
 from jinja2.exceptions import TemplateError
 
+from pipeline.answers import extract_json
+from pipeline.card_hub import CARD_FILE
 from pipeline.config import Config, ExportConfig, as_plain
+from pipeline.duck import literal
 from pipeline.errors import UserError
 from pipeline.prompts import compile_template
 from pipeline.stage_api import Stage, StageContext, StageResult
-from stages.dataset_card import CARD_FILE, CardData, portable_command, render_card
+from pipeline.tables import LABEL_VIEW, NORMALISED_QUESTION, empty_sql
+from stages.dataset_card import CardData, portable_command, render_card
 from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
-from stages.ingest import NORMALISED_QUESTION
 from stages.judge_figures import STEP as JUDGE_STEP
 from stages.judge_figures import judge_figures
-from stages.validate import extract_json
 
 IS_CORRECT = ("any", "not_false", "true")
 DEDUPE = ("none", "answer", "question")
@@ -47,13 +49,9 @@ ANSWER_COLUMNS = (
 )
 
 
-# `matches_golden` is null where an answer had no golden answer or no scorer applied (see stages.validate).
+# `matches_golden` is null where an answer had no golden answer or no scorer applied (see the validate stage).
 MATCH_AUTO = "matches its golden answer, where it has one and a scorer applies (export.require_match=null)"
 MATCH_ALWAYS = "matches its golden answer; answers without one dropped (export.require_match=true)"
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 # -- options ---------------------------------------------------------------------------------------------
@@ -166,11 +164,7 @@ def _register(ctx: StageContext) -> bool:
     if "labels" in ctx.inputs:
         con.register("e_labels", ctx.inputs["labels"])
     else:  # run outside the runner (e.g. a test): no labels
-        con.execute(
-            "CREATE OR REPLACE TABLE e_labels AS SELECT CAST(NULL AS VARCHAR) AS response_id, "
-            "CAST(NULL AS BOOLEAN) AS is_correct, CAST(NULL AS VARCHAR) AS reviewer, CAST(NULL AS VARCHAR) AS note "
-            "WHERE false"
-        )
+        con.execute(f"CREATE OR REPLACE TABLE e_labels AS {empty_sql(LABEL_VIEW)}")
     answers = f"SELECT {ANSWER_COLUMNS} FROM e_responses"
     if has_repairs:
         answers += f" UNION ALL SELECT {ANSWER_COLUMNS} FROM e_repairs"
@@ -242,7 +236,7 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
     bounds, total = [], 0.0
     for name, fraction in fractions.items():
         total += fraction
-        bounds.append(f"WHEN r.pos < {total!r} THEN {_lit(name)}")
+        bounds.append(f"WHEN r.pos < {total!r} THEN {literal(name)}")
     last = list(fractions)[-1]
     partition = "PARTITION BY category" if cfg.split.stratify else ""
     con.execute(
@@ -250,7 +244,7 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
         CREATE OR REPLACE TABLE export_selected AS
         WITH qs AS (
             SELECT question_id, any_value(category) AS category,
-                   sha256({_lit(str(ctx.cfg.seed))} || ':' || question_id) AS h
+                   sha256({literal(str(ctx.cfg.seed))} || ':' || question_id) AS h
             FROM {sel.table} GROUP BY question_id
         ), ranked AS (
             SELECT question_id,
@@ -258,7 +252,7 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
                    / count(*) OVER ({partition}) AS pos
             FROM qs
         )
-        SELECT s.*, CASE {" ".join(bounds)} ELSE {_lit(last)} END AS split
+        SELECT s.*, CASE {" ".join(bounds)} ELSE {literal(last)} END AS split
         FROM {sel.table} s JOIN ranked r USING (question_id)
         """
     )

@@ -3,7 +3,7 @@
 The stage describes units of work (question x sample) and how to render one; the injected engine decides
 how to call (limits, retries, journal, cache). Each unit carries a `unit_key` that changes with the question
 row and with every option that shapes its request: a short hash of those options, the row's stored digest
-(the questions table's `row_digest`, see stages.ingest) and the sample index, joined in DuckDB without
+(the questions table's `row_digest`, see pipeline.tables) and the sample index, joined in DuckDB without
 hashing anything per row, so a rerun can skip settled units without rendering their prompts.
 """
 
@@ -14,14 +14,10 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.config import GenerateConfig, PromptConfig
 from pipeline.errors import UserError
-from pipeline.llm.records import RequestSpec
-from pipeline.prompts import PromptBuilder
+from pipeline.request_builder import spec_builder
 from pipeline.stage_api import Stage, StageContext, StageResult
-from stages.ingest import ROW_DIGEST, row_digest_sql
-
-OVERRIDE_COLUMNS = ("temperature", "max_tokens")  # per-row generation params, used when a question has them
+from pipeline.tables import row_digest_of
 
 
 def _request_key(ctx: StageContext) -> str:
@@ -36,35 +32,6 @@ def _request_key(ctx: StageContext) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class SpecBuilder:
-    """Renders one unit's request. A plain object, not a closure: the engine may pickle it into worker
-    processes (`generate.workers`), which rebuild the compiled templates from the configs."""
-
-    def __init__(self, prompt: PromptConfig, gen: GenerateConfig, columns: list[str]) -> None:
-        self.prompt, self.gen, self.columns = prompt, gen, columns
-        self._builder = PromptBuilder(prompt, columns)  # fails on a bad template before any call
-        self._overrides = [c for c in OVERRIDE_COLUMNS if c in columns]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (SpecBuilder, (self.prompt, self.gen, self.columns))
-
-    def __call__(self, row: dict[str, Any]) -> RequestSpec:
-        gen, overrides = self.gen, self._overrides
-        schema = row.get("answer_schema") if gen.use_schema else None
-        temperature = row["temperature"] if "temperature" in overrides and row["temperature"] is not None else None
-        max_tokens = row["max_tokens"] if "max_tokens" in overrides and row["max_tokens"] is not None else None
-        return RequestSpec(
-            messages=self._builder.messages(row, schema),
-            temperature=float(gen.temperature if temperature is None else temperature),
-            max_tokens=gen.max_tokens if max_tokens is None else int(max_tokens),
-            response_schema=schema,
-        )
-
-
-def spec_builder(ctx: StageContext) -> SpecBuilder:
-    return SpecBuilder(ctx.cfg.prompt, ctx.cfg.generate, list(ctx.inputs["questions"].columns))
-
-
 def units_relation(ctx: StageContext) -> Any:
     """One row per question x sample, with the question's columns and the unit key (all in DuckDB).
 
@@ -74,8 +41,7 @@ def units_relation(ctx: StageContext) -> Any:
     first questions.
     """
     questions = ctx.inputs["questions"]
-    columns = list(questions.columns)
-    digest = f"q.{ROW_DIGEST}" if ROW_DIGEST in columns else row_digest_sql(columns, "q")
+    digest = row_digest_of(list(questions.columns), "q")
     limit = ctx.cfg.model.question_limit
     ctx.con.register("g_questions", questions.order("source_row").limit(limit) if limit is not None else questions)
     return ctx.con.sql(

@@ -7,7 +7,7 @@ dataset's quirks are handled in config; `ingest.columns` may also name extra col
 they name, so a dataset without them (GSM8K: question and answer) needs no mapping to drop; a mapping in
 `ingest.columns` must work. `question_id` is the source's own id (`json_id`) when mapped, else a hash of the
 normalised question, so it is stable across runs. The last column, `row_digest`, is an md5 of all the
-others (`row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
+others (`pipeline.tables.row_digest_sql`): generate keys each unit on it, so planning a rerun of a million questions
 joins 32-character digests instead of hashing whole rows, and any change to a row (re-ingested with a
 new text, answer, schema or extra column) changes it.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,50 +29,29 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from pipeline.config import IngestConfig
+from pipeline.duck import ident as _ident
+from pipeline.duck import literal as _lit
 from pipeline.errors import UserError
-from pipeline.sources_errors import describe_read_error, first_line
-from pipeline.stage_api import Stage, StageContext, StageResult
+from pipeline.sources.columns import BOOKKEEPING, FILE_COL, ROW_COL, SOURCE_COL
+from pipeline.sources.errors import describe_read_error, first_line
+from pipeline.stage_api import Source, Stage, StageContext, StageResult
+from pipeline.tables import NORMALISED_QUESTION, ROW_DIGEST, row_digest_sql
+from pipeline.tables import QUESTION_COLUMNS as OUTPUT
+from pipeline.tables import QUESTION_TARGETS as TARGETS
 
-TARGETS = ("json_id", "category", "question", "golden_answer", "answer_schema")
-OUTPUT = ("question_id", *TARGETS, "source", "source_row", "meta")
-ROW_DIGEST = "row_digest"  # written last, after the extra columns
 RESERVED = ("question_id", "source", "source_row", "meta", ROW_DIGEST)  # set by ingest, never mapped
-HIDDEN = ("__source", "__source_row", "__source_file")  # bookkeeping columns of pipeline.sources' relations
 DEDUPE = ("json_id", "question", "none")
 ON_DUPLICATE = ("error", "keep_first")
-NORMALISED_QUESTION = "lower(trim(regexp_replace(question, '\\s+', ' ', 'g')))"
 MARK = "[ingest] "  # prefixes the errors our SQL raises with error(), to tell them from DuckDB's own
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
 _ROWS, _FINAL, _VIEW = "ingest_rows", "ingest_final", "ingest_source"
 
 
-def row_digest_sql(columns: Sequence[str], alias: str | None = None) -> str:
-    """SQL for the digest of a questions row: md5 over the names and values of every other column.
-
-    The answer schema (often the same long text on every row) is hashed on its own rather than serialised
-    into every row's JSON, which made digesting a million rows three times slower. Ingest stores the result
-    as `row_digest`; generate computes the same expression for a table written before that column existed.
-    """
-    col = (lambda c: f"{alias}.{_ident(c)}") if alias else _ident
-    names = [c for c in columns if c != ROW_DIGEST]
-    packed = "to_json(struct_pack(" + ", ".join(f"{_ident(c)} := {col(c)}" for c in names if c != "answer_schema")
-    schema = f"coalesce(md5({col('answer_schema')}), '-')" if "answer_schema" in names else "'-'"
-    return f"md5(CAST({packed})) AS VARCHAR) || ':' || {schema})"
-
-
 def _one(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[Any, ...] | None:
     """The first row of a query, the result fully consumed (DuckDB refuses new work while one is pending)."""
     rows = con.execute(sql).fetchall()
     return tuple(rows[0]) if rows else None
-
-
-def _lit(text: str | None) -> str:
-    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _schema_problem(text: str) -> str | None:
@@ -112,7 +91,7 @@ class _Mapper:
     def __init__(self, con: duckdb.DuckDBPyConnection, source: duckdb.DuckDBPyRelation, name: str) -> None:
         self.con = con
         self.name = name
-        self.columns = [c for c in source.columns if c not in HIDDEN]
+        self.columns = [c for c in source.columns if c not in BOOKKEEPING]
 
     def bind(self, expr: str, key: str) -> str:
         """The DuckDB type of `expr` over the source; a typo fails here, naming the key, the columns there are
@@ -149,7 +128,7 @@ class _Mapper:
         if kind == "JSON":
             what = _lit(f": {key} is a JSON ")
             hint = _lit(f", not text; map a text field (e.g. {expr}->>'$.text')")
-            row = f"{_lit(MARK)} || __source || ' row ' || __source_row"
+            row = f"{_lit(MARK)} || {SOURCE_COL} || ' row ' || {ROW_COL}"
             bad = f"error({row} || {what} || lower(json_type({e})) || {hint})"
             on_nested = f"CAST({e} AS VARCHAR)" if nested == "json" else bad
             return (
@@ -210,9 +189,10 @@ def _mapping(cfg: IngestConfig, mapper: _Mapper) -> _Mapping:
     return found
 
 
-def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Plan:
+def _plan(ctx: StageContext, source: Source) -> _Plan:
     cfg = ctx.cfg.ingest
-    mapper = _Mapper(ctx.con, source, name)
+    name = source.name
+    mapper = _Mapper(ctx.con, source.relation, name)
     mapped_by = _mapping(cfg, mapper)
     mapping = mapped_by.expressions
     for target in mapping:
@@ -228,11 +208,11 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
         )
     origin = (
         _VIEW
-        if all(h in source.columns for h in HIDDEN)
-        else f"(SELECT *, {_lit(name)} AS __source, CAST(row_number() OVER () AS BIGINT) AS __source_row, "
-        f"0 AS __source_file FROM {_VIEW})"
+        if all(h in source.relation.columns for h in BOOKKEEPING)
+        else f"(SELECT *, {_lit(name)} AS {SOURCE_COL}, CAST(row_number() OVER () AS BIGINT) AS {ROW_COL}, "
+        f"0 AS {FILE_COL} FROM {_VIEW})"
     )
-    default_schema = ctx.texts.get("answer_schema")
+    default_schema = source.answer_schema
     if default_schema is not None:
         problem = _schema_problem(default_schema)
         if problem:
@@ -270,7 +250,7 @@ def _plan(ctx: StageContext, source: duckdb.DuckDBPyRelation, name: str) -> _Pla
         "to_json(struct_pack(" + ", ".join(f"{_ident(c)} := {_ident(c)}" for c in unused) + "))" if unused else "'{}'"
     )
     select.append(f"CAST({meta} AS VARCHAR) AS meta")
-    bookkeeping = "__source AS source, __source_row AS source_row, __source_file"
+    bookkeeping = f"{SOURCE_COL} AS source, {ROW_COL} AS source_row, {FILE_COL}"
     mapped = f"SELECT {', '.join(select)}, {bookkeeping} FROM {origin}" + (f" WHERE ({where})" if where else "")
     conditions = []
     if cfg.categories is not None:
@@ -312,7 +292,7 @@ def _check_empty_questions(ctx: StageContext) -> None:
     empty = _one(
         ctx.con,
         f"SELECT source, source_row FROM {_ROWS} WHERE question IS NULL OR trim(question) = '' "
-        "ORDER BY __source_file, source_row LIMIT 1",
+        f"ORDER BY {FILE_COL}, source_row LIMIT 1",
     )
     if empty:
         raise UserError(
@@ -323,7 +303,7 @@ def _check_empty_questions(ctx: StageContext) -> None:
 def _rows_of(ctx: StageContext, table: str, condition: str) -> list[tuple[str, int]]:
     """(source, source_row) of the first rows matching `condition`, for a message."""
     found = ctx.con.execute(
-        f"SELECT source, source_row FROM {table} WHERE {condition} ORDER BY __source_file, source_row LIMIT 6"
+        f"SELECT source, source_row FROM {table} WHERE {condition} ORDER BY {FILE_COL}, source_row LIMIT 6"
     ).fetchall()
     return [(str(s), int(r)) for s, r in found]
 
@@ -333,7 +313,7 @@ def _first_repeated(ctx: StageContext, table: str, key: str) -> str | None:
     found = _one(
         ctx.con,
         f"SELECT {key} FROM {table} GROUP BY {key} HAVING count(*) > 1 "
-        "ORDER BY min(__source_file), min(source_row) LIMIT 1",
+        f"ORDER BY min({FILE_COL}), min(source_row) LIMIT 1",
     )
     return None if found is None else str(found[0])
 
@@ -353,18 +333,18 @@ def _check_unique_ids(ctx: StageContext, table: str) -> None:
 def _distinct_schemas(ctx: StageContext, table: str, default: str | None) -> Iterator[tuple[str, str, int]]:
     """Each distinct per-row schema text other than the file's, with the first row that has it."""
     result = ctx.con.execute(
-        f"SELECT answer_schema, arg_min(source, (__source_file, source_row)), "
-        f"arg_min(source_row, (__source_file, source_row)) FROM {table} "
+        f"SELECT answer_schema, arg_min(source, ({FILE_COL}, source_row)), "
+        f"arg_min(source_row, ({FILE_COL}, source_row)) FROM {table} "
         f"WHERE answer_schema IS NOT NULL AND answer_schema IS DISTINCT FROM {_lit(default)} "
-        "GROUP BY answer_schema ORDER BY min(__source_file), min(source_row)"
+        f"GROUP BY answer_schema ORDER BY min({FILE_COL}), min(source_row)"
     )
     while batch := result.fetchmany(1000):
         yield from batch
 
 
-def _check_schemas(ctx: StageContext, table: str) -> int:
+def _check_schemas(ctx: StageContext, table: str, default: str | None) -> int:
     count = 0
-    for text, source, row in _distinct_schemas(ctx, table, ctx.texts.get("answer_schema")):
+    for text, source, row in _distinct_schemas(ctx, table, default):
         count += 1
         problem = _schema_problem(text)
         if problem:
@@ -380,16 +360,16 @@ def _final_sql(cfg: IngestConfig, seed: int, key: str | None, dropped: int, push
     sql = f"SELECT * FROM {_ROWS}"
     changed = False
     if key and dropped and cfg.on_duplicate == "keep_first":
-        sql += f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY __source_file, source_row) = 1"
+        sql += f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {FILE_COL}, source_row) = 1"
         changed = True
     if cfg.sample is not None:
-        order = f"md5(question_id || ':' || {_lit(str(seed))}), __source_file, source_row"
+        order = f"md5(question_id || ':' || {_lit(str(seed))}), {FILE_COL}, source_row"
         sql = f"SELECT * FROM ({sql}) ORDER BY {order} LIMIT {int(cfg.sample)}"
         changed = True
     if cfg.limit is not None and not pushed:
-        sql = f"SELECT * FROM ({sql}) ORDER BY __source_file, source_row LIMIT {int(cfg.limit)}"
+        sql = f"SELECT * FROM ({sql}) ORDER BY {FILE_COL}, source_row LIMIT {int(cfg.limit)}"
         changed = True
-    return f"SELECT * FROM ({sql}) ORDER BY __source_file, source_row" if changed else None
+    return f"SELECT * FROM ({sql}) ORDER BY {FILE_COL}, source_row" if changed else None
 
 
 def _failing_row(ctx: StageContext, plan: _Plan) -> tuple[str, str, int] | None:
@@ -402,8 +382,8 @@ def _failing_row(ctx: StageContext, plan: _Plan) -> tuple[str, str, int] | None:
         try:
             found = _one(
                 ctx.con,
-                f"SELECT __source, __source_row FROM {plan.origin} WHERE TRY(({expr}) IS NULL) IS NULL "
-                "ORDER BY __source_file, __source_row LIMIT 1",
+                f"SELECT {SOURCE_COL}, {ROW_COL} FROM {plan.origin} WHERE TRY(({expr}) IS NULL) IS NULL "
+                f"ORDER BY {FILE_COL}, {ROW_COL} LIMIT 1",
             )
         except duckdb.Error:
             return None  # the scan itself fails: the input, not an expression
@@ -435,19 +415,21 @@ def _in_source_order(ctx: StageContext) -> str:
     """Tables already hold rows in source order while DuckDB preserves insertion order (its default): a sort
     of the whole table is then a waste."""
     kept = ctx.con.execute("SELECT current_setting('preserve_insertion_order')").fetchall()
-    return "" if kept and kept[0][0] else " ORDER BY __source_file, source_row"
+    return "" if kept and kept[0][0] else f" ORDER BY {FILE_COL}, source_row"
 
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.ingest
     _check_options(cfg)
-    source = ctx.inputs["source"]
-    name = ctx.texts.get("source_name") or "source"
+    source = ctx.source
+    if source is None:
+        raise RuntimeError("the ingest stage needs its source opened (Stage.needs_source)")
+    name = source.name
     con = ctx.con
-    con.register(_VIEW, source)
+    con.register(_VIEW, source.relation)
     plan: _Plan | None = None
     try:
-        plan = _plan(ctx, source, name)
+        plan = _plan(ctx, source)
         con.execute(f"CREATE OR REPLACE TEMP TABLE {_ROWS} AS {plan.rows_sql}")
         counted = _one(con, f"SELECT count(*) FROM {_ROWS}")
         selected = int(counted[0]) if counted else 0
@@ -464,7 +446,7 @@ def run(ctx: StageContext) -> StageResult:
             table = _FINAL
         if cfg.dedupe != "json_id":  # else ids are unique already: a repeat failed or was dropped above
             _check_unique_ids(ctx, table)
-        schemas = _check_schemas(ctx, table)
+        schemas = _check_schemas(ctx, table, source.answer_schema)
         names = [*OUTPUT, *plan.extras]
         columns = ", ".join([*map(_ident, names), f"{row_digest_sql(names)} AS {ROW_DIGEST}"])
         questions = con.sql(f"SELECT {columns} FROM {table}{_in_source_order(ctx)}")
@@ -491,7 +473,8 @@ def run(ctx: StageContext) -> StageResult:
 STAGE = Stage(
     name="ingest",
     run=run,
-    inputs=("source",),
+    inputs=(),
     outputs=("questions",),
     config_sections=("ingest", "seed"),
+    needs_source=True,
 )

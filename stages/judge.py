@@ -23,13 +23,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.answers import Validators, check_answer
 from pipeline.config import JudgeConfig, PromptConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import RequestSpec
 from pipeline.prompts import PromptBuilder
 from pipeline.stage_api import Stage, StageContext, StageResult
-from stages.ingest import ROW_DIGEST, row_digest_sql
-from stages.validate import ERROR, Validators, answers_sql, check_answer
+from pipeline.tables import JUDGEMENTS, answers_sql, row_digest_of
 
 VERDICTS = ("pass", "fail")
 VERDICT_SCHEMA = json.dumps(
@@ -46,27 +46,6 @@ VERDICT_SCHEMA = json.dumps(
     sort_keys=True,
 )
 ANSWER = "answer"  # the rubric's variable holding the judged answer's text
-JUDGEMENTS = pa.schema(
-    [
-        ("response_id", pa.string()),  # the judged answer
-        ("question_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("judge_response_id", pa.string()),  # the judge's call (its attempts are in judge_attempts)
-        ("judge_model", pa.string()),  # the preset that answered
-        ("status", pa.string()),  # ok | invalid (the verdict breaks VERDICT_SCHEMA) | failed (the call failed)
-        ("score", pa.float64()),
-        ("verdict", pa.string()),
-        ("passed", pa.bool_()),  # verdict = pass; null unless status = ok
-        ("rationale", pa.string()),
-        ("errors", pa.list_(ERROR)),
-        ("content", pa.string()),  # the judge's reply as it came
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("latency_ms", pa.float64()),
-    ]
-)
 
 
 def _check_config(cfg: JudgeConfig) -> None:
@@ -120,7 +99,7 @@ def units_relation(ctx: StageContext) -> Any:
     if has_repairs:
         con.register("j_repairs", ctx.inputs["repairs"])
     columns = list(ctx.inputs["questions"].columns)
-    digest = f"q.{ROW_DIGEST}" if ROW_DIGEST in columns else row_digest_sql(columns, "q")
+    digest = row_digest_of(columns, "q")
     own = f"q.* EXCLUDE ({ANSWER})" if ANSWER in columns else "q.*"  # the judged answer wins over a same-named column
     valid = "AND v.is_valid" if cfg.only_valid else ""
     return con.sql(

@@ -8,7 +8,7 @@ it is journalled, cached and resumable like any generate call, with `round` and 
 The loop is a stage between generate and validate rather than inside the engine: the engine stays a
 transport that knows nothing about schemas, the stage is opt-in (`pipeline.stages` lists it), and validate
 then judges every answer, first pass and repairs alike, in one `validations` table. The schema check here
-is validate's own (`check_answer`), so both agree on what is invalid.
+is validate's own (`pipeline.answers.check_answer`), so both agree on what is invalid.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pyarrow as pa
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipeline.answers import Validators, check_answer
 from pipeline.config import RepairConfig
 from pipeline.errors import UserError
-from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS, RequestSpec
-from pipeline.stage_api import Engine, Stage, StageContext, StageResult
-from stages.generate import SpecBuilder, spec_builder
-from stages.ingest import ROW_DIGEST, row_digest_sql
-from stages.validate import Validators, check_answer
+from pipeline.llm.records import RequestSpec
+from pipeline.request_builder import SpecBuilder, spec_builder
+from pipeline.stage_api import Stage, StageContext, StageEngine, StageResult
+from pipeline.tables import ATTEMPT_FIELDS, RESPONSE_COLUMNS, ROOT_RESPONSE_ID, empty_sql, row_digest_of
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 TURNS = pa.schema([("response_id", pa.string()), ("root_response_id", pa.string()), ("round", pa.int32()),
@@ -85,16 +85,10 @@ class _Chains:
             "CREATE OR REPLACE TABLE repair_turns (response_id VARCHAR, root_response_id VARCHAR, round INTEGER, "
             "content VARCHAR, feedback VARCHAR)"
         )
-        columns = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in RESPONSE_COLUMNS.items())
-        con.execute(
-            f"CREATE OR REPLACE TABLE repair_out AS SELECT {columns}, CAST(NULL AS VARCHAR) AS root_response_id "
-            "WHERE false"
-        )
-        attempt_cols = ", ".join(f"CAST(NULL AS {kind}) AS {name}" for name, kind in ATTEMPT_FIELDS.items())
-        con.execute(
-            f"CREATE OR REPLACE TABLE repair_attempts_out AS SELECT CAST(NULL AS VARCHAR) AS response_id, "
-            f"{attempt_cols} WHERE false"
-        )
+        repairs = {**RESPONSE_COLUMNS, ROOT_RESPONSE_ID: "VARCHAR"}
+        con.execute(f"CREATE OR REPLACE TABLE repair_out AS {empty_sql(repairs)}")
+        attempts = {"response_id": "VARCHAR", **ATTEMPT_FIELDS}
+        con.execute(f"CREATE OR REPLACE TABLE repair_attempts_out AS {empty_sql(attempts)}")
 
     def find_invalid(self, next_round: int) -> int:
         """Check the chains' latest answers; record the invalid ones (with their feedback) as turns."""
@@ -132,8 +126,7 @@ class _Chains:
         The unit key is `<repair key><parent response id>:<round>:<row digest>`: the parent's id stands for
         the conversation so far (its request hash covers the messages), the row digest for the question row.
         """
-        columns = list(self.ctx.inputs["questions"].columns)
-        digest = f"q.{ROW_DIGEST}" if ROW_DIGEST in columns else row_digest_sql(columns, "q")
+        digest = row_digest_of(list(self.ctx.inputs["questions"].columns), "q")
         return self.con.sql(
             f"""
             SELECT q.*, h.sample_index, CAST({round_} AS INTEGER) AS round, h.response_id AS parent_response_id,
@@ -150,7 +143,7 @@ class _Chains:
             """
         )
 
-    def record_round(self, engine: Engine) -> None:
+    def record_round(self, engine: StageEngine) -> None:
         """Keep this round's answers (and attempts); the ones that succeeded become the chains' new heads."""
         con = self.con
         con.register("repair_round", engine.responses())

@@ -19,122 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import SchemaError
 
+from pipeline.answers import Check, Validators, check_answer
 from pipeline.config import ValidateConfig
 from pipeline.errors import UserError
 from pipeline.stage_api import Stage, StageContext, StageResult
+from pipeline.tables import VALIDATIONS, answers_sql
 
-ERROR = pa.struct([("path", pa.string()), ("message", pa.string())])
-SCHEMA = pa.schema(
-    [
-        ("response_id", pa.string()),
-        ("question_id", pa.string()),
-        ("category", pa.string()),
-        ("model_used", pa.string()),
-        ("is_valid", pa.bool_()),
-        ("errors", pa.list_(ERROR)),
-        ("parsed", pa.string()),
-        ("score", pa.float64()),
-        ("matches_golden", pa.bool_()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("parent_response_id", pa.string()),
-        ("root_response_id", pa.string()),
-        ("is_final", pa.bool_()),
-        ("extraction", pa.string()),  # whole | fenced | embedded: where the JSON was found (null: none)
-    ]
-)
-FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 SCORERS = ("exact", "normalized_text", "numeric", "json_field", "none")
-ANSWER_COLUMNS = (
-    "response_id, question_id, sample_index, round, parent_response_id, model_used, status, error_type, "
-    "error_message, content"
-)
-
-
-# -- extraction and schema checks ------------------------------------------------------------------------
-
-
-def extract_json_with_source(text: str) -> tuple[Any, str]:
-    """The JSON in an answer and where it was: the whole content, a fenced block, or the first embedded value."""
-    stripped = text.strip()
-    try:
-        return json.loads(stripped), "whole"
-    except json.JSONDecodeError:
-        pass
-    for match in FENCED.finditer(text):
-        try:
-            return json.loads(match.group(1).strip()), "fenced"
-        except json.JSONDecodeError:
-            continue
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"[{\[]", text):
-        try:
-            return decoder.raw_decode(text, match.start())[0], "embedded"
-        except json.JSONDecodeError:
-            continue
-    raise ValueError("no JSON value found in the answer")
-
-
-def extract_json(text: str) -> Any:
-    """The whole content, else a fenced ```json block, else the first JSON object in the text."""
-    return extract_json_with_source(text)[0]
-
-
-class Validators:
-    """One compiled validator per distinct schema text (JSON Schema 2020-12 unless the schema says `$schema`)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, Any] = {}
-
-    def get(self, schema_text: str, where: str) -> Any:
-        if schema_text not in self._cache:
-            try:
-                schema = json.loads(schema_text)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"the answer schema of {where} is not JSON ({exc.msg} at line {exc.lineno}); "
-                    "fix ingest.answer_schema_file or the answer_schema column"
-                ) from None
-            cls = validators.validator_for(schema, default=Draft202012Validator) if isinstance(schema, dict) else None
-            try:
-                if cls is None:
-                    raise SchemaError(f"{type(schema).__name__} is not a schema object")
-                cls.check_schema(schema)
-            except SchemaError as exc:
-                path = "/".join(str(p) for p in exc.path) or "(root)"
-                raise UserError(
-                    f"the answer schema of {where} is not a valid JSON Schema: {exc.message} at {path}; "
-                    "fix ingest.answer_schema_file or the answer_schema column"
-                ) from None
-            self._cache[schema_text] = cls(schema)
-        return self._cache[schema_text]
-
-
-@dataclass
-class Check:
-    parsed: Any = None
-    errors: list[dict[str, str]] = field(default_factory=list)
-    extraction: str | None = None
-
-
-def check_answer(content: str, schema_text: str | None, checkers: Validators, where: str) -> Check:
-    """Parse an answer and check it against its schema; with no schema any text is valid."""
-    check = Check()
-    try:
-        check.parsed, check.extraction = extract_json_with_source(content)
-    except ValueError as exc:
-        if schema_text:
-            check.errors.append({"path": "$", "message": str(exc)})
-        return check
-    if schema_text:
-        found = checkers.get(schema_text, where).iter_errors(check.parsed)
-        for err in sorted(found, key=lambda e: (e.json_path, e.message)):
-            check.errors.append({"path": err.json_path, "message": err.message})
-    return check
 
 
 # -- scorers ---------------------------------------------------------------------------------------------
@@ -381,17 +274,6 @@ class Metrics:
         }
 
 
-def answers_sql(has_repairs: bool, responses: str, repairs: str) -> str:
-    """Every answer of the run: the responses, plus the repair rounds whose chain starts in them."""
-    sql = f"SELECT {ANSWER_COLUMNS}, response_id AS root_response_id FROM {responses}"
-    if has_repairs:
-        sql += (
-            f" UNION ALL SELECT {ANSWER_COLUMNS}, root_response_id FROM {repairs} "
-            f"WHERE root_response_id IN (SELECT response_id FROM {responses})"
-        )
-    return sql
-
-
 def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | None]) -> Iterator[pa.RecordBatch]:
     ctx.con.register("v_responses", ctx.inputs["responses"])
     ctx.con.register("v_questions", ctx.inputs["questions"])
@@ -411,13 +293,13 @@ def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | No
         rows = [validate_row(scorer, checkers, row, bool(row["is_final"])) for row in batch.to_pylist()]
         for row in rows:
             metrics.add(row)
-        yield pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+        yield pa.RecordBatch.from_pylist(rows, schema=VALIDATIONS)
 
 
 def run(ctx: StageContext) -> StageResult:
     scorer = build_scorer(ctx.cfg.validate)
     metrics = Metrics()
-    ctx.writer.write_batches("validations", SCHEMA, _batches(ctx, metrics, scorer))
+    ctx.writer.write_batches("validations", VALIDATIONS, _batches(ctx, metrics, scorer))
     return StageResult(metrics=metrics.as_dict(scorer[0]))
 
 

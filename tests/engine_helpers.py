@@ -11,11 +11,12 @@ from typing import Any
 import duckdb
 
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
-from pipeline.llm.engine import Engine, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.fake_server import FakeServer
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.targets import target_for
 from pipeline.progress import Progress
 
 SYSTEM = "You are a careful math tutor. Reply with a JSON object holding the final numeric answer."

@@ -12,10 +12,8 @@ from conftest import ROOT, run_env, run_pipeline
 from pipeline.config import BatchApi, ModelConfig, PricesConfig
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits
-from pipeline.llm.batch_book import BatchLedger, BatchRecord, params_for, split
-from pipeline.llm.client import Endpoint
+from pipeline.llm.batch_book import BatchLedger, BatchRecord, split
 from pipeline.llm.prices import batch_price_for
-from pipeline.llm.records import RequestSpec
 
 
 def pairs(count: int, size: int = 10) -> list[tuple[str, bytes]]:
@@ -75,16 +73,6 @@ def test_a_rerun_adopts_a_batch_found_after_a_kill(tmp_path: Path) -> None:
     assert [s.token for s in BatchLedger(tmp_path).submissions().unconfirmed()] == ["t2"]
     second.append(BatchRecord("abandoned", "t2", "openai"))  # no batch was made from file-2
     assert BatchLedger(tmp_path).submissions().unconfirmed() == []
-
-
-def test_params_are_the_online_calls() -> None:
-    ep = Endpoint("p", "openai/m", None, None, 1.0, "json_schema", 50)
-    spec = RequestSpec([{"role": "user", "content": "q"}], 0.3, 80, '{"type": "object"}')
-    params = params_for(ep, spec)
-    assert params["max_tokens"] == 50 and params["temperature"] == 0.3
-    assert params["response_format"]["json_schema"]["schema"] == {"type": "object"}
-    loose = Endpoint("p", "openai/m", None, None, 1.0, "none", None)
-    assert params_for(loose, RequestSpec([], 0.0, None, None)) == {"temperature": 0.0}
 
 
 def test_batch_prices() -> None:

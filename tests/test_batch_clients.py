@@ -10,12 +10,13 @@ from typing import Any, TypeVar
 import pytest
 
 from pipeline.llm.batch_anthropic import AnthropicBatches, anthropic_params
-from pipeline.llm.batch_api import BatchApiError, BatchProvider, BatchStatus, provider_for
-from pipeline.llm.batch_book import params_for, read_results, unanswered
-from pipeline.llm.client import Endpoint
+from pipeline.llm.batch_api import BatchApiError, BatchProvider, BatchStatus
+from pipeline.llm.batch_book import read_results, unanswered
+from pipeline.llm.batch_providers import provider_for
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.transport import Endpoint, response_format_for
 
 SCHEMA = '{"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
 QUESTIONS = ["What is 2 + 3?", "What is 6 * 7?", "What is 10 - 4?"]
@@ -25,6 +26,13 @@ T = TypeVar("T")
 
 def endpoint(server: FakeServer, model: str = "openai/fake-model", key_env: str | None = None) -> Endpoint:
     return Endpoint("fake", model, server.api_base, key_env, 10.0, "json_schema", 64)
+
+
+def params_for(ep: Endpoint, spec: RequestSpec) -> dict[str, Any]:
+    """What an online call of `spec` sends (`pipeline.llm.call.request_params`, for a unit of these tests)."""
+    params: dict[str, Any] = {"temperature": spec.temperature, "max_tokens": min(spec.max_tokens or 64, 64)}
+    response_format = response_format_for(ep.response_format, spec.response_schema)
+    return params | ({"response_format": response_format} if response_format else {})
 
 
 def spec(question: str) -> RequestSpec:

@@ -11,12 +11,13 @@ import pytest
 
 from pipeline.config import BatchConfig
 from pipeline.errors import UserError
-from pipeline.llm.batch_api import BatchProvider, provider_for
-from pipeline.llm.batch_book import BatchLedger, BatchRecord, params_for
+from pipeline.llm.batch_api import BatchProvider
+from pipeline.llm.batch_book import BatchLedger, BatchRecord
+from pipeline.llm.batch_providers import provider_for
 from pipeline.llm.batch_run import BatchItem, BatchRunner, BatchView, Outcome
-from pipeline.llm.client import Attempt, Endpoint
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.transport import Attempt, Endpoint
 
 QUESTIONS = [f"What is {i} + {i}?" for i in range(5)]
 KEYS = [f"key-{i}" for i in range(5)]
@@ -33,7 +34,7 @@ def items(ep: Endpoint, keys: list[str] = KEYS) -> list[BatchItem]:
     for key in keys:
         question = QUESTIONS[KEYS.index(key)]
         spec = RequestSpec([{"role": "user", "content": question}], 0.0, 64, None)
-        out.append(BatchItem(key, spec.messages, params_for(ep, spec)))
+        out.append(BatchItem(key, spec.messages, {"temperature": 0.0, "max_tokens": 64}))
     return out
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.llm import client
-from pipeline.llm.client import Attempt, Endpoint, attempt, classify, response_format_for
+from pipeline.llm.client import attempt, classify
 from pipeline.llm.fake_server import FakeServer
+from pipeline.llm.transport import FAILOVER, FATAL, RETRYABLE, Attempt, Endpoint, response_format_for
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -82,14 +82,14 @@ def test_429_is_rate_limited_with_retry_after(fake_server: FakeServer) -> None:
     assert result.error_type == "rate_limited"
     assert result.status_code == 429
     assert result.retry_after_s == 2
-    assert result.error_type in client.RETRYABLE
+    assert result.error_type in RETRYABLE
 
 
 def test_429_insufficient_quota_is_quota_exhausted(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"status": 429, "code": "insufficient_quota"}])
     assert result.status_code == 429
     assert result.error_type == "quota_exhausted", result.error_message
-    assert result.error_type in client.FATAL
+    assert result.error_type in FATAL
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
@@ -97,28 +97,28 @@ def test_5xx_is_server_error(fake_server: FakeServer, status: int) -> None:
     result = _failed(fake_server, [{"status": status}])
     assert result.error_type == "server_error"
     assert result.status_code == status
-    assert result.error_type in client.RETRYABLE
+    assert result.error_type in RETRYABLE
 
 
 def test_400_context_length_is_context_window(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"status": 400, "code": "context_length_exceeded"}])
     assert result.error_type == "context_window"
     assert result.status_code == 400
-    assert result.error_type in client.FAILOVER
+    assert result.error_type in FAILOVER
 
 
 def test_plain_400_is_bad_request(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"status": 400}])
     assert result.error_type == "bad_request"
     assert result.status_code == 400
-    assert result.error_type not in client.RETRYABLE | client.FAILOVER | client.FATAL
+    assert result.error_type not in RETRYABLE | FAILOVER | FATAL
 
 
 def test_401_is_auth(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"status": 401}])
     assert result.error_type == "auth"
     assert result.status_code == 401
-    assert result.error_type in client.FAILOVER
+    assert result.error_type in FAILOVER
 
 
 def test_403_is_auth(fake_server: FakeServer) -> None:
@@ -132,19 +132,19 @@ def test_404_is_not_found(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"status": 404}])
     assert result.error_type == "not_found"
     assert result.status_code == 404
-    assert result.error_type in client.FAILOVER
+    assert result.error_type in FAILOVER
 
 
 def test_malformed_body_is_retryable(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"malformed": True}])
-    assert result.error_type in client.RETRYABLE
+    assert result.error_type in RETRYABLE
     assert result.error_type in ("malformed_response", "server_error")
 
 
 def test_hang_is_timeout(fake_server: FakeServer) -> None:
     result = _failed(fake_server, [{"hang": True}], timeout_s=0.5)
     assert result.error_type == "timeout"
-    assert result.error_type in client.RETRYABLE
+    assert result.error_type in RETRYABLE
     assert 400 <= result.latency_ms < 5000  # the client gave up at about its timeout, once
     assert fake_server.stats()["hangs"] == 1
 
@@ -157,7 +157,7 @@ def test_refused_connection_is_retryable() -> None:
     result = asyncio.run(attempt(endpoint, MESSAGES, _params()))
     # litellm wraps the openai SDK's "Connection error." as InternalServerError (500), so the label may be
     # server_error rather than connection; what matters to the engine is that it is retried.
-    assert result.error_type in client.RETRYABLE, result.error_message
+    assert result.error_type in RETRYABLE, result.error_message
     assert result.error_type in ("connection", "server_error")
 
 
@@ -190,7 +190,7 @@ def test_connection_reset_after_the_request_is_not_resent() -> None:
         listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
     thread.join(timeout=10)
     assert len([r for r in received if r.startswith(b"POST")]) == 1, "the request was sent again behind our back"
-    assert result.error_type in client.RETRYABLE, result.error_message
+    assert result.error_type in RETRYABLE, result.error_message
 
 
 def test_fake_server_rate_limit_retry_after_header_reaches_the_attempt(fake_server: FakeServer) -> None:

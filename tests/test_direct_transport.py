@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from pipeline.llm import client
-from pipeline.llm.client import Endpoint
 from pipeline.llm.direct import DirectTransport, classify_http, wire_model
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.transport import RETRYABLE, Endpoint
 
 SCRIPTS: list[dict[str, Any]] = [
     {},
@@ -98,7 +98,7 @@ def test_connection_refused_is_retryable() -> None:
         finally:
             await transport.close()
 
-    assert asyncio.run(go()).error_type in client.RETRYABLE
+    assert asyncio.run(go()).error_type in RETRYABLE
 
 
 def test_wire_model_and_body_classes() -> None:

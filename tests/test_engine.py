@@ -24,11 +24,13 @@ from conftest import Poller
 
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
 from pipeline.errors import RunStopped, UserError
-from pipeline.llm.engine import FIRST_BATCH, Engine, estimate_tokens, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, litellm
+from pipeline.llm.pending import FIRST_BATCH, estimate_tokens
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.targets import target_for
 from pipeline.progress import Progress
 
 MAX_TOKENS = 64

@@ -21,11 +21,13 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from test_export import check_ok, exported, files_under, jsonl, many_questions
 from test_validate import run_stage
 
+from pipeline.card_hub import hub_line, with_hub_id
 from pipeline.config import Config, ExportConfig, PromptConfig, SplitConfig
 from pipeline.errors import UserError
-from pipeline.hub_record import HUB_RECORD, open_hub_view, read_repo_id, write_repo_id
+from pipeline.hub_record import open_hub_view, read_repo_id, write_repo_id
+from pipeline.layout import HUB_RECORD
 from stages import export
-from stages.dataset_card import hub_line, portable_command, with_hub_id
+from stages.dataset_card import portable_command
 
 FORMATS = ["openai_chat", "alpaca", "sharegpt", "csv", "json", "parquet"]
 SPLITS = {"train": 0.5, "validation": 0.25, "test": 0.25}

@@ -34,8 +34,8 @@ from pipeline.config import (
 )
 from pipeline.errors import UserError
 from pipeline.manifest import relative_path
-from pipeline.sources import open_source
-from pipeline.sources_documents import Units, chunk_spans
+from pipeline.sources.documents import Units, chunk_spans
+from pipeline.sources.registry import open_source
 from pipeline.stage_api import StageContext
 from stages import ingest
 
@@ -102,10 +102,10 @@ def run_ingest(fmt: str, path: Any, con: duckdb.DuckDBPyConnection | None = None
         ctx = StageContext(
             cfg=cfg,
             con=con,
-            inputs={"source": source.relation},
+            inputs={},
             writer=writer,
             log=logging.getLogger("test.ingest"),
-            texts={"answer_schema": source.answer_schema, "source_name": source.name},
+            source=source,
         )
         result = ingest.run(ctx)
         table = writer.tables["questions"]
@@ -369,7 +369,7 @@ def test_chunk_spans_cover_everything_within_size(overlap: int) -> None:
 
 
 def test_chunk_spans_in_tokens(tmp_path: Path) -> None:
-    from pipeline.sources_documents import _cl100k
+    from pipeline.sources.documents import _cl100k
 
     starts = _cl100k()
     text = "\n\n".join(f"Section {i}: the pump vibration rose for three weeks before it failed." for i in range(30))
@@ -472,7 +472,7 @@ def test_no_extension_is_ever_downloaded(tmp_path: Path) -> None:
 def test_last_character_of_a_file_longer_than_one_read(tmp_path: Path) -> None:
     """What the truncated-JSON check reports: the position of the last character that is not white space,
     right across the 1 MiB reads (a line that starts in one read and ends in the next)."""
-    from pipeline.sources import last_character
+    from pipeline.sources.files import last_character
 
     path = tmp_path / "big.json"
     head = "[" + ",\n".join(json.dumps({"id": i, "question": "x" * 50}) for i in range(1000)) + ",\n"

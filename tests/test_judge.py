@@ -22,6 +22,7 @@ from conftest import ROOT, RunResult, run_env, run_pipeline
 from test_resume_kill import journalled
 from test_validate import questions_table, responses_table
 
+from pipeline.answers import Validators
 from pipeline.config import Config, JudgeConfig, ValidateConfig
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
@@ -29,7 +30,6 @@ from pipeline.llm.fake_server import FakeServer, FakeServerConfig, judge_reply
 from pipeline.stage_api import StageContext
 from stages.judge import VERDICT_SCHEMA, JudgeBuilder, judgement, units_relation
 from stages.judge_figures import cohen_kappa
-from stages.validate import Validators
 
 WITH_JUDGE = "pipeline.stages=[ingest,generate,validate,judge,export]"
 COLUMNS = ["question_id", "question", "golden_answer", "category"]

@@ -10,10 +10,12 @@ import random
 import pytest
 
 from pipeline.config import LimitsConfig
-from pipeline.llm.engine import BACKOFF_BASE_S, BACKOFF_CAP_S, Budget, backoff_s, estimate_tokens
+from pipeline.llm.call import BACKOFF_BASE_S, BACKOFF_CAP_S, backoff_s
 from pipeline.llm.limiter import AdaptiveCap, CircuitBreaker, EndpointLimiter, Reservation, TokenBucket
+from pipeline.llm.pending import estimate_tokens
 from pipeline.llm.prices import Price
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.totals import Budget
 
 
 class FakeClock:

@@ -17,12 +17,14 @@ from conftest import ROOT, run_env
 
 from pipeline.config import GenerateConfig, ModelConfig, PricesConfig
 from pipeline.llm import engine as engine_module
-from pipeline.llm.engine import Engine, Target, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.fake_server import FakeServer
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import litellm, register_unmapped, warm_up
+from pipeline.llm.planning import Planner
 from pipeline.llm.prices import price_for
 from pipeline.llm.records import RequestSpec
+from pipeline.llm.targets import Target, target_for
 from pipeline.progress import Progress
 
 CALLBACK_LISTS = (
@@ -90,7 +92,8 @@ def test_first_call_after_warm_up_has_nothing_left_to_import(fake_server: FakeSe
     happened in the warm-up, which sent nothing; the call itself sends exactly one request."""
     script = f"""
 import asyncio, json, sys
-from pipeline.llm.client import Endpoint, attempt
+from pipeline.llm.client import attempt
+from pipeline.llm.transport import Endpoint
 from pipeline.llm.litellm_env import warm_up
 endpoint = Endpoint("fake", "openai/fake-model", {fake_server.api_base!r}, None, 10.0, "none", 16)
 warm_up([(endpoint.model, endpoint.api_base)])
@@ -130,9 +133,9 @@ def test_engine_warms_up_its_litellm_targets_before_the_first_call(
         warm_up(models)
         warmed.append(list(models))
 
-    real_plan, real_send = Engine._plan, Target.send
+    real_plan, real_send = Planner.plan, Target.send
 
-    def plan(self: Engine, units: Any) -> Any:
+    def plan(self: Planner, units: Any) -> Any:
         try:
             return real_plan(self, units)
         finally:
@@ -143,7 +146,7 @@ def test_engine_warms_up_its_litellm_targets_before_the_first_call(
         return await real_send(self, messages, params)
 
     monkeypatch.setattr(engine_module, "warm_up", spy)
-    monkeypatch.setattr(Engine, "_plan", plan)
+    monkeypatch.setattr(Planner, "plan", plan)
     monkeypatch.setattr(Target, "send", send)
     primary = ModelConfig(preset="fake", name="openai/fake-model", api_base=fake_server.api_base)
     fallback = ModelConfig(preset="direct", name="openai/other", api_base=fake_server.api_base, transport="direct")

@@ -23,8 +23,9 @@ from test_ingest import run_ingest, write_jsonl
 
 from pipeline.config import Config, GenerateConfig, ModelConfig, PromptConfig
 from pipeline.errors import UserError
-from pipeline.llm.engine import Engine, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
+from pipeline.llm.targets import target_for
 from pipeline.progress import Progress
 from pipeline.stage_api import StageContext
 from stages import ingest

@@ -13,10 +13,11 @@ import pytest
 from aiohttp import web
 from omegaconf import OmegaConf
 
+from pipeline.config import ModelConfig
 from pipeline.llm import client
-from pipeline.llm.client import Attempt, Endpoint
 from pipeline.llm.direct import DirectTransport
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
+from pipeline.llm.transport import Attempt, Endpoint, response_format_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "conf" / "model"
@@ -39,7 +40,8 @@ FIELDS = ("error_type", "status_code", "retry_after_s", "content", "finish_reaso
 
 
 def _preset(name: str) -> Any:
-    return OmegaConf.load(PRESETS / f"{name}.yaml")
+    """The preset as a run sees it: its file over the schema's defaults (a preset states only what differs)."""
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{name}.yaml"))
 
 
 def test_every_preset_is_listed() -> None:
@@ -98,7 +100,7 @@ async def _compare(server: FakeServer, preset: Any) -> list[tuple[Attempt, Attem
         max_tokens=int(preset.max_tokens),
     )
     params: dict[str, Any] = {"temperature": 0.0, "max_tokens": int(preset.max_tokens)}
-    response_format = client.response_format_for(endpoint.response_format, SCHEMA)
+    response_format = response_format_for(endpoint.response_format, SCHEMA)
     if response_format is not None:
         params["response_format"] = response_format
     transport = DirectTransport(connections=2)

@@ -28,10 +28,11 @@ from conftest import FAKE_MODEL, ROOT, Poller, run_env
 from omegaconf import OmegaConf
 
 from pipeline.config import GenerateConfig, LimitsConfig, ModelConfig, PricesConfig
-from pipeline.llm.engine import Engine, target_for
+from pipeline.llm.engine import Engine
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import Claims, ResultLog
 from pipeline.llm.records import JOURNAL_COLUMNS, RequestSpec, request_hash
+from pipeline.llm.targets import target_for
 from pipeline.progress import Progress
 
 STAGES = ("ingest", "generate", "validate", "export")

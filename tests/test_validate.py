@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.answers import Validators, check_answer, extract_json_with_source
 from pipeline.config import Config, ValidateConfig
 from pipeline.errors import UserError
 from pipeline.llm.records import RESPONSE_COLUMNS
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.store import StagedWriter, TableStore
 from stages import validate
-from stages.validate import Validators, build_scorer, check_answer, extract_json_with_source, normalize_text
+from stages.validate import build_scorer, normalize_text
 
 SCHEMA = json.dumps(
     {

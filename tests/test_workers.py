@@ -23,7 +23,7 @@ from pipeline.config import Config, GenerateConfig, PromptConfig
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.workers import shares
-from stages.generate import SpecBuilder
+from pipeline.request_builder import SpecBuilder
 
 pytestmark = pytest.mark.timeout(300)
 

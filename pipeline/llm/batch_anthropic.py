@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchStatus, ResultLine
-from pipeline.llm.client import Attempt, Endpoint
 from pipeline.llm.direct import classify_http
+from pipeline.llm.transport import Attempt, Endpoint
 
 DEFAULT_BASE = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"

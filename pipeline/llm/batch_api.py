@@ -3,10 +3,11 @@
 A provider turns a unit's request into one line (`custom_id` names the unit), uploads lines (OpenAI's
 file; Anthropic sends them with the create), creates a batch, polls it for a state and counts, fetches
 the result lines and cancels. Two implementations: `batch_openai` (litellm's files and batches API, for
-OpenAI, Azure and OpenAI-compatible servers) and `batch_anthropic` (Message Batches over aiohttp).
+OpenAI, Azure and OpenAI-compatible servers) and `batch_anthropic` (Message Batches over aiohttp);
+`batch_providers.provider_for` picks one.
 
 Provider failures of the batch API itself come back as `BatchApiError` with the same outcome classes as
-online calls (`pipeline.llm.client`): plain data that pickles, classified where raised.
+online calls (`pipeline.llm.transport`): plain data that pickles, classified where raised.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pipeline.llm.client import Attempt, Endpoint
+from pipeline.llm.transport import Attempt
 
 
 class BatchApiError(Exception):
@@ -107,16 +108,3 @@ class BatchProvider(Protocol):
     async def cancel(self, batch_id: str) -> None: ...
 
     async def close(self) -> None: ...
-
-
-def provider_for(api: str, endpoint: Endpoint) -> BatchProvider:
-    """The batch provider a preset's `model.batch` names (`openai` or `anthropic`)."""
-    if api == "openai":
-        from pipeline.llm.batch_openai import OpenAIBatches
-
-        return OpenAIBatches(endpoint)
-    if api == "anthropic":
-        from pipeline.llm.batch_anthropic import AnthropicBatches
-
-        return AnthropicBatches(endpoint)
-    raise ValueError(f"no batch API {api!r}")

@@ -25,29 +25,15 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits, BatchProvider
-from pipeline.llm.client import RETRYABLE, Attempt, Endpoint, response_format_for
-from pipeline.llm.records import RequestSpec
+from pipeline.llm.transport import RETRYABLE, Attempt
 
 log = logging.getLogger(__name__)
 
 LEDGER_GLOB = "batches-*.jsonl"
 EVENTS = ("submitting", "submitted", "collected", "abandoned")
-
-
-def params_for(endpoint: Endpoint, spec: RequestSpec) -> dict[str, Any]:
-    """The generation params an online call of this unit sends (the preset's caps and response format)."""
-    caps = [v for v in (spec.max_tokens, endpoint.max_tokens) if v is not None]
-    params: dict[str, Any] = {"temperature": spec.temperature}
-    if caps:
-        params["max_tokens"] = min(caps)
-    response_format = response_format_for(endpoint.response_format, spec.response_schema)
-    if response_format is not None:
-        params["response_format"] = response_format
-    return params
 
 
 def split(lines: Iterable[tuple[str, bytes]], limits: BatchLimits) -> Iterator[list[tuple[str, bytes]]]:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchStatus, ResultLine
-from pipeline.llm.client import Attempt, Endpoint, classify
+from pipeline.llm.client import classify
 from pipeline.llm.direct import DEFAULT_BASE, classify_http, read_completion, wire_model
 from pipeline.llm.litellm_env import litellm
+from pipeline.llm.transport import Attempt, Endpoint
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})

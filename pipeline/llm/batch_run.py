@@ -35,7 +35,7 @@ from pipeline.config import BatchConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchProvider, BatchStatus
 from pipeline.llm.batch_book import BatchLedger, BatchRecord, Submission, read_results, split, unanswered
-from pipeline.llm.client import FATAL, Attempt
+from pipeline.llm.transport import FATAL, Attempt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""One HTTP attempt through litellm, turned into a plain `Attempt` with a classified outcome.
+"""The litellm transport: one HTTP attempt through litellm, turned into a plain `Attempt` with a classified outcome.
 
 litellm's own retries are off (`num_retries=0` on every call): the engine is the one retry owner, so a
 logical call never fans out into 3-6 hidden requests.
@@ -6,76 +6,14 @@ logical call never fans out into 3-6 hidden requests.
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.llm.litellm_env import litellm
+from pipeline.llm.transport import Attempt, Endpoint
 
-# Outcome classes, and what the engine does with each.
-RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
-FAILOVER = {"context_window", "auth", "not_found"}
-FATAL = {"quota_exhausted"}
-# The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
 CONNECTION_MARKER = "connection error"
 MALFORMED_MARKERS = ("unterminated string", "expecting value", "jsondecodeerror", "invalid json", "json.decoder")
-
-
-@dataclass
-class Attempt:
-    model: str
-    started_at: str
-    latency_ms: float
-    error_type: str | None = None
-    error_message: str | None = None
-    status_code: int | None = None
-    retry_after_s: float | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    finish_reason: str | None = None
-    provider_model: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    cached_tokens: int | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error_type is None
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where and how to call one model preset."""
-
-    preset: str
-    model: str
-    api_base: str | None
-    api_key_env: str | None
-    timeout_s: float
-    response_format: str  # json_schema | json_object_schema | json_object | none
-    max_tokens: int | None
-
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-
-def response_format_for(kind: str, schema_json: str | None) -> dict[str, Any] | None:
-    """The `response_format` the preset says its server understands."""
-    import json
-
-    if not schema_json or kind == "none":
-        return None
-    schema = json.loads(schema_json)
-    if kind == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": False}}
-    if kind == "json_object_schema":  # llama.cpp's server: rejects OpenAI's json_schema type
-        return {"type": "json_object", "schema": schema}
-    if kind == "json_object":
-        return {"type": "json_object"}
-    raise ValueError(f"unknown response_format kind {kind!r}")
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -192,3 +130,14 @@ async def attempt(endpoint: Endpoint, messages: list[dict[str, Any]], params: di
     base.headers = {str(k).lower(): str(v) for k, v in (hidden.get("additional_headers") or {}).items()}
     base.status_code = 200
     return base
+
+
+class LitellmTransport:
+    """litellm as a `Transport` (`model.transport=litellm`)."""
+
+    async def attempt(self, endpoint: Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]) -> Attempt:
+        return await attempt(endpoint, messages, params)
+
+    async def close(self) -> None:
+        """Nothing of its own: litellm keeps its HTTP clients per event loop, and whoever owns the loop closes
+        them once at its end (`litellm_env.close_clients`), not after every stage."""

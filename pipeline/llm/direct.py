@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from pipeline.llm.client import Attempt, Endpoint
+from pipeline.llm.transport import Attempt, Endpoint
 
 DEFAULT_BASE = "https://api.openai.com/v1"
 OPENAI_COMPATIBLE_PREFIXES = ("openai/", "hosted_vllm/", "text-completion-openai/")
@@ -78,7 +78,8 @@ def read_completion(result: Attempt, payload: dict[str, Any]) -> Attempt:
 
 
 class DirectTransport:
-    """One shared session per event loop, with connection limits sized to the concurrency cap."""
+    """A `Transport` (`model.transport=direct`): one shared session per event loop, with connection limits sized
+    to the concurrency cap."""
 
     def __init__(self, connections: int) -> None:
         self.connections = max(1, connections)

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from pipeline.tokens import bundled_encoding
 
 if TYPE_CHECKING:
-    from pipeline.llm.engine import Target, Totals, Unit
+    from pipeline.llm.pending import Unit
+    from pipeline.llm.targets import Target
+    from pipeline.llm.totals import Totals
 
 CHARS_PER_TOKEN = 4.0
 TOKENS_PER_MESSAGE = 3  # OpenAI's chat format: <|start|>{role}\n{content}<|end|>

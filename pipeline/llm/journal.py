@@ -24,11 +24,8 @@ from typing import Any
 
 import duckdb
 
+from pipeline.duck import literal_list
 from pipeline.llm.records import JOURNAL_COLUMNS
-
-
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
 class ResultLog:
@@ -80,18 +77,36 @@ class ResultLog:
         pieces = []
         parts = self.part_files()
         if parts:
-            pieces.append(f"SELECT {select} FROM read_parquet({_sql_list(parts)})")
+            pieces.append(f"SELECT {select} FROM read_parquet({literal_list(parts)})")
         journals = self.journal_files()
         if journals:
             spec = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
             pieces.append(
-                f"SELECT {select} FROM read_json({_sql_list(journals)}, format='newline_delimited', "
+                f"SELECT {select} FROM read_json({literal_list(journals)}, format='newline_delimited', "
                 f"columns={{{spec}}}, ignore_errors=true, maximum_object_size=67108864)"
             )
         if not pieces:
             empty = ", ".join(f"CAST(NULL AS {JOURNAL_COLUMNS[name]}) AS {name}" for name in wanted)
             return con.sql(f"SELECT {empty} WHERE false")
         return con.sql(" UNION ALL ".join(pieces))
+
+    def first_records(self, con: duckdb.DuckDBPyConnection, request_hashes: list[str]) -> dict[str, dict[str, Any]]:
+        """The first record the folder holds for each of these request hashes (a cache look-up), by hash."""
+        if not (self.part_files() or self.journal_files()):
+            return {}
+        # The keys go in as a list parameter, not an Arrow table: pyarrow's conversion of Python lists imports
+        # pandas (0.3 s, ~40 MB) before the first call.
+        with self.reading():  # a peer's compaction must not delete files between listing and reading
+            con.register("engine_cache", self.relation(con))
+            rows = con.execute(
+                "SELECT c.* FROM engine_cache c SEMI JOIN (SELECT unnest(?::VARCHAR[]) AS request_hash) USING "
+                "(request_hash) QUALIFY row_number() OVER (PARTITION BY request_hash ORDER BY created_at) = 1",
+                [request_hashes],
+            )
+            names = [d[0] for d in rows.description or []]
+            found = [dict(zip(names, values, strict=True)) for values in rows.fetchall()]
+        con.unregister("engine_cache")
+        return {r["request_hash"]: r for r in found}
 
     # -- compaction -----------------------------------------------------------------------------------
 
@@ -158,7 +173,7 @@ class ResultLog:
             )
             tmp = part.with_name(f".{part.name}.tmp")
             con.sql(
-                f"SELECT * FROM read_json({_sql_list(files)}, format='newline_delimited', columns={{{spec}}}, "
+                f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', columns={{{spec}}}, "
                 "ignore_errors=true, maximum_object_size=67108864)"
             ).write_parquet(str(tmp), compression="zstd")
             os.replace(tmp, part)

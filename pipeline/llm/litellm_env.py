@@ -11,14 +11,12 @@ connection after receiving it: a hidden retry the engine never sees (tests/test_
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
 import threading
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
@@ -26,15 +24,6 @@ log = logging.getLogger(__name__)
 _litellm: ModuleType | None = None
 _warm_lock = threading.Lock()
 _warmed: set[tuple[str, str | None]] = set()
-
-
-def bundled_path(*parts: str) -> Path | None:
-    """A data file or folder shipped inside litellm's package, found without importing litellm (None: absent)."""
-    spec = importlib.util.find_spec("litellm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
-    return path if path.exists() else None
 
 
 def litellm() -> ModuleType:

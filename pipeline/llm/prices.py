@@ -10,8 +10,8 @@ import functools
 import json
 from dataclasses import dataclass
 
+from pipeline.bundled import bundled_path
 from pipeline.config import ModelConfig
-from pipeline.llm.litellm_env import bundled_path
 
 PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"  # what litellm loads offline (LOCAL_MODEL_COST_MAP)
 

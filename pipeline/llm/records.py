@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+# The result tables' columns are table contracts (pipeline.tables); the engine reads them from here too.
+from pipeline.tables import ATTEMPT_FIELDS as ATTEMPT_FIELDS
+from pipeline.tables import RESPONSE_COLUMNS as RESPONSE_COLUMNS
+
 FORMAT_VERSION = 1
 
 
@@ -24,34 +28,6 @@ class RequestSpec:
     response_schema: str | None  # JSON Schema text, or None
 
 
-# Columns of the `responses` table, in order, with their DuckDB types (used to read journals).
-RESPONSE_COLUMNS: dict[str, str] = {
-    "response_id": "VARCHAR",
-    "question_id": "VARCHAR",
-    "sample_index": "INTEGER",
-    "round": "INTEGER",
-    "parent_response_id": "VARCHAR",
-    "model_requested": "VARCHAR",
-    "model_used": "VARCHAR",
-    "provider_model": "VARCHAR",
-    "request_hash": "VARCHAR",
-    "status": "VARCHAR",
-    "error_type": "VARCHAR",
-    "error_message": "VARCHAR",
-    "attempts": "INTEGER",
-    "content": "VARCHAR",
-    "reasoning_content": "VARCHAR",
-    "finish_reason": "VARCHAR",
-    "prompt_tokens": "BIGINT",
-    "completion_tokens": "BIGINT",
-    "reasoning_tokens": "BIGINT",
-    "cached_tokens": "BIGINT",
-    "cost_usd": "DOUBLE",
-    "latency_ms": "DOUBLE",
-    "temperature": "DOUBLE",
-    "created_at": "VARCHAR",
-}
-
 # Journal-only columns: the unit's plan key (resume), whether the record settles its unit, where it came
 # from (a call or the cache), and the per-attempt log.
 JOURNAL_COLUMNS: dict[str, str] = {
@@ -60,19 +36,6 @@ JOURNAL_COLUMNS: dict[str, str] = {
     "final": "BOOLEAN",
     "source": "VARCHAR",
     "attempt_log": "JSON",
-}
-
-ATTEMPT_FIELDS: dict[str, str] = {
-    "attempt": "INTEGER",
-    "model": "VARCHAR",
-    "started_at": "VARCHAR",
-    "status_code": "INTEGER",
-    "error_type": "VARCHAR",
-    "error_message": "VARCHAR",
-    "latency_ms": "DOUBLE",
-    "prompt_tokens": "BIGINT",
-    "completion_tokens": "BIGINT",
-    "cost_usd": "DOUBLE",
 }
 
 

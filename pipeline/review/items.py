@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
+from pipeline import duck, layout
 from pipeline.errors import UserError
 from pipeline.labels import all_labels, latest_sql
 
+REQUIRED = ("questions", "responses", "validations")  # the tables a review needs: the run got through validate
 ANSWER_COLUMNS = "response_id, content, reasoning_content, prompt_tokens, completion_tokens, cost_usd, latency_ms"
 
 
@@ -38,14 +38,14 @@ class Filters:
         if self.mismatched:
             conditions.append("matches_golden = false")
         if self.categories:
-            names = ", ".join(_quote(c) for c in self.categories)
+            names = ", ".join(duck.literal(c) for c in self.categories)
             conditions.append(f"category IN ({names})")
         if self.unreviewed:
             conditions.append("is_correct IS NULL")
         if self.labelled_by:
-            conditions.append(f"reviewer = {_quote(self.labelled_by)} AND is_correct IS NOT NULL")
+            conditions.append(f"reviewer = {duck.literal(self.labelled_by)} AND is_correct IS NOT NULL")
         if self.search:
-            text = _quote(self.search.lower())
+            text = duck.literal(self.search.lower())
             conditions.append(f"(contains(lower(question), {text}) OR contains(lower(coalesce(content, '')), {text}))")
         return " AND ".join(conditions)
 
@@ -68,31 +68,24 @@ class Filters:
         return ", ".join(parts) or "all answers"
 
 
-def _quote(text: str) -> str:
-    """A SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 class RunTables:
     """A run folder's tables as DuckDB views, for review."""
 
     def __init__(self, run_dir: Path) -> None:
-        tables = run_dir / "tables"
         self.run_dir = run_dir
-        missing = [n for n in ("questions", "responses", "validations") if not (tables / f"{n}.parquet").is_file()]
+        missing = [n for n in REQUIRED if not layout.table_path(run_dir, n).is_file()]
         if not run_dir.is_dir() or missing:
             raise UserError(
                 f"{run_dir} is not a validated run folder (no {', '.join(missing) or 'tables'}); "
                 "run the pipeline through validate first, e.g. python run.py +experiment=math"
             )
-        self.con = duckdb.connect()
-        for name in ("questions", "responses", "validations", "repairs"):
-            path = tables / f"{name}.parquet"
+        self.con = duck.connect()
+        for name in (*REQUIRED, "repairs"):
+            path = layout.table_path(run_dir, name)
             if path.is_file():
-                target = str(path).replace("'", "''")
-                self.con.execute(f"CREATE VIEW r_{name} AS SELECT * FROM read_parquet('{target}')")
+                self.con.execute(f"CREATE VIEW r_{name} AS SELECT * FROM read_parquet({duck.literal(path)})")
         answers = f"SELECT {ANSWER_COLUMNS} FROM r_responses"
-        if (tables / "repairs.parquet").is_file():
+        if layout.table_path(run_dir, "repairs").is_file():
             answers += f" UNION ALL SELECT {ANSWER_COLUMNS} FROM r_repairs"
         self.con.execute(f"CREATE VIEW r_answers AS {answers}")
         self.refresh_labels()

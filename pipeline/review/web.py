@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
+from pipeline import layout
 from pipeline.config import STAGE_ORDER
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
@@ -196,7 +197,7 @@ async def run_view(request: web.Request) -> web.Response:
     if data is None:
         settings = request.app[SETTINGS]
         rows = leaderboard(Path(settings["run_dir"]))
-        chart = (Path(settings["run_dir"]) / "sweep_summary.png").is_file()
+        chart = layout.sweep_summary_path(Path(settings["run_dir"]), "png").is_file()
         return _render(request, "sweep.html", rows=rows, columns=list(rows[0]) if rows else [], chart=chart)
     manifest = data.manifest()
     stages = manifest.get("stages", {})
@@ -207,7 +208,7 @@ async def run_view(request: web.Request) -> web.Response:
 
 
 async def sweep_chart(request: web.Request) -> web.FileResponse:
-    path = Path(request.app[SETTINGS]["run_dir"]) / "sweep_summary.png"
+    path = layout.sweep_summary_path(Path(request.app[SETTINGS]["run_dir"]), "png")
     if request.app[DATA] is not None or not path.is_file():
         raise web.HTTPNotFound()
     return web.FileResponse(path)

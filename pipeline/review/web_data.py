@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
+from pipeline import duck, layout
 from pipeline.errors import UserError
 from pipeline.labels import all_labels
 from pipeline.review.items import Filters, RunTables
@@ -91,7 +90,7 @@ class ReviewData:
 
     def refresh(self) -> None:
         """Read the label log again when a label file grew or appeared since the last read."""
-        folder = self.run_dir / "labels"
+        folder = layout.labels_folder(self.run_dir)
         files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
         state = tuple((p.name, p.stat().st_size) for p in files)
         if state != self._log_state:
@@ -201,7 +200,7 @@ class ReviewData:
         )
 
     def manifest(self) -> dict[str, Any]:
-        path = self.run_dir / "manifest.json"
+        path = layout.manifest_path(self.run_dir)
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def close(self) -> None:
@@ -209,20 +208,20 @@ class ReviewData:
 
 
 def is_sweep_folder(folder: Path) -> bool:
-    return not (folder / "tables").is_dir() and (
-        (folder / "sweep_summary.parquet").is_file() or any(folder.glob("*/manifest.json"))
+    return not layout.tables_folder(folder).is_dir() and (
+        layout.sweep_summary_path(folder, "parquet").is_file() or any(folder.glob(f"*/{layout.MANIFEST}"))
     )
 
 
 def leaderboard(sweep_dir: Path) -> list[dict[str, Any]]:
     """The sweep's leaderboard rows as the sweep wrote them (`sweep_summary.parquet`), every column."""
-    path = sweep_dir / "sweep_summary.parquet"
+    path = layout.sweep_summary_path(sweep_dir, "parquet")
     if not path.is_file():
         raise UserError(
             f"{sweep_dir} is a sweep folder without sweep_summary.parquet (the sweep has not finished); "
             f"review one job instead: python -m pipeline.review web {sweep_dir}/<job>"
         )
-    con = duckdb.connect()
+    con = duck.connect()
     try:
         cursor = con.execute("SELECT * FROM read_parquet($1)", [str(path)])
         names = [d[0] for d in cursor.description or []]

@@ -21,9 +21,18 @@ from defusedxml.ElementTree import iterparse as safe_iterparse
 
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
-from pipeline.sources import HIDDEN_FIELDS, display_names, materialize, python_encoding
-from pipeline.sources_errors import ENCODING_HINT
+from pipeline.sources.common import (
+    BOOKKEEPING_FIELDS,
+    OpenedSource,
+    display_names,
+    file_source,
+    materialize,
+    python_encoding,
+    resolve_files,
+)
+from pipeline.sources.errors import ENCODING_HINT
 
+EXTENSIONS = (".xml",)
 BATCH_ROWS = 20_000
 _STEP = re.compile(r"^[A-Za-z_][\w.-]*$")
 
@@ -118,7 +127,9 @@ def _records(path: Path, name: str, cfg: IngestConfig, fields: list[_Field]) -> 
         )
 
 
-def xml_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: list[Path]) -> duckdb.DuckDBPyRelation:
+def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """One row per `ingest.xml.record` element of the files `ingest.path` names, its fields by `ingest.xml.fields`."""
+    files = resolve_files(cfg, EXTENSIONS)
     if not cfg.xml.record:
         raise UserError("ingest.xml.record is not set; name the element that holds one record, e.g. question")
     if not cfg.xml.fields:
@@ -127,7 +138,7 @@ def xml_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: list[Pa
             "e.g. {id: '@id', question: text, answer: answer}"
         )
     fields = [_Field(column, path) for column, path in cfg.xml.fields.items()]
-    schema = pa.schema([pa.field(f.column, pa.string()) for f in fields] + HIDDEN_FIELDS)
+    schema = pa.schema([pa.field(f.column, pa.string()) for f in fields] + BOOKKEEPING_FIELDS)
     shown = display_names(files)
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -143,7 +154,7 @@ def xml_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: list[Pa
             if rows:
                 yield _batch(schema, rows, shown[path], number, index)
 
-    return materialize(con, schema, batches())
+    return file_source(materialize(con, schema, batches()), files)
 
 
 def _batch(schema: pa.Schema, rows: list[list[str | None]], name: str, before: int, index: int) -> pa.RecordBatch:

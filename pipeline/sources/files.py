@@ -1,184 +1,53 @@
-"""Opening the ingest source: the one place that turns a user's files or database into a DuckDB relation.
+"""csv, tsv, json, jsonl, parquet: DuckDB's own readers, lazy and streaming, one reader per file.
 
-The ingest stage only sees the relation (named `source`); reading, and every error about the input
-itself, happens here (or, for a bad row deep in a large file, in DuckDB's scan, worded by
-`pipeline.sources_errors`) so that the message names the file, the line and the option to change.
-
-- csv, tsv, json, jsonl, parquet: DuckDB's own readers, lazy and streaming, one reader per file.
-- Other encodings than DuckDB's built-in UTF-8/UTF-16/Latin-1 are transcoded to UTF-8 by a streaming
-  decoder first (DuckDB's `encodings` extension would be downloaded at run time, which we never do).
-- xml, sqlite, sql, documents: parsed in Python and streamed as Arrow record batches into a DuckDB
-  temporary table (DuckDB spills it to disk beyond its memory limit; Python holds one batch at a time).
-
-Every relation carries three bookkeeping columns: `__source` (the file, or the database, a row came
-from), `__source_row` (1-based row, record or chunk number in it) and `__source_file` (the file's
-position in the input, for ordering). The ingest stage turns them into `source` and `source_row`.
+Other encodings than DuckDB's built-in UTF-8/UTF-16/Latin-1 are transcoded to UTF-8 by a streaming decoder
+first (DuckDB's `encodings` extension would be downloaded at run time, which we never do), and DuckDB reads
+the copies into a temporary table. A bad row deep in a large file fails in DuckDB's scan, worded by
+`pipeline.sources.errors` so that the message names the file, the line and the option to change.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import dataclasses
-import glob
-import gzip
-import hashlib
-import io
-import itertools
 import json
-import os
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, cast
 
 import duckdb
-import pyarrow as pa
 
 from pipeline.config import IngestConfig
+from pipeline.duck import ident, literal
 from pipeline.errors import UserError
-from pipeline.sources_errors import ENCODING_HINT, describe_read_error, first_line
+from pipeline.sources.columns import FILE_COL, ROW_COL, SOURCE_COL
+from pipeline.sources.common import (
+    OpenedSource,
+    display_names,
+    file_source,
+    open_binary,
+    open_text,
+    python_encoding,
+    resolve_files,
+    temp_table,
+    transcode,
+)
+from pipeline.sources.errors import ENCODING_HINT, describe_read_error
 
-FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "xml", "sqlite", "sql", "documents")
-SOURCE_COL, ROW_COL, FILE_COL = "__source", "__source_row", "__source_file"
-HIDDEN_FIELDS = [pa.field(SOURCE_COL, pa.string()), pa.field(ROW_COL, pa.int64()), pa.field(FILE_COL, pa.int32())]
 EXTENSIONS = {
     "csv": (".csv", ".csv.gz"),
     "tsv": (".tsv", ".tsv.gz", ".tab"),
     "json": (".json",),
     "jsonl": (".jsonl", ".ndjson", ".jsonl.gz"),
     "parquet": (".parquet",),
-    "xml": (".xml",),
-    "sqlite": (".sqlite", ".sqlite3", ".db"),
 }
 DUCKDB_ENCODINGS = {"utf-8": "utf-8", "utf-8-sig": "utf-8", "utf-16": "utf-16", "iso8859-1": "latin-1"}
-_TABLES = itertools.count(1)
 
 
-@dataclass
-class Source:
-    """What the runner hands the ingest stage (`relation`, `answer_schema`, `name`) and records (`digests()`)."""
-
-    relation: duckdb.DuckDBPyRelation
-    files: list[Path]  # input files: their sha256 go into the fingerprint and the manifest
-    answer_schema: str | None
-    name: str = "source"  # how messages and the `source` column name the input
-    extra_digests: dict[str, str] = field(default_factory=dict)  # inputs that are no file (a SQL URL + query)
-
-    def digests(self, root: Path) -> dict[str, str]:
-        """Input name (a file's path relative to `root`) -> sha256, for the fingerprint and `manifest.json`."""
-        from pipeline.manifest import files_sha256
-
-        return files_sha256(self.files, root) | self.extra_digests
-
-
-def sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def sql_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def no_downloads(con: duckdb.DuckDBPyConnection) -> None:
-    """DuckDB would fetch a missing extension (an encoding, a scanner) from the internet: never at run time."""
-    con.execute("SET autoinstall_known_extensions = false")
-    con.execute("SET autoload_known_extensions = false")
-
-
-# -- input files ----------------------------------------------------------------------------------------
-
-
-def _path_items(cfg: IngestConfig) -> list[str]:
-    raw = cfg.path
-    items = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list | tuple) else None
-    if not items or not all(isinstance(i, str) and i.strip() for i in items):
-        raise UserError(
-            "ingest.path is not set; set ingest.path=<file, folder or glob> (or a list of them) to your questions"
-        )
-    return items
-
-
-def _has_extension(path: Path, extensions: tuple[str, ...]) -> bool:
-    return path.name.lower().endswith(extensions)
-
-
-def resolve_files(cfg: IngestConfig, extensions: tuple[str, ...]) -> list[Path]:
-    """The input files, in a stable order: globs and folders sorted, duplicates dropped, each checked."""
-    files: list[Path] = []
-    for item in _path_items(cfg):
-        expanded = os.path.expanduser(item)
-        if any(ch in expanded for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
-            if not found:
-                raise UserError(f"ingest.path: no file matches {item}; check the pattern")
-        elif Path(expanded).is_dir():
-            found = sorted(p for p in Path(expanded).rglob("*") if p.is_file() and _has_extension(p, extensions))
-            if not found:
-                raise UserError(f"ingest.path: the folder {item} has no {' or '.join(extensions)} file")
-        elif Path(expanded).is_file():
-            found = [Path(expanded)]
-        else:
-            raise UserError(f"ingest.path: {item} does not exist; set ingest.path=<file, folder or glob>")
-        files.extend(found)
-    unique = list(dict.fromkeys(files))
-    for path in unique:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path} is empty; point ingest.path at a file that holds your questions")
-    return unique
-
-
-def display_names(files: list[Path]) -> dict[Path, str]:
-    """What the `source` column calls each file: its name when unique among the inputs, else its path."""
-    counts: dict[str, int] = {}
-    for path in files:
-        counts[path.name] = counts.get(path.name, 0) + 1
-    return {p: p.name if counts[p.name] == 1 else str(p) for p in files}
-
-
-def python_encoding(name: str) -> str:
-    try:
-        return codecs.lookup(name).name
-    except LookupError:
-        raise UserError(
-            f"ingest.encoding={name!r} is not an encoding Python knows; e.g. utf-8, cp1252, latin-1"
-        ) from None
-
-
-def open_binary(path: Path) -> IO[bytes]:
-    """The file's bytes, gunzipped when its name ends in .gz."""
-    if path.name.endswith(".gz"):
-        return cast(IO[bytes], gzip.open(path, "rb"))
-    return open(path, "rb")
-
-
-def _open_text(path: Path, encoding: str, errors: str = "strict") -> IO[str]:
-    enc = "utf-8-sig" if encoding == "utf-8" else encoding
-    return io.TextIOWrapper(open_binary(path), encoding=enc, errors=errors, newline="")
-
-
-def transcode(path: Path, encoding: str, shown: str, out: Path) -> Path:
-    """Stream `path` from `encoding` to a UTF-8 copy at `out`; a bad byte names its line and the option."""
-    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    line = 1
-    with open_binary(path) as src, open(out, "w", encoding="utf-8", newline="") as dst:
-        while True:
-            chunk = src.read(1 << 20)
-            try:
-                dst.write(decoder.decode(chunk, final=not chunk))
-            except UnicodeDecodeError as exc:
-                bad = line + chunk[: exc.start].count(b"\n")
-                raise UserError(
-                    f"{shown} line {bad}: bytes that are not valid {encoding} ({exc.reason}); {ENCODING_HINT}"
-                ) from None
-            line += chunk.count(b"\n")
-            if not chunk:
-                break
-    return out
-
-
-# -- DuckDB's readers (csv, tsv, json, jsonl, parquet) -----------------------------------------------------
+def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """The files `ingest.path` names, read by DuckDB as `ingest.format` says."""
+    files = resolve_files(cfg, EXTENSIONS[cfg.format])
+    return file_source(_duckdb_source(con, cfg, files), files)
 
 
 @dataclass(frozen=True)
@@ -201,7 +70,7 @@ def _probe(con: duckdb.DuckDBPyConnection, sql: str, names: dict[str, str], enco
 
 def _with_bookkeeping(reader: str, item: _Input) -> str:
     return (
-        f"SELECT * EXCLUDE (ordinality), {sql_str(item.label)} AS {SOURCE_COL}, ordinality AS {ROW_COL}, "
+        f"SELECT * EXCLUDE (ordinality), {literal(item.label)} AS {SOURCE_COL}, ordinality AS {ROW_COL}, "
         f"CAST({item.index} AS INTEGER) AS {FILE_COL} FROM {reader} WITH ORDINALITY"
     )
 
@@ -216,7 +85,7 @@ def csv_header(path: Path, shown: str, cfg: IngestConfig, delimiter: str, encodi
     """Column names from the first record, read with the same dialect DuckDB will use for the rest."""
     quote, escape = cfg.csv.quote, cfg.csv.escape
     try:
-        with _open_text(path, encoding, errors="replace") as fh:  # later lines' bytes are DuckDB's to judge
+        with open_text(path, encoding, errors="replace") as fh:  # later lines' bytes are DuckDB's to judge
             reader = csv.reader(
                 fh,
                 delimiter=delimiter,
@@ -256,11 +125,11 @@ def _csv_selects(items: list[_Input], cfg: IngestConfig, encoding: str) -> list[
     selects = []
     for item in items:
         columns = csv_header(item.path, item.shown, cfg, delimiter, encoding)
-        spec = "{" + ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in columns) + "}"
+        spec = "{" + ", ".join(f"{literal(c)}: 'VARCHAR'" for c in columns) + "}"
         reader = (
-            f"read_csv({sql_str(str(item.path))}, header={str(cfg.csv.header).lower()}, "
-            f"delim={sql_str(delimiter)}, quote={sql_str(quote)}, escape={sql_str(escape)}, "
-            f"encoding={sql_str(duck_encoding)}, auto_detect=false, columns={spec}, strict_mode=true)"
+            f"read_csv({literal(item.path)}, header={str(cfg.csv.header).lower()}, "
+            f"delim={literal(delimiter)}, quote={literal(quote)}, escape={literal(escape)}, "
+            f"encoding={literal(duck_encoding)}, auto_detect=false, columns={spec}, strict_mode=true)"
         )
         selects.append(_with_bookkeeping(reader, item))
     return selects
@@ -278,7 +147,7 @@ def _json_columns(con: duckdb.DuckDBPyConnection, reader: str, names: dict[str, 
         described = con.sql(f"DESCRIBE SELECT * FROM {reader})").fetchall()
     except duckdb.Error as exc:
         raise UserError(describe_read_error(str(exc), names)) from None
-    spec = [f"{sql_str(column)}: {sql_str('JSON' if _nested(kind) else 'VARCHAR')}" for column, kind, *_ in described]
+    spec = [f"{literal(column)}: {literal('JSON' if _nested(kind) else 'VARCHAR')}" for column, kind, *_ in described]
     return "{" + ", ".join(spec) + "}"
 
 
@@ -372,9 +241,9 @@ def _json_selects(
 ) -> list[str]:
     selects = []
     for item in items:
-        literal = sql_str(str(item.path))
+        quoted = literal(item.path)
         if cfg.format == "jsonl":
-            base = f"read_json({literal}, format='newline_delimited', records=true"
+            base = f"read_json({quoted}, format='newline_delimited', records=true"
         else:
             first = _first_char(item.path)
             key = cfg.json.records_key
@@ -390,11 +259,11 @@ def _json_selects(
                     f"{item.shown} holds a JSON object, not an array of records: set ingest.json.records_key to the "
                     "key holding the records, or use ingest=jsonl if it has one object per line"
                 )
-            base = f"read_json({literal}, format='array', records=true"
+            base = f"read_json({quoted}, format='array', records=true"
         jsonl = cfg.format == "jsonl"
         _check_json(
             con,
-            f"read_json_objects({literal}, format='{'newline_delimited' if jsonl else 'array'}')",
+            f"read_json_objects({quoted}, format='{'newline_delimited' if jsonl else 'array'}')",
             item,
             jsonl,
             names,
@@ -411,8 +280,8 @@ def _json_keyed_select(con: duckdb.DuckDBPyConnection, item: _Input, key: str, n
     few GB; bigger collections belong in JSON Lines.
     """
     parts = [p for p in key.split(".") if p]
-    access = ".".join(sql_ident(p) for p in parts)
-    path = sql_str(str(item.path))
+    access = ".".join(ident(p) for p in parts)
+    path = literal(item.path)
     size = max(item.path.stat().st_size + 1, 16 << 20)
     depth = len(parts) + 2  # root object, the keys, the list: its records' fields come out as JSON
 
@@ -440,13 +309,13 @@ def _json_keyed_select(con: duckdb.DuckDBPyConnection, item: _Input, key: str, n
         raise UserError(located or describe_read_error(str(exc), names)) from None
     select = []
     for column, kind, *_ in typed:  # nested or not, from one level deeper; the value from the JSON, as in JSONL
-        ident = sql_ident(column)
+        quoted = ident(column)
         if _nested(kind):
-            select.append(f"CASE WHEN json_type({ident}) = 'NULL' THEN NULL ELSE {ident} END AS {ident}")
+            select.append(f"CASE WHEN json_type({quoted}) = 'NULL' THEN NULL ELSE {quoted} END AS {quoted}")
         else:
-            select.append(f"{ident}->>'$' AS {ident}")
+            select.append(f"{quoted}->>'$' AS {quoted}")
     return (
-        f"SELECT {', '.join(select)}, {sql_str(item.label)} AS {SOURCE_COL}, "
+        f"SELECT {', '.join(select)}, {literal(item.label)} AS {SOURCE_COL}, "
         f"CAST(row_number() OVER () AS BIGINT) AS {ROW_COL}, CAST({item.index} AS INTEGER) AS {FILE_COL} "
         f"FROM {reader(depth)}"
     )
@@ -463,7 +332,7 @@ def _duckdb_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: lis
     names = {str(p): str(p) for p in files}
     is_csv = cfg.format in ("csv", "tsv")
     if cfg.format == "parquet":
-        sql = _union([_with_bookkeeping(f"read_parquet({sql_str(str(i.path))})", i) for i in items])
+        sql = _union([_with_bookkeeping(f"read_parquet({literal(i.path)})", i) for i in items])
         _probe(con, sql, names, encoding)
         return con.sql(sql)
     if encoding in (DUCKDB_ENCODINGS if is_csv else ("utf-8", "utf-8-sig")):
@@ -472,7 +341,7 @@ def _duckdb_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: lis
             _probe(con, select, names, encoding)
         return con.sql(_union(selects))
     # another encoding: transcode each file to UTF-8, then DuckDB reads the copies into a temporary table
-    table = f"ingest_source_{next(_TABLES)}"
+    table = temp_table()
     with tempfile.TemporaryDirectory(prefix="distillery-transcode-") as tmp:
         copies = [
             _Input(transcode(i.path, encoding, i.shown, Path(tmp) / f"{i.index}.txt"), i.label, i.shown, i.index)
@@ -486,86 +355,3 @@ def _duckdb_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: lis
         except duckdb.Error as exc:
             raise UserError(describe_read_error(str(exc), copy_names, encoding)) from None
     return con.table(table)
-
-
-# -- sources parsed in Python, streamed into DuckDB --------------------------------------------------------
-
-
-def materialize(
-    con: duckdb.DuckDBPyConnection, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
-) -> duckdb.DuckDBPyRelation:
-    """Stream Arrow batches into a DuckDB temporary table; an error raised while producing them comes out as is."""
-    failure: list[BaseException] = []
-
-    def guarded() -> Iterator[pa.RecordBatch]:
-        try:
-            yield from batches
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-
-    table = f"ingest_source_{next(_TABLES)}"
-    view = f"{table}_stream"
-    con.register(view, pa.RecordBatchReader.from_batches(schema, guarded()))
-    try:
-        con.execute(f"CREATE TEMP TABLE {table} AS SELECT * FROM {view}")
-    except duckdb.Error as exc:
-        if failure:
-            raise failure[0] from None
-        raise UserError(f"reading the source failed: {first_line(str(exc))}") from None
-    finally:
-        con.unregister(view)
-    return con.table(table)
-
-
-def _read_schema_file(path_text: str) -> str:
-    path = Path(path_text)
-    if not path.is_file():
-        raise UserError(f"ingest.answer_schema_file: {path} does not exist; point it at a JSON Schema file")
-    try:
-        text = path.read_text(encoding="utf-8")
-        json.loads(text)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; save the schema file as UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); fix the schema file") from None
-    return text
-
-
-def _source_name(files: list[Path]) -> str:
-    if len(files) == 1:
-        return files[0].name
-    return f"{files[0].name} (+{len(files) - 1} more files)"
-
-
-def open_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> Source:
-    """The configured input as a relation with the bookkeeping columns, plus what the manifest records."""
-    if cfg.format not in FORMATS:
-        raise UserError(f"ingest.format={cfg.format!r} is not supported; use one of: {', '.join(FORMATS)}")
-    no_downloads(con)
-    schema = _read_schema_file(cfg.answer_schema_file) if cfg.answer_schema_file else None
-    if cfg.format == "sql":
-        from pipeline.sources_sql import sql_source
-
-        relation, name, digest_key = sql_source(con, cfg)
-        digest = hashlib.sha256(digest_key.encode("utf-8")).hexdigest()
-        return Source(relation, [], schema, name=name, extra_digests={name: digest})
-    if cfg.format == "documents":
-        from pipeline.sources_documents import documents_source
-
-        files = resolve_files(cfg, tuple(e.lower() for e in cfg.documents.extensions))
-        return Source(documents_source(con, cfg, files), files, schema, name=_source_name(files))
-    files = resolve_files(cfg, EXTENSIONS[cfg.format])
-    if cfg.format == "xml":
-        from pipeline.sources_xml import xml_source
-
-        relation = xml_source(con, cfg, files)
-    elif cfg.format == "sqlite":
-        from pipeline.sources_sql import sqlite_source
-
-        if len(files) != 1:
-            raise UserError(f"ingest.path: format=sqlite reads one database file, but {len(files)} match")
-        relation = sqlite_source(con, cfg, files[0])
-    else:
-        relation = _duckdb_source(con, cfg, files)
-    return Source(relation, files, schema, name=_source_name(files))

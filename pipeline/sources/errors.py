@@ -1,7 +1,7 @@
 """Turning DuckDB's multi-line reader errors into the one line a user sees.
 
 DuckDB's CSV and JSON readers report a bad row with the file, the line and a page of "possible fixes"
-that name DuckDB options our users never set. Both `pipeline.sources` (errors while opening) and the
+that name DuckDB options our users never set. Both the readers (errors while opening) and the
 ingest stage (errors that surface on the full scan of a lazy reader) need the same short sentence, so
 the wording lives here. Pure text in, text out: no IO, safe for stages to import.
 """

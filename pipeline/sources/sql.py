@@ -9,6 +9,7 @@ password is refused, so no secret is ever part of the config, the run folder or 
 from __future__ import annotations
 
 import decimal
+import hashlib
 import json
 import logging
 import os
@@ -23,11 +24,13 @@ import pyarrow as pa
 
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
-from pipeline.sources import FILE_COL, HIDDEN_FIELDS, ROW_COL, SOURCE_COL, materialize
+from pipeline.sources.columns import BOOKKEEPING
+from pipeline.sources.common import BOOKKEEPING_FIELDS, OpenedSource, file_source, materialize, resolve_files
 
 log = logging.getLogger("pipeline.sources")
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|credential", re.IGNORECASE)
 QUERY_HINT = "set ingest.sql.query to a SELECT"
+SQLITE_EXTENSIONS = (".sqlite", ".sqlite3", ".db")
 
 
 def _plain(value: Any) -> Any:
@@ -71,7 +74,7 @@ class _Batches:
 
     def schema(self) -> pa.Schema:
         assert self.types is not None
-        return pa.schema([pa.field(n, t) for n, t in zip(self.names, self.types, strict=True)] + HIDDEN_FIELDS)
+        return pa.schema([pa.field(n, t) for n, t in zip(self.names, self.types, strict=True)] + BOOKKEEPING_FIELDS)
 
     def batch(self, rows: Sequence[Sequence[Any]]) -> pa.RecordBatch:
         columns: list[list[Any]] = [[_plain(v) for v in col] for col in zip(*rows, strict=True)] or [
@@ -121,7 +124,7 @@ def _stream(
     dupes = sorted({n for n in names if [x.lower() for x in names].count(n.lower()) > 1})
     if dupes:
         raise UserError(f"ingest.sql.query returns the column {dupes[0]!r} more than once; give each an alias (AS ...)")
-    clash = [n for n in names if n in (SOURCE_COL, ROW_COL, FILE_COL)]
+    clash = [n for n in names if n in BOOKKEEPING]
     if clash:
         raise UserError(f"ingest.sql.query: the column name {clash[0]!r} is reserved; alias it")
     batches = _Batches(names, source, fix)
@@ -151,7 +154,15 @@ def _stream(
 # -- SQLite -------------------------------------------------------------------------------------------------
 
 
-def sqlite_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, path: Path) -> duckdb.DuckDBPyRelation:
+def read_sqlite(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """The SQLite database file `ingest.path` names, `ingest.sql.query` run on it."""
+    files = resolve_files(cfg, SQLITE_EXTENSIONS)
+    if len(files) != 1:
+        raise UserError(f"ingest.path: format=sqlite reads one database file, but {len(files)} match")
+    return file_source(_sqlite_relation(con, cfg, files[0]), files)
+
+
+def _sqlite_relation(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, path: Path) -> duckdb.DuckDBPyRelation:
     """A SQLite database file, opened read-only (`mode=ro`, `query_only`): the query can never change it."""
     query = (cfg.sql.query or "").strip()
     if not query:
@@ -221,8 +232,9 @@ def _read_only(conn: Any) -> Any:
     return conn
 
 
-def sql_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> tuple[duckdb.DuckDBPyRelation, str, str]:
-    """(relation, the URL without credentials, the text the fingerprint hashes: that URL and the query)."""
+def read_url(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """`ingest.sql.query` on the database at `ingest.sql.url`, named by the URL without credentials; the
+    fingerprint and the manifest record the sha256 of that URL and the query."""
     opts = cfg.sql
     if not opts.url:
         raise UserError("ingest.sql.url is not set; e.g. postgresql+psycopg://reader@db.example.com:5432/questions")
@@ -289,4 +301,5 @@ def sql_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> tuple[duckd
             conn.rollback()  # never commit anything
     finally:
         engine.dispose()
-    return relation, name, f"{name}\n{query}"
+    digest = hashlib.sha256(f"{name}\n{query}".encode()).hexdigest()
+    return OpenedSource(relation, [], name=name, extra_digests={name: digest})

@@ -21,8 +21,16 @@ import pyarrow as pa
 
 from pipeline.config import DocumentsOptions, IngestConfig
 from pipeline.errors import UserError
-from pipeline.sources import HIDDEN_FIELDS, display_names, materialize, python_encoding
-from pipeline.sources_errors import ENCODING_HINT
+from pipeline.sources.common import (
+    BOOKKEEPING_FIELDS,
+    OpenedSource,
+    display_names,
+    file_source,
+    materialize,
+    python_encoding,
+    resolve_files,
+)
+from pipeline.sources.errors import ENCODING_HINT
 from pipeline.tokens import bundled_encoding
 
 BATCH_ROWS = 5_000
@@ -35,7 +43,7 @@ SCHEMA = pa.schema(
         pa.field("text", pa.string()),
         pa.field("char_start", pa.int64()),
         pa.field("char_end", pa.int64()),
-        *HIDDEN_FIELDS,
+        *BOOKKEEPING_FIELDS,
     ]
 )
 _BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"), re.compile(r"[.!?…][\"')\]]*\s"), re.compile(r"\s"))
@@ -161,8 +169,10 @@ def document_ids(files: list[Path]) -> dict[Path, str]:
     return {p: p.resolve().relative_to(base).as_posix() for p in files}
 
 
-def documents_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: list[Path]) -> duckdb.DuckDBPyRelation:
+def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """The files `ingest.path` names with one of `ingest.documents.extensions`, one row per chunk."""
     opts = cfg.documents
+    files = resolve_files(cfg, tuple(e.lower() for e in opts.extensions))
     check_options(opts)
     encoding = python_encoding(cfg.encoding)
     tokens = _cl100k() if opts.unit == "tokens" else None
@@ -186,7 +196,7 @@ def documents_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig, files: l
         if rows:
             yield _batch(rows)
 
-    return materialize(con, SCHEMA, batches())
+    return file_source(materialize(con, SCHEMA, batches()), files)
 
 
 def _batch(rows: list[tuple[str, int, int, str, int, int, str, int, int]]) -> pa.RecordBatch:

@@ -1,0 +1,72 @@
+"""What a dispatch counts (`Totals`) and may spend (`Budget`)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pipeline.llm.prices import Price
+
+
+@dataclass
+class Totals:
+    units: int = 0
+    calls: int = 0
+    ok: int = 0
+    failed: int = 0
+    attempts: int = 0
+    reused_journal: int = 0
+    reused_cache: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = 0.0
+    stopped: str | None = None
+    first_errors: list[str] = field(default_factory=list)
+    throttled_in_workers: int = 0  # 429s seen by worker processes (their limiters are not ours)
+
+    def add_cost(self, cost: float | None) -> None:
+        self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+
+class Budget:
+    """Stops dispatching before `max_cost_usd` could be crossed: every call reserves its worst case.
+
+    A call that does not fit waits while others are in flight (their real cost is usually far below the
+    worst case), and the run stops only when nothing is in flight and it still does not fit.
+    """
+
+    def __init__(self, max_cost_usd: float | None, price: Price) -> None:
+        self.limit = max_cost_usd
+        self.price = price
+        self.spent = 0.0
+        self.reserved = 0.0
+        self.in_flight = 0
+        self._settled: asyncio.Condition | None = None
+
+    def worst_case(self, input_tokens: float, max_tokens: int | None) -> float:
+        return self.price.cost(int(input_tokens), max_tokens or 0) or 0.0
+
+    async def reserve(self, worst: float) -> float | None:
+        """The reservation, or None when this call could cross the budget even with nothing in flight."""
+        if self.limit is None:
+            return 0.0
+        if self._settled is None:
+            self._settled = asyncio.Condition()
+        async with self._settled:
+            while self.spent + self.reserved + worst > self.limit:
+                if self.in_flight == 0:
+                    return None
+                await self._settled.wait()
+            self.reserved += worst
+            self.in_flight += 1
+            return worst
+
+    async def settle(self, reservation: float, actual: float | None) -> None:
+        if self.limit is None or self._settled is None:
+            self.spent += actual or 0.0
+            return
+        async with self._settled:
+            self.reserved -= reservation
+            self.in_flight -= 1
+            self.spent += actual or 0.0
+            self._settled.notify_all()

@@ -1,0 +1,62 @@
+"""Which reader opens which `ingest.format`, and `open_source`, the one way in.
+
+A reader takes the connection and the `ingest` section and returns an `OpenedSource` whose relation carries
+the bookkeeping columns (`pipeline.sources.columns`). Adding a format is a reader in a module of its family
+(or a new one) and an entry in `READERS`; `pipeline.config.InputFormat` names it for the config, and
+`conf/ingest/<format>.yaml` gives its defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+
+from pipeline import duck
+from pipeline.config import IngestConfig
+from pipeline.errors import UserError
+from pipeline.sources import documents, files, sql, xml
+from pipeline.sources.common import OpenedSource
+
+Reader = Callable[[duckdb.DuckDBPyConnection, IngestConfig], OpenedSource]
+
+READERS: dict[str, Reader] = {
+    "csv": files.read,
+    "tsv": files.read,
+    "json": files.read,
+    "jsonl": files.read,
+    "parquet": files.read,
+    "xml": xml.read,
+    "sqlite": sql.read_sqlite,
+    "sql": sql.read_url,
+    "documents": documents.read,
+}
+FORMATS = tuple(READERS)
+
+
+def _read_schema_file(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"ingest.answer_schema_file: {path} does not exist; point it at a JSON Schema file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the schema file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); fix the schema file") from None
+    return text
+
+
+def open_source(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+    """The configured input as a relation with the bookkeeping columns, its answer schema, and what the
+    manifest records."""
+    reader = READERS.get(cfg.format)
+    if reader is None:
+        raise UserError(f"ingest.format={cfg.format!r} is not supported; use one of: {', '.join(FORMATS)}")
+    duck.no_downloads(con)
+    schema_file = Path(cfg.answer_schema_file) if cfg.answer_schema_file else None
+    schema = _read_schema_file(schema_file) if schema_file else None
+    return dataclasses.replace(reader(con, cfg), answer_schema=schema, schema_file=schema_file)
