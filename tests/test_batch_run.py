@@ -4,6 +4,7 @@ and pick up what an earlier (killed or submit-and-exit) run left, never paying f
 from __future__ import annotations
 
 import asyncio
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -236,3 +237,21 @@ def test_a_journalled_batch_the_provider_lost_goes_out_again(api: str, tmp_path:
         outcome = run(provider_for(api, ep), tmp_path, items(ep), journal)
         assert (outcome.submitted, outcome.collected) == (1, 2) and set(journal.records) == set(KEYS)
         assert sorted(server.batch_stats()["answered"].values()) == [1] * 5
+
+
+def test_each_running_batch_is_a_note_on_the_progress_line() -> None:
+    from rich.console import Console
+
+    from pipeline.llm.batch_api import BatchStatus
+    from pipeline.llm.batch_executor import BatchDisplay
+    from pipeline.progress import Progress
+
+    progress = Progress(Console(file=io.StringIO()), live=False)
+    display = BatchDisplay(progress)
+    display.show([BatchView("batch_1", 3), BatchView("batch_2", 2, BatchStatus("in_progress", False, 2, 1, 0))])
+    assert progress.notes() == [
+        "batch batch_1: submitted, 3 requests",
+        "batch batch_2: in_progress, 1/2 done, 0 failed",
+    ]
+    display.show([BatchView("batch_2", 2, BatchStatus("completed", True, 2, 2, 0))])  # batch_1 was collected
+    assert progress.notes() == ["batch batch_2: completed, 2/2 done, 0 failed"]

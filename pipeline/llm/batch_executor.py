@@ -44,6 +44,8 @@ def at_batch_prices(
     def priced(chain: list[Target]) -> list[Target]:
         return [dataclasses.replace(t, price=batch_price_for(t.model).price) for t in chain]
 
+    for target in targets:  # the run log says which price the costs are at
+        log.info("generate.mode=batch: %s is priced at %s", target.model.preset, batch_price_for(target.model).note)
     return priced(targets), (None if prepare is None else lambda: priced(prepare()))
 
 
