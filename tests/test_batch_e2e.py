@@ -207,3 +207,13 @@ def test_dry_run_and_budget_at_batch_prices(tmp_path: Path) -> None:
         paid_once(server)
     rows = table(run_dir, "responses")
     assert len(rows) == QUESTIONS and sum(r["cost_usd"] for r in rows) <= at_batch * 1.5
+
+
+def test_a_judge_preset_without_batch_api_is_one_line(tmp_path: Path) -> None:
+    """Only `model`'s preset is checked with the config; another stage's preset is checked before it sends."""
+    with FakeServer() as server:
+        stages = "pipeline.stages=[ingest,generate,validate,judge,export]"
+        done = run(batch(tmp_path / "run", server, stages, "validate.judge.preset=vllm"))
+        paid_once(server)  # generate went out in a batch before the judge stage refused
+    assert done.returncode == exit_codes.USAGE, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "'vllm' has no batch API" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr

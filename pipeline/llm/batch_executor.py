@@ -19,7 +19,8 @@ import logging
 from collections.abc import Callable
 
 from pipeline import observers
-from pipeline.errors import BatchesSubmitted
+from pipeline.config import BatchApi
+from pipeline.errors import BatchesSubmitted, UserError
 from pipeline.llm.batch_book import BatchLedger
 from pipeline.llm.batch_providers import provider_for
 from pipeline.llm.batch_run import BatchItem, BatchRunner, BatchView
@@ -77,6 +78,12 @@ class BatchExecutor:
 
 
 async def _send(dispatcher: Dispatcher, units: dict[str, Unit], copies: dict[str, list[Unit]]) -> None:
+    model = dispatcher.targets[0].model
+    if model.batch == BatchApi.none:  # `model`'s preset was checked with the config; a judge's is checked here
+        raise UserError(
+            f"generate.mode=batch: the preset {model.preset!r} has no batch API (model.batch=none); use "
+            "generate.mode=online, or a preset whose endpoint offers one"
+        )
     dispatcher.ready()  # the endpoint checked (and the model's server started) before the first request
     target = dispatcher.targets[0]
     redact = dispatcher.calls.redact
