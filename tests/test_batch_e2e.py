@@ -217,3 +217,26 @@ def test_a_judge_preset_without_batch_api_is_one_line(tmp_path: Path) -> None:
         paid_once(server)  # generate went out in a batch before the judge stage refused
     assert done.returncode == exit_codes.USAGE, done.stdout[-2000:] + done.stderr[-2000:]
     assert "'vllm' has no batch API" in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_polling_leaves_the_batch_for_the_rerun(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with FakeServer(FakeServerConfig(batch_delay_s=3.0)) as server:
+        cmd = batch(run_dir, server)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not PHASES["polling"](server, run_dir):
+                assert proc.poll() is None and time.monotonic() < deadline, "never polled"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == exit_codes.INTERRUPTED, out[-2000:] + err[-2000:]
+        assert "resume" in out + err and "Traceback" not in out + err
+        ok(run(cmd))
+        paid_once(server)
+        assert batches_made(server) == 1
