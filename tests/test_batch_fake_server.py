@@ -352,3 +352,15 @@ def test_batch_api_latency_slows_every_batch_request() -> None:
         status, _ = get_json(server, "/v1/batches")
         assert status == 200 and time.monotonic() - started >= 0.3
         assert server.batch_stats()["endpoints"] == {"GET /v1/batches": 1}  # counted on arrival
+
+
+def test_a_lost_create_answer_still_makes_the_batch(server: FakeServer) -> None:
+    server.configure(batch_script=[{"lose_create": True}, {"lose_create": True}])
+    status, file = upload(server, openai_lines(QUESTIONS[:1]))
+    create = {"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    status, body = post_json(server, "/v1/batches", create)
+    assert status == 500 and body["error"]["type"] == "server_error"
+    listed = get_json(server, "/v1/batches")[1]["data"]
+    assert [b["input_file_id"] for b in listed] == [file["id"]] and listed[0]["status"] == "completed"
+    assert anthropic_batch(server, QUESTIONS[:1])[0] == 500
+    assert len(get_json(server, "/v1/messages/batches")[1]["data"]) == 1

@@ -255,3 +255,13 @@ def test_each_running_batch_is_a_note_on_the_progress_line() -> None:
     ]
     display.show([BatchView("batch_2", 2, BatchStatus("completed", True, 2, 2, 0))])  # batch_1 was collected
     assert progress.notes() == ["batch batch_2: completed, 2/2 done, 0 failed"]
+
+
+def test_a_create_whose_answer_was_lost_is_found_not_made_again(tmp_path: Path) -> None:
+    with FakeServer(FakeServerConfig(batch_script=[{"lose_create": True}])) as server:
+        ep = endpoint(server, "openai")
+        journal = Journal()
+        outcome = run(provider_for("openai", ep), tmp_path, items(ep), journal)
+        assert outcome.submitted == 1 and set(journal.records) == set(KEYS)
+        assert server.batch_stats()["endpoints"]["POST /v1/batches"] == 1  # the retry found it instead
+        assert sorted(server.batch_stats()["answered"].values()) == [1] * 5

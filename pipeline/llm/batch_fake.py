@@ -6,10 +6,11 @@ Every item is answered by the same deterministic logic as the online chat endpoi
 created batch in order, decide what goes wrong: `{"fail": n}` answers the last n items with an error
 (`fail_status`, default 500), `{"expire": n}` leaves n items before those unanswered and the batch ends
 expired, `{"cancel": n}` cancels n items before those as if from the provider's console. A client's cancel
-cancels the items not yet processed. `batch_api_latency_ms` slows every batch API request (an upload or a
-download in progress, for kill tests). `BatchCounters` counts requests per endpoint and, per `custom_id`, how
-often an item arrived and how often it was answered (what a provider bills), so tests can prove that no
-item was paid twice.
+cancels the items not yet processed. `{"lose_create": true}` makes the batch but answers its create request
+with a 500, as if the answer were lost on the way. `batch_api_latency_ms` slows every batch API request (an
+upload or a download in progress, for kill tests). `BatchCounters` counts requests per endpoint and, per
+`custom_id`, how often an item arrived and how often it was answered (what a provider bills), so tests can
+prove that no item was paid twice.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from aiohttp import web
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 ANTHROPIC_ERROR_TYPES |= {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
 BATCH_FATES = ("fail", "expire", "cancel")  # script keys, applied from the batch's end in this order
+BATCH_SCRIPT_KEYS = (*BATCH_FATES, "fail_status", "lose_create")
+LOST_CREATE = "The server had an error after creating the batch (fake: the answer was lost)."
 EXPIRED_LINE_ERROR = {
     "code": "batch_expired",
     "message": "This request could not be executed before the completion window expired.",
@@ -84,6 +87,7 @@ class _Batch:
     items: list[_Item]
     delay_s: float
     fail_status: int
+    lose_create: bool = False  # the create request is answered with a 500 although the batch was made
     input_file_id: str | None = None
     metadata: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
@@ -267,6 +271,7 @@ class BatchApis:
             items=[_Item(cid, body, fate, tool) for (cid, body, tool), fate in zip(items, fate_list, strict=True)],
             delay_s=float(cfg.batch_delay_s),
             fail_status=int(entry.get("fail_status", 500)),
+            lose_create=bool(entry.get("lose_create", False)),
             **extra,
         )
         for item in batch.items:
@@ -437,11 +442,13 @@ class BatchApis:
         items, errors = self._parse_input(file.data, endpoint)
         metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else None
         if errors:
-            batch = _Batch(self._next_id("batch_"), "openai", [], 0.0, 500, file.id, metadata)
+            batch = _Batch(self._next_id("batch_"), "openai", [], 0.0, 500, input_file_id=file.id, metadata=metadata)
             batch.state, batch.outcome, batch.ended_at, batch.errors = "ended", "failed", time.time(), errors
             self.batches[batch.id] = batch
         else:
             batch = self._new_batch("openai", items, input_file_id=file.id, metadata=metadata)
+            if batch.lose_create:
+                return _openai_error(500, LOST_CREATE, "server_error")
         return web.json_response(self._openai_json(batch))
 
     @staticmethod
@@ -557,7 +564,10 @@ class BatchApis:
             seen.add(custom_id)
             chat, tool = anthropic_as_chat(params)
             items.append((custom_id, chat, tool))
-        return web.json_response(self._anthropic_json(request, self._new_batch("anthropic", items)))
+        batch = self._new_batch("anthropic", items)
+        if batch.lose_create:
+            return _anthropic_error(500, LOST_CREATE)
+        return web.json_response(self._anthropic_json(request, batch))
 
     def _anthropic_json(self, request: web.Request, batch: _Batch) -> dict[str, Any]:
         counts = self._counts(batch)

@@ -176,7 +176,17 @@ class BatchRunner:
             file_id = await self._api(self.provider.upload, body)
             token = BatchRecord.new_token()
             self.ledger.append(BatchRecord("submitting", token, self.provider.name, keys, file_id))
-            batch_id = await self._api(self.provider.create, body, file_id)
+            tried = False
+
+            async def create(body: list[bytes] = body, file_id: str | None = file_id) -> str:
+                """After a failed try, a batch made from the same file is the one (its answer was lost): adopt it."""
+                nonlocal tried
+                if tried and file_id is not None and (found := await self.provider.find(file_id)) is not None:
+                    return str(found)
+                tried = True
+                return await self.provider.create(body, file_id)
+
+            batch_id = await self._api(create)
             record = BatchRecord("submitted", token, self.provider.name, keys, file_id, batch_id)
             self.ledger.append(record)  # on disk before the first poll: a rerun retrieves, never resubmits
             self.tries.update(keys)

@@ -37,7 +37,7 @@ from typing import Any, TypeGuard
 
 from aiohttp import web
 
-from pipeline.llm.batch_fake import BATCH_FATES, BatchApis, BatchCounters
+from pipeline.llm.batch_fake import BATCH_SCRIPT_KEYS, BatchApis, BatchCounters
 
 HANG_SECONDS = 3600.0
 _PROBABILITIES = ("error_rate", "hang_rate", "malformed_rate", "rate_429")
@@ -81,9 +81,8 @@ class FakeServerConfig:
             raise ValueError("batch_delay_s and batch_api_latency_ms must be >= 0")
         if not isinstance(self.batch_script, list) or not all(isinstance(e, dict) for e in self.batch_script):
             raise TypeError("batch_script must be a list of objects")
-        known = {*BATCH_FATES, "fail_status"}
-        if any(set(entry) - known for entry in self.batch_script):
-            raise ValueError(f"batch_script entries take only {', '.join(sorted(known))}")
+        if any(set(entry) - set(BATCH_SCRIPT_KEYS) for entry in self.batch_script):
+            raise ValueError(f"batch_script entries take only {', '.join(BATCH_SCRIPT_KEYS)}")
         # Own copies: the scripts are consumed in place and must not eat the caller's lists.
         self.script = [dict(entry) for entry in self.script]
         self.batch_script = [dict(entry) for entry in self.batch_script]
