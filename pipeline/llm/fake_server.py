@@ -7,7 +7,7 @@ JSON document that conforms to the requested schema; a judge prompt (the answer 
 the judge stage's rubric writes it) gets a verdict from comparing the answer with the golden answer. Faults
 (latency, rate limits, errors, hangs, malformed bodies) are opt-in through :class:`FakeServerConfig` and can be
 changed at runtime. It also serves the providers' batch APIs (OpenAI's files and batches, Anthropic's
-Message Batches) with the same answers: `pipeline.llm.batch_fake`.
+Message Batches) with the same answers: `pipeline.llm.batch_fake` and `batch_fake_http`.
 
 Run it in its own process with ``python -m pipeline.llm.fake_server --port 0 ...``; it prints
 ``FAKE_SERVER_READY http://HOST:PORT`` once listening.
@@ -38,6 +38,7 @@ from typing import Any, TypeGuard
 from aiohttp import web
 
 from pipeline.llm.batch_fake import BATCH_SCRIPT_KEYS, BatchApis, BatchCounters
+from pipeline.llm.batch_fake_http import BatchRoutes
 
 HANG_SECONDS = 3600.0
 _PROBABILITIES = ("error_rate", "hang_rate", "malformed_rate", "rate_429")
@@ -499,7 +500,7 @@ class _FakeApp:
         app.router.add_get("/_stats", self.get_stats)
         app.router.add_get("/_batch_stats", self.get_batch_stats)
         app.router.add_post("/_control", self.control)
-        self.batch_apis.add_routes(app)
+        BatchRoutes(self.batch_apis).add_routes(app)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
