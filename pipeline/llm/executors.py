@@ -1,14 +1,16 @@
 """Where a stage's calls run: `executor_for` picks the executor from the config, and nothing else does.
 
-Today: in this process (`InProcess`), or in `generate.workers` processes (`workers.WorkerProcesses`). A new
-way to run calls (provider batch mode, a Ray cluster) is one module with one class, and one line here.
+Today: in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`), or through
+the provider's batch API (`generate.mode=batch`: `batch_executor.BatchExecutor`). A new way to run calls (a
+Ray cluster) is one module with one class, and one line here.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pipeline.config import GenerateConfig
+from pipeline.config import GenerateConfig, GenerateMode
+from pipeline.llm.batch_executor import BatchExecutor
 from pipeline.llm.dispatch import Work
 from pipeline.llm.workers import WorkerProcesses
 
@@ -60,6 +62,8 @@ class InProcess:
 
 def executor_for(cfg: GenerateConfig) -> Executor:
     """The executor `generate` asks for; the one place that chooses."""
+    if cfg.mode == GenerateMode.batch:
+        return BatchExecutor()
     if cfg.workers > 1:
         return WorkerProcesses()
     return InProcess()
