@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from pipeline import duck, exit_codes, fast_exit, folder_config, observers
-from pipeline.config import STAGE_ORDER, Config, ModelConfig
+from pipeline.config import STAGE_ORDER, Config, GenerateMode, ModelConfig
 from pipeline.errors import BatchesSubmitted, JobExit, RunStopped, UserError
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
@@ -38,6 +38,7 @@ from pipeline.layout import cache_folder, journal_folder, limits_folder
 from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
+from pipeline.llm.prices import batch_price_for
 from pipeline.manifest import (
     Manifest,
     config_files,
@@ -281,8 +282,12 @@ class Runner:
             relations[name], found[f"log:{name}"] = RUN_LOGS[name](con, self.paths.run_dir)
         # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
         # same data into another folder gives byte-identical files.
-        rerun = rerun_command(self.manifest.data["overrides"], None)
-        return relations, found, {"rerun": rerun}, source
+        texts: dict[str, str | None] = {"rerun": rerun_command(self.manifest.data["overrides"], None)}
+        if self.cfg.generate.mode == GenerateMode.batch:  # the card says which price the costs are at
+            texts["prices"] = (
+                f"Batch mode (generate.mode=batch): calls are priced at {batch_price_for(self.cfg.model).note}"
+            )
+        return relations, found, texts, source
 
     def _is_current(self, stage: Stage, fp: str) -> bool:
         prev = self.manifest.data["stages"].get(stage.name, {})

@@ -85,6 +85,11 @@ def test_a_batch_run_gives_the_online_run_tables_at_the_batch_price(tmp_path: Pa
         assert b["cost_usd"] == pytest.approx(a["cost_usd"] / 2)  # half the online price: no batch price known
         assert b["cost_usd"] == pytest.approx((b["prompt_tokens"] * 1 + b["completion_tokens"] * 4) / 1e6)
     assert table(tmp_path / "online" / "run", "validations") == table(tmp_path / "batch" / "run", "validations")
+    card = (tmp_path / "batch" / "run" / "export" / "README.md").read_text()
+    assert (
+        "Batch mode (generate.mode=batch): calls are priced at half the online price (no batch price is known" in card
+    )
+    assert "priced at" not in (tmp_path / "online" / "run" / "export" / "README.md").read_text()
 
 
 def batches_made(server: FakeServer) -> int:
