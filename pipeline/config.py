@@ -84,6 +84,19 @@ class Transport(StrEnum):
     direct = "direct"
 
 
+class BatchApi(StrEnum):
+    """Which provider batch API a preset's endpoint offers (`generate.mode=batch`); none: online only."""
+
+    none = "none"
+    openai = "openai"  # OpenAI's /v1/files + /v1/batches (also Azure and OpenAI-compatible servers)
+    anthropic = "anthropic"  # Anthropic's /v1/messages/batches
+
+
+class GenerateMode(StrEnum):
+    online = "online"
+    batch = "batch"
+
+
 class ExecutorKind(StrEnum):
     local = "local"
     ray = "ray"
@@ -214,6 +227,8 @@ class PricesConfig:
 
     input_per_mtok: float | None = None
     output_per_mtok: float | None = None
+    batch_input_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
+    batch_output_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
 
 
 @dataclass
@@ -255,6 +270,7 @@ class ModelConfig:
     # generate.max_tokens is sent; None: no cap of its own)
     timeout_s: float = 60.0  # seconds before a call is abandoned and retried
     transport: Transport = Transport.litellm  # direct: the project's aiohttp client for OpenAI's wire format
+    batch: BatchApi = BatchApi.none  # the endpoint's batch API for generate.mode=batch: openai | anthropic | none
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     prices: PricesConfig = field(default_factory=PricesConfig)
     fallbacks: list[str] = field(default_factory=list)  # other presets tried in order when a call fails for good
@@ -275,6 +291,17 @@ class PromptConfig:
     template: str = "{{ question }}"
     few_shot: list[FewShotExample] = field(default_factory=list)
     schema_in_system: bool = True
+
+
+@dataclass
+class BatchConfig:
+    """Provider batch mode (`generate.mode=batch`): none of these keys changes a result."""
+
+    wait: bool = True  # poll until every batch ended; false: submit, exit 4 and collect with a later run
+    poll_s: float = 30.0  # first wait between two polls of a batch
+    poll_max_s: float = 600.0  # the waits grow by half each poll up to this
+    max_requests: int | None = None  # requests per batch (None: the provider's limit)
+    max_bytes: int | None = None  # bytes of request lines per batch (None: the provider's limit)
 
 
 @dataclass
@@ -301,6 +328,8 @@ class GenerateConfig:
     max_cost_usd: float | None = None
     dry_run: bool = False
     workers: int = 1
+    mode: GenerateMode = GenerateMode.online  # batch: the preset's batch API (`model.batch`), at its batch price
+    batch: BatchConfig = field(default_factory=BatchConfig)  # batch mode's waiting, polling and batch sizes
     executor: ExecutorKind = ExecutorKind.local  # local: this machine (generate.workers processes); ray: a Ray cluster
     ray: RayGenerateConfig = field(default_factory=RayGenerateConfig)
     # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.

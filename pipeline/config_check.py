@@ -135,12 +135,25 @@ def _outside(value: Any, allowed: tuple[str, ...]) -> bool:
 
 
 def check(cfg: DictConfig) -> None:
-    """Refuse keys the schema does not declare and text values outside their `choices` (the first found)."""
+    """Refuse keys the schema does not declare and text values outside their `choices` (the first found), and
+    values that cannot go together."""
     tree = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(tree, dict)
     tree.pop("hydra", None)
     for problem in _problems(tree, Config, ""):
         raise UserError(problem)
+    _check_batch_mode(tree)
+
+
+def _check_batch_mode(tree: dict[Any, Any]) -> None:
+    """`generate.mode=batch` needs a preset whose endpoint has a batch API (`model.batch`)."""
+    generate, model = tree.get("generate") or {}, tree.get("model") or {}
+    if str(generate.get("mode", "online")).lower() != "batch" or str(model.get("batch", "none")).lower() != "none":
+        return
+    raise UserError(
+        "generate.mode=batch: this model preset has no batch API (model.batch=none); use generate.mode=online, "
+        "or set model.batch=openai|anthropic if its endpoint offers one"
+    )
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:

@@ -25,3 +25,8 @@ class RunStopped(UserError):
 
     Finished calls are kept in the journal and a rerun of the folder resumes: exit code 3, not 2.
     """
+
+
+class BatchesSubmitted(RunStopped):
+    """Provider batches were submitted and are still running (`generate.batch.wait=false`): exit code 4, and
+    the last line is the command that collects them (a rerun of the folder)."""

@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from pipeline import duck, exit_codes, fast_exit, folder_config, observers
-from pipeline.config import STAGE_ORDER, Config, ModelConfig
-from pipeline.errors import JobExit, RunStopped, UserError
+from pipeline.config import STAGE_ORDER, Config, GenerateMode, ModelConfig
+from pipeline.errors import BatchesSubmitted, JobExit, RunStopped, UserError
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
@@ -38,6 +38,7 @@ from pipeline.layout import cache_folder, journal_folder, limits_folder
 from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
+from pipeline.llm.prices import batch_price_for
 from pipeline.manifest import (
     Manifest,
     config_files,
@@ -281,8 +282,12 @@ class Runner:
             relations[name], found[f"log:{name}"] = RUN_LOGS[name](con, self.paths.run_dir)
         # The dataset card's command reproduces the dataset anywhere: no run folder in it, so rebuilding the
         # same data into another folder gives byte-identical files.
-        rerun = rerun_command(self.manifest.data["overrides"], None)
-        return relations, found, {"rerun": rerun}, source
+        texts: dict[str, str | None] = {"rerun": rerun_command(self.manifest.data["overrides"], None)}
+        if self.cfg.generate.mode == GenerateMode.batch:  # the card says which price the costs are at
+            texts["prices"] = (
+                f"Batch mode (generate.mode=batch): calls are priced at {batch_price_for(self.cfg.model).note}"
+            )
+        return relations, found, texts, source
 
     def _is_current(self, stage: Stage, fp: str) -> bool:
         prev = self.manifest.data["stages"].get(stage.name, {})
@@ -421,10 +426,15 @@ def run_job(raw: DictConfig) -> None:
         fast_exit.allow()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     runner: Runner | None = None
+    ending = ("incomplete", exit_codes.INCOMPLETE, "no export written: resume")  # what a stop says, and its code
     try:
         cfg = typed_config(raw)
         runner = Runner(cfg, raw, _paths(cfg), console, redact)
         incomplete = asyncio.run(runner.run())
+    except BatchesSubmitted as exc:  # generate.batch.wait=false: a later run of the folder collects them
+        incomplete = redact(str(exc))
+        console.print(f"[bold yellow]submitted:[/] {incomplete}", highlight=False, soft_wrap=True)
+        ending = ("batches running", exit_codes.BATCH_SUBMITTED, "no export yet: collect them later with")
     except RunStopped as exc:
         message = redact(str(exc))
         log.error("stopped: %s", message)
@@ -453,11 +463,12 @@ def run_job(raw: DictConfig) -> None:
         return
     if incomplete is None:
         return
+    what, code, how = ending
     resume = runner.resume_command() if runner is not None else resume_command(run_dir)
-    log.warning("incomplete: %s; resume: %s", incomplete, resume)
+    log.warning("%s: %s; %s: %s", what, incomplete, how, resume)
     if in_sweep:
-        record_failure(run_dir, f"incomplete: {incomplete}")
+        record_failure(run_dir, f"{what}: {incomplete}")
         return
-    line = f"incomplete (exit {exit_codes.INCOMPLETE}), no export written: resume: {resume}"
-    console.print(f"[bold yellow]{line.replace(': resume', ':[/] resume', 1)}", highlight=False, soft_wrap=True)
-    raise JobExit(exit_codes.INCOMPLETE, f"{incomplete}; {line}")
+    line = f"{what} (exit {code}), {how}: {resume}"
+    console.print(f"[bold yellow]{what} (exit {code}), {how}:[/] {resume}", highlight=False, soft_wrap=True)
+    raise JobExit(code, f"{incomplete}; {line}")

@@ -52,6 +52,7 @@ class CardData:
     model_ids: list[str]  # the teacher's litellm id and its fallback presets: tags on the Hub
     hub_repo_id: str | None = None  # recorded by pipeline.publish
     judge: dict[str, Any] | None = None  # stages.judge_figures.judge_figures, when the run has judgements
+    price_note: str | None = None  # which prices the costs are at, when not the online ones (batch mode)
 
 
 def _pct(part: Any, whole: Any) -> str:
@@ -233,6 +234,8 @@ def _body(d: CardData) -> str:
     unpriced = f" ({cost['unpriced']} calls without a known price)" if cost["unpriced"] else ""
     out.append(f"All {cost['calls']} answers of the run (first pass and repairs): {_usd(cost['total'])}{unpriced}.")
     out.append(f"Answers behind the exported examples, repair rounds included: {_usd(cost['exported'])}.")
+    if d.price_note:
+        out.append(f"{d.price_note}.")
     out += ["", "## What the student sees", ""]
     out.append(f"- system: {'the prompt.system text' if cfg.include_system and d.prompt_system else 'none'}")
     user = f"`{cfg.student_template}`" if cfg.student_template is not None else "prompt.template"

@@ -421,6 +421,7 @@ def _card_data(
         not_applied=not_applied,
         config_hash=config_hash(ctx.cfg),
         rerun=portable_command(rerun, ctx.cfg.paths.root_dir) if rerun else None,
+        price_note=ctx.texts.get("prices"),
         steps=sel.steps,
         empty=written.empty,
         exported=written.total,

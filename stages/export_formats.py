@@ -15,6 +15,8 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import arrow_rows
+
 TABULAR = pa.schema(
     [
         ("response_id", pa.string()),
@@ -142,7 +144,7 @@ class ParquetFile(FormatWriter):
 
     def _flush(self) -> None:
         if self.rows:
-            self.writer.write_batch(pa.RecordBatch.from_pylist(self.rows, schema=TABULAR))
+            self.writer.write_table(arrow_rows.table(self.rows, TABULAR))
             self.rows = []
 
     def close(self) -> None:

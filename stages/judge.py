@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import arrow_rows
 from pipeline.answers import Validators, check_answer
 from pipeline.config import JudgeConfig, PromptConfig
 from pipeline.errors import UserError
@@ -160,7 +161,7 @@ def _judgements(ctx: StageContext, counts: dict[str, int]) -> Iterator[pa.Record
         for row in rows:
             counts[row["status"]] += 1
             counts["passed"] += bool(row["passed"])
-        yield pa.RecordBatch.from_pylist(rows, schema=JUDGEMENTS)
+        yield from arrow_rows.batches(rows, JUDGEMENTS)
 
 
 async def run(ctx: StageContext) -> StageResult:

@@ -23,6 +23,7 @@ import pyarrow as pa
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipeline import arrow_rows
 from pipeline.answers import Validators, check_answer
 from pipeline.config import RepairConfig
 from pipeline.errors import UserError
@@ -114,7 +115,7 @@ class _Chains:
                         }
                     )
             if turns:
-                self.side.register("repair_new_turns", pa.Table.from_pylist(turns, schema=TURNS))
+                self.side.register("repair_new_turns", arrow_rows.table(turns, TURNS))
                 self.side.execute("INSERT INTO repair_turns SELECT * FROM repair_new_turns")
                 self.side.unregister("repair_new_turns")
                 invalid += len(turns)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import arrow_rows
 from pipeline.answers import Check, Validators, check_answer
 from pipeline.config import ValidateConfig
 from pipeline.errors import UserError
@@ -293,7 +294,7 @@ def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | No
         rows = [validate_row(scorer, checkers, row, bool(row["is_final"])) for row in batch.to_pylist()]
         for row in rows:
             metrics.add(row)
-        yield pa.RecordBatch.from_pylist(rows, schema=VALIDATIONS)
+        yield from arrow_rows.batches(rows, VALIDATIONS)
 
 
 def run(ctx: StageContext) -> StageResult:

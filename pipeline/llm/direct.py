@@ -61,6 +61,22 @@ def _int(value: Any) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def read_completion(result: Attempt, payload: dict[str, Any]) -> Attempt:
+    """Fill `result` from a chat-completion body that has `choices` (also what a batch output line carries)."""
+    choice = payload["choices"][0]
+    message_obj = choice.get("message") or {}
+    usage = payload.get("usage") or {}
+    result.content = message_obj.get("content")
+    result.reasoning_content = message_obj.get("reasoning_content")
+    result.finish_reason = choice.get("finish_reason")
+    result.provider_model = payload.get("model")
+    result.prompt_tokens = _int(usage.get("prompt_tokens"))
+    result.completion_tokens = _int(usage.get("completion_tokens"))
+    result.reasoning_tokens = _int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens"))
+    result.cached_tokens = _int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    return result
+
+
 class DirectTransport:
     """A `Transport` (`model.transport=direct`): one shared session per event loop, with connection limits sized
     to the concurrency cap."""
@@ -122,17 +138,7 @@ class DirectTransport:
         if not isinstance(payload, dict) or not payload.get("choices"):
             text = raw.decode("utf-8", "replace")[:200]
             return self._failed(result, t0, "malformed_response", None, f"malformed response body: {text}")
-        choice = payload["choices"][0]
-        message_obj = choice.get("message") or {}
-        usage = payload.get("usage") or {}
-        result.content = message_obj.get("content")
-        result.reasoning_content = message_obj.get("reasoning_content")
-        result.finish_reason = choice.get("finish_reason")
-        result.provider_model = payload.get("model")
-        result.prompt_tokens = _int(usage.get("prompt_tokens"))
-        result.completion_tokens = _int(usage.get("completion_tokens"))
-        result.reasoning_tokens = _int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens"))
-        result.cached_tokens = _int((usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+        read_completion(result, payload)
         result.status_code = status
         return result
 

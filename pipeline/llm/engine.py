@@ -16,8 +16,9 @@ from typing import Any
 
 import duckdb
 
-from pipeline.config import GenerateConfig
+from pipeline.config import GenerateConfig, GenerateMode
 from pipeline.errors import UserError
+from pipeline.llm.batch_executor import at_batch_prices
 from pipeline.llm.call import CallRunner
 from pipeline.llm.dispatch import Dispatcher, Work
 from pipeline.llm.executors import executor_for
@@ -56,6 +57,8 @@ class Engine:
             raise UserError(f"generate.cache={cfg.cache!r}: use one of {', '.join(CACHE_MODES)}")
         if cfg.workers < 1:
             raise UserError(f"generate.workers={cfg.workers}: must be at least 1")
+        if cfg.mode == GenerateMode.batch:  # answers, budget and dry run at the batch price
+            targets, prepare = at_batch_prices(targets, prepare)
         configure_breakers(targets, cfg.endpoint_down_after_s)
         self.con = con  # streams the pending units
         self.side = con.cursor()  # look-ups while the stream is open

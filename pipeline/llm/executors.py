@@ -1,15 +1,18 @@
 """Where a stage's calls run: `executor_for` picks the executor from the config, and nothing else does.
 
-Today: in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`), or on a Ray
-cluster (`ray_executor.RayExecutor`, `generate.executor=ray`). A new way to run calls (provider batch mode) is
-one module with one class, and one line here.
+Today: in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`), through
+the provider's batch API (`generate.mode=batch`: `batch_executor.BatchExecutor`), or on a Ray cluster
+(`generate.executor=ray`: `ray_executor.RayExecutor`). A new way to run calls is one module with one class,
+and one line here.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from pipeline.config import ExecutorKind, GenerateConfig
+from pipeline.config import ExecutorKind, GenerateConfig, GenerateMode
+from pipeline.errors import UserError
+from pipeline.llm.batch_executor import BatchExecutor
 from pipeline.llm.dispatch import Work
 from pipeline.llm.ray_executor import RayExecutor
 from pipeline.llm.workers import WorkerProcesses
@@ -62,6 +65,10 @@ class InProcess:
 
 def executor_for(cfg: GenerateConfig) -> Executor:
     """The executor `generate` asks for; the one place that chooses."""
+    if cfg.mode == GenerateMode.batch:
+        if cfg.executor == ExecutorKind.ray:
+            raise UserError("generate.mode=batch sends the batches from this process: use generate.executor=local")
+        return BatchExecutor()
     if cfg.executor == ExecutorKind.ray:
         return RayExecutor(cfg)
     if cfg.workers > 1:

@@ -6,7 +6,8 @@ first arithmetic expression in the last user message and, when asked for structu
 JSON document that conforms to the requested schema; a judge prompt (the answer in ``<answer>`` tags, as
 the judge stage's rubric writes it) gets a verdict from comparing the answer with the golden answer. Faults
 (latency, rate limits, errors, hangs, malformed bodies) are opt-in through :class:`FakeServerConfig` and can be
-changed at runtime.
+changed at runtime. It also serves the providers' batch APIs (OpenAI's files and batches, Anthropic's
+Message Batches) with the same answers: `pipeline.llm.batch_fake` and `batch_fake_http`.
 
 Run it in its own process with ``python -m pipeline.llm.fake_server --port 0 ...``; it prints
 ``FAKE_SERVER_READY http://HOST:PORT`` once listening.
@@ -36,6 +37,9 @@ from typing import Any, TypeGuard
 
 from aiohttp import web
 
+from pipeline.llm.batch_fake import BATCH_SCRIPT_KEYS, BatchApis, BatchCounters
+from pipeline.llm.batch_fake_http import BatchRoutes
+
 HANG_SECONDS = 3600.0
 _PROBABILITIES = ("error_rate", "hang_rate", "malformed_rate", "rate_429")
 
@@ -58,6 +62,9 @@ class FakeServerConfig:
     fail_models: list[str] = field(default_factory=list)
     require_api_key: str | None = None
     tokenizer: str | None = None  # a tiktoken encoding: count prompt tokens as OpenAI does (None: characters / 4)
+    batch_delay_s: float = 0.0  # batch APIs: seconds from a batch's creation to its end (items spread evenly)
+    batch_script: list[dict[str, Any]] = field(default_factory=list)  # one entry per created batch (batch_fake)
+    batch_api_latency_ms: float = 0.0  # each batch API request (upload, create, poll, download) takes this long
 
     def __post_init__(self) -> None:
         """Reject nonsense early (also on runtime updates, which go through ``dataclasses.replace``)."""
@@ -71,8 +78,15 @@ class FakeServerConfig:
             raise ValueError("rate_limit_burst must be >= 1 and latencies >= 0")
         if not isinstance(self.script, list) or not all(isinstance(e, dict) for e in self.script):
             raise TypeError("script must be a list of objects")
-        # Own copies: the script is consumed in place and must not eat the caller's list.
+        if self.batch_delay_s < 0 or self.batch_api_latency_ms < 0:
+            raise ValueError("batch_delay_s and batch_api_latency_ms must be >= 0")
+        if not isinstance(self.batch_script, list) or not all(isinstance(e, dict) for e in self.batch_script):
+            raise TypeError("batch_script must be a list of objects")
+        if any(set(entry) - set(BATCH_SCRIPT_KEYS) for entry in self.batch_script):
+            raise ValueError(f"batch_script entries take only {', '.join(BATCH_SCRIPT_KEYS)}")
+        # Own copies: the scripts are consumed in place and must not eat the caller's lists.
         self.script = [dict(entry) for entry in self.script]
+        self.batch_script = [dict(entry) for entry in self.batch_script]
         self.fail_models = list(self.fail_models)
 
 
@@ -400,15 +414,16 @@ def _error(
 
 
 class _TokenBucket:
-    """Server-side request limiter: ``burst`` tokens, refilled at ``rate`` per second."""
+    """Server-side request limiter: ``burst`` tokens, refilled at ``rate`` per second (the clock is injected for
+    the limiter's simulated traffic, `tests/limiter_sim.py`)."""
 
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.capacity = rate, burst
-        self.tokens, self.stamp = burst, time.monotonic()
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.capacity, self.clock = rate, burst, clock
+        self.tokens, self.stamp = burst, clock()
 
     def take(self) -> float:
         """Take a token; return 0 when admitted, else the seconds until one is available."""
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
@@ -427,6 +442,7 @@ class _Stats:
     hangs: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
+    batch: BatchCounters = field(default_factory=BatchCounters)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -449,6 +465,11 @@ class _FakeApp:
         self.bucket = self._make_bucket()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.ids = itertools.count(1)
+        self.batch_apis = BatchApis(self)
+
+    @property
+    def batch_counters(self) -> BatchCounters:
+        return self.stats.batch
 
     def _make_bucket(self) -> _TokenBucket | None:
         rps = self.config.rate_limit_rps
@@ -470,6 +491,7 @@ class _FakeApp:
         """Cancel handlers (notably hanging ones) so shutdown does not wait for them."""
         for task in self.tasks:
             task.cancel()
+        self.batch_apis.close()
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
@@ -477,7 +499,9 @@ class _FakeApp:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/_stats", self.get_stats)
+        app.router.add_get("/_batch_stats", self.get_batch_stats)
         app.router.add_post("/_control", self.control)
+        BatchRoutes(self.batch_apis).add_routes(app)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -485,6 +509,9 @@ class _FakeApp:
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return _json(self.stats.snapshot())
+
+    async def get_batch_stats(self, request: web.Request) -> web.Response:
+        return _json(self.stats.batch.snapshot())
 
     async def list_models(self, request: web.Request) -> web.Response:
         names = sorted({"fake", "fake-model", *self.stats.models} - set(self.config.fail_models))
@@ -587,11 +614,10 @@ class _FakeApp:
             return _error(500, headers=headers)
         if fault == "rate_429":
             return _error(429, retry_after=cfg.retry_after_s, model=model, headers=headers)
-        return self._completion(body, model, entry, headers)
+        return _json(self.completion_payload(body, model, entry), headers=headers)
 
-    def _completion(
-        self, body: dict[str, Any], model: str, entry: dict[str, Any], headers: dict[str, str]
-    ) -> web.Response:
+    def completion_payload(self, body: dict[str, Any], model: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """The chat completion answering `body` (also what the batch APIs answer each item with)."""
         messages = body["messages"]
         reply = str(entry["content"]) if "content" in entry else make_reply(messages, body.get("response_format"))
         finish_reason = "stop"
@@ -624,7 +650,7 @@ class _FakeApp:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        return _json(payload, headers=headers)
+        return payload
 
 
 async def _serve(app: _FakeApp, host: str, port: int, stop: asyncio.Event, on_ready: Callable[[int], None]) -> None:
@@ -740,6 +766,11 @@ class FakeServer:
         """A snapshot of the counters served at ``GET /_stats``."""
         return self._app.stats.snapshot()
 
+    def batch_stats(self) -> dict[str, Any]:
+        """The batch APIs' counters served at ``GET /_batch_stats``: requests per endpoint, and per item
+        (`custom_id`) how often it was submitted and answered (`batch_fake.BatchCounters`)."""
+        return self._app.stats.batch.snapshot()
+
 
 # --------------------------------------------------------------------------- CLI
 
@@ -761,6 +792,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--script", type=json.loads, default=[], help="JSON list of scripted responses")
     parser.add_argument("--fail-model", dest="fail_models", action="append", default=[], help="repeatable")
     parser.add_argument("--require-api-key", default=None)
+    parser.add_argument("--batch-delay-s", type=float, default=0.0, help="seconds a batch takes to end")
+    parser.add_argument("--batch-script", type=json.loads, default=[], help="JSON list, one entry per batch")
+    parser.add_argument("--batch-api-latency-ms", type=float, default=0.0)
     return parser
 
 

@@ -1,15 +1,25 @@
 """Per-endpoint limits that wait instead of failing: a concurrency cap, token buckets, 429 back-off.
 
-Every wait is computed from the bucket's level and rate (no polling loops). Buckets start nearly empty
+Every wait is computed from the bucket's level and rate (no polling loops; under a learned rate, callers
+beyond a short horizon are asked back in turn, see below). Buckets start nearly empty
 and hold only `burst_seconds` of rate, because a full minute of burst trips real providers; after an idle
 second a bucket holds less than one second of rate, because a provider's own bucket may be no bigger (the
 next run on an endpoint, or the recovery after a stall, must not burst past it). The clock is injected so
 the arithmetic is unit-tested with a fake clock.
 
-When the provider answers 429 the request rate is learned (AIMD on the rate, not only on concurrency):
-the rate drops a little below what the endpoint was seen to admit and grows back slowly with successes,
-so that against a limit nobody told us about (or a wrong one) 429s become rare and throughput stays
-close to the limit.
+When the provider answers 429 the request rate is learned (AIMD on the rate, not only on concurrency).
+Told nothing, the first estimate is what the endpoint admitted so far; it is a guess, so it grows fast
+(doubling every `GUESS_DOUBLING_S` while calls succeed, like TCP's slow start) until the next 429 ends the
+guess 5 % below the rate that drew it. From then on a 429 takes 5 % off the lower of the learned rate
+and the rate the endpoint admitted since the last pause (20 % while coming down from a guess, when it comes
+within seconds of the last pause: far above the limit), and the rate grows back by a share per second of
+successful traffic, whatever its size (a share per success would make a fast endpoint overshoot every second
+and a slow one recover in hours), capped per success (a slow endpoint would draw a 429 every few dozen
+calls). Told a rate, the same applies once 429s come twice within a minute. Only one 429 per overload
+counts (`sent_at`), and the concurrency cap halves only while no rate is known.
+While a learned rate governs, no caller is given a slot more than `HORIZON_S` ahead: further back, it is
+asked back in turn and asks again, so that a rate that grew is used at once instead of after a queue
+reserved at the old one (and callers reserved at different rates do not bunch up into a burst).
 
 The buckets' state (levels, time stamps, the 429 pause) lives in a `State`: in this process's memory, or
 in a small file under the cache folder, updated under `flock`, so that parallel sweep jobs and worker
@@ -36,18 +46,27 @@ IDLE_RESET_S = 60.0  # a bucket nobody used for this long starts again nearly em
 IDLE_BURST_S = 1.0  # after this long unused, a bucket holds less than one second of rate:
 IDLE_LEVEL_S = 0.8  # this much, so that the sends it lets go at once fit a provider's one-second burst even
 # when the first of them reach it late (a provider's bucket counts from their arrival, ours from their send)
-# requests (level, stamp), input tokens (level, stamp), output tokens (level, stamp), paused_until,
-# learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, and whether
-# the learned rate is a guess from too few successes or too short a time (it then grows fast until the next
-# 429 measures it)
-SLOTS = 13
-PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED = 6, 7, 8, 9, 10, 11, 12
-METER_MIN_COUNT = 5  # with fewer successes than this since the last pause, a told rate is trusted more
+# requests (level in seconds of rate, stamp), input tokens (same), output tokens (same), paused_until,
+# learned request rate, admitted-rate meter (successes, last success, start), last rate decrease, whether the
+# learned rate is a guess still growing fast, when it last grew, the rate that drew the last 429, and whether
+# the rate is still coming down from a guess's overshoot
+SLOTS = 16
+PAUSED, LEARNED, METER_COUNT, METER_STAMP, METER_START, DECREASED, GUESSED, GROWN, CEILING, DESCENT = range(6, 16)
 METER_MIN_SPAN_S = 1.0  # the admitted rate is measured over at least a second: a burst is not a rate
+METER_TRUST_S = 2.0  # a measured rate cuts a learned one only when measured over this long since the pause
 RATE_DECREASE = 0.95  # on a 429 the learned rate drops to this share of what the endpoint admitted
-RATE_GROWTH = 1e-4  # each success grows the learned rate by this share: 5 % takes about 500 successes
-GUESS_CUT = 0.8  # the 429 that ends a guess's growth leaves at least this share of it
-GUESS_GROWTH = 1e-2  # a guessed rate grows 1 % per success (x10 in about 230 successes) until a 429 measures it
+RATE_GROWTH_PER_S = 3e-3  # a second of successes grows the learned rate by 0.3 %: 5 % back in about 16 s
+RATE_GROWTH_PER_CALL = 1e-4  # and never more per success: a slow endpoint sees a 429 per 500 calls, not per 16 s
+GUESS_DOUBLING_S = 2.0  # a guessed rate doubles every this many seconds of successes until a 429 measures it
+MAX_CUT = 0.8  # one 429 leaves at least this share of a learned rate (before the 5 %)
+QUICK_429_S = 5.0  # a 429 this soon after the last pause's end says the rate is far too high:
+QUICK_DECREASE = 0.8  # it cuts to this share instead, and the rate grows back fast to RECOVER_TO of the rate
+RECOVER_TO = 0.9  # that drew it (at RECOVERY_PER_S, at most RECOVERY_PER_CALL per success), then slowly
+RECOVERY_PER_S = 0.03
+RECOVERY_PER_CALL = 0.01
+GROWTH_GAP_S = 1.0  # growth counts at most this long between two successes: idle time is no evidence
+HORIZON_S = 0.25  # under a learned rate, no slot is reserved further ahead than this (or two slots)
+RECALL_PACE = 2.0  # callers beyond the horizon are asked back at this many times the learned rate
 MIN_RATE = 1 / 60  # never learn less than one request a minute
 LONE_429_S = 60.0  # told a rate, a 429 cuts it only when another came within this many seconds
 
@@ -135,18 +154,24 @@ class TokenBucket:
 
     @contextlib.contextmanager
     def _bucket(self) -> Iterator[list[float]]:
-        """The state's [level, stamp] pair, refilled to now; changes to index 0 are written back."""
+        """The [level, stamp] pair in tokens, refilled to now; changes to index 0 are written back.
+
+        The state holds the level in seconds of rate, so that when a learned rate changes, the slots already
+        handed out keep their times: a debt kept in tokens would be paid off sooner at a higher rate, and the
+        next caller would be sent together with one still waiting for an earlier slot."""
         with self._state.locked() as values:
             now = self._clock()
-            level, stamp = values[self._slot], values[self._slot + 1]
-            if math.isnan(level) or math.isnan(stamp) or now - stamp > IDLE_RESET_S:
+            seconds, stamp = values[self._slot], values[self._slot + 1]
+            if math.isnan(seconds) or math.isnan(stamp) or now - stamp > IDLE_RESET_S:
                 level, stamp = self._initial, now  # first use (or long idle): start nearly empty
+            else:
+                level = seconds * self.rate
             idle = now - stamp
             # burst_seconds caps the steady state; after an idle second, less than one second of rate.
             cap = self.capacity if idle <= IDLE_BURST_S else self._idle_cap
             pair = [min(cap, level + max(0.0, idle) * self.rate), now]
             yield pair
-            values[self._slot], values[self._slot + 1] = pair
+            values[self._slot], values[self._slot + 1] = pair[0] / self.rate, pair[1]
 
     @property
     def level(self) -> float:
@@ -179,6 +204,7 @@ class Reservation:
     input_tokens: float
     output_tokens: float
     paused_until: float = 0.0  # the endpoint's pause when reserved: a later 429 voids the slot
+    provisional: bool = False  # beyond the horizon: nothing was taken, the caller asks again after the wait
 
 
 class AdaptiveCap:
@@ -246,6 +272,7 @@ class EndpointLimiter:
         self.output_tokens = bucket(limits.output_tokens_per_minute, 4)
         self.reserve_max_tokens = limits.reserve_max_tokens
         self.throttled = 0
+        self._recall_at = 0.0  # when the next caller beyond the horizon is asked back (this process's callers)
 
     @property
     def paused_until(self) -> float:
@@ -272,7 +299,10 @@ class EndpointLimiter:
             self.requests.set_rate(rate)
 
     def reserve(self, input_tokens: float, max_output_tokens: float) -> tuple[float, Reservation]:
-        """Take what one call needs from every bucket; returns the wait before sending and the reservation."""
+        """Take what one call needs from every bucket; returns the wait before sending and the reservation.
+
+        Under a learned rate a slot further than `HORIZON_S` ahead is not taken: the reservation is provisional
+        (`voided`), and the caller asks again when its turn comes (`_recall`), at the rate learned by then."""
         output = max_output_tokens if self.reserve_max_tokens else 0.0
         with self._state.locked() as values:
             mark = 0.0 if math.isnan(values[PAUSED]) else values[PAUSED]
@@ -280,15 +310,32 @@ class EndpointLimiter:
         self._follow_learned_rate(learned)
         wait = max(0.0, mark - self._clock())
         if self.requests is not None:
-            wait = max(wait, self.requests.reserve(1))
+            slot = self.requests.reserve(1)
+            horizon = max(HORIZON_S, 2 / self.requests.rate)  # at least two slots: the bucket never idles
+            if learned is not None and slot > wait + horizon:
+                self.requests.credit(1)
+                return self._recall(max(wait, horizon)), Reservation(input_tokens, 0.0, mark, provisional=True)
+            wait = max(wait, slot)
         if self.input_tokens is not None:
             wait = max(wait, self.input_tokens.reserve(input_tokens))
         if self.output_tokens is not None and output:
             wait = max(wait, self.output_tokens.reserve(output))
         return wait, Reservation(input_tokens, output, mark)
 
+    def _recall(self, earliest: float) -> float:
+        """The wait of a caller beyond the horizon: callers are asked back in turn, at `RECALL_PACE` times the
+        rate, so that a rate that grew finds callers ready while they cost a couple of wake-ups per call, not
+        one per horizon each."""
+        assert self.requests is not None
+        now = self._clock()
+        back = max(now + earliest, self._recall_at)
+        self._recall_at = back + 1 / (RECALL_PACE * self.requests.rate)
+        return back - now
+
     def settle(self, reservation: Reservation, input_tokens: int | None, output_tokens: int | None) -> None:
         """Reconcile the estimate with the provider's `usage` once the call is back."""
+        if reservation.provisional:
+            return
         if self.input_tokens is not None and input_tokens is not None:
             self.input_tokens.credit(reservation.input_tokens - input_tokens)
         if self.output_tokens is not None and output_tokens is not None:
@@ -309,9 +356,11 @@ class EndpointLimiter:
         """A 429: every worker on this endpoint waits until Retry-After (or a back-off), then ramps back.
 
         The buckets are held empty until the pause ends, so slots reserved before the 429 are void and
-        callers queue again from an empty bucket afterwards (slow start), the concurrency cap halves and
-        the request rate drops below what the endpoint admitted. A 429 for a request sent before the last
-        one was handled (`sent_at` earlier) is an echo of the same overload and changes nothing.
+        callers queue again from an empty bucket afterwards (slow start), and the request rate drops below
+        what the endpoint admitted; the concurrency cap halves only while no rate is told or learned (a
+        rate's 429 is the rate's to answer: a halved cap would starve a slow endpoint's throughput). A 429
+        for a request sent before the last one was handled (`sent_at` earlier) is an echo of the same
+        overload and changes nothing.
         """
         self.throttled += 1
         pause = retry_after_s or backoff_s
@@ -323,37 +372,23 @@ class EndpointLimiter:
             values[PAUSED] = until if math.isnan(values[PAUSED]) else max(values[PAUSED], until)
             pause = values[PAUSED] - now
             learned = _nan_none(values[LEARNED])
-            lone = math.isnan(values[DECREASED]) or now - values[DECREASED] > LONE_429_S
-            if self._configured_rate is not None:  # told a rate: 5 % off what we sent at (slow starts measure low)
-                # A lone 429 (timer jitter, a stalled loop) only pauses; a second within a minute says the told
-                # rate is too high.
-                seen = (
-                    [] if lone and learned is None else [r for r in (self._configured_rate, learned) if r is not None]
-                )
-            else:  # told nothing: what the endpoint admitted since the last pause is the best guess
-                admitted = _admitted_rate(values, trust_few=learned is None)
-                if learned is not None and values[GUESSED] == 1.0 and admitted is not None:
-                    # A guess that grew into this 429: the meter averaged its ramp, so it may read low.
-                    admitted, values[GUESSED] = max(admitted, GUESS_CUT * learned), 0.0
-                elif learned is None:  # a first rate from a handful of successes or a burst is a guess
-                    span = values[METER_STAMP] - values[METER_START]
-                    values[GUESSED] = float(values[METER_COUNT] < METER_MIN_COUNT or not span >= METER_MIN_SPAN_S)
-                seen = [r for r in (learned, admitted) if r is not None]
-            if seen:
-                values[LEARNED] = max(MIN_RATE, RATE_DECREASE * min(seen))
+            values[LEARNED] = _after_429(values, learned, self._configured_rate, now)
             values[DECREASED] = now
             # The meter starts again when the pause ends: a rate measured across a pause would be too low.
             values[METER_COUNT], values[METER_STAMP], values[METER_START] = 0.0, values[PAUSED], values[PAUSED]
-            learned = _nan_none(values[LEARNED])
-        self._follow_learned_rate(learned)
-        self.cap.on_throttle()
+            values[GROWN] = values[PAUSED]  # and nothing grows before it
+            now_learned = _nan_none(values[LEARNED])
+        self._follow_learned_rate(now_learned)
+        if learned is None and self._configured_rate is None:
+            self.cap.on_throttle()
         for bucket in (self.requests, self.input_tokens, self.output_tokens):
             if bucket is not None:
                 bucket.hold(pause)
 
     def voided(self, reservation: Reservation) -> bool:
-        """Whether a 429 paused the endpoint after this reservation was made: then reserve again."""
-        return self.paused_until != reservation.paused_until
+        """Whether to reserve again: a 429 paused the endpoint after this reservation was made, or it was
+        provisional (a slot beyond the horizon)."""
+        return reservation.provisional or self.paused_until != reservation.paused_until
 
     def late(self, due: float) -> bool:
         """Whether a caller woke so long after its slot that sending now would burst with others.
@@ -368,7 +403,7 @@ class EndpointLimiter:
         return self._clock()
 
     def on_success(self) -> None:
-        """Count the success in the admitted-rate meter and grow the learned rate a little."""
+        """Count the success in the admitted-rate meter and grow the learned rate by the time it covers."""
         self.cap.on_success()
         with self._state.locked() as values:
             now = self._clock()
@@ -376,23 +411,70 @@ class EndpointLimiter:
                 values[METER_COUNT], values[METER_STAMP], values[METER_START] = 0.0, now, now
             values[METER_COUNT] += 1
             values[METER_STAMP] = max(now, values[METER_STAMP])
-            if not math.isnan(values[LEARNED]):
-                grown = values[LEARNED] * (1 + (GUESS_GROWTH if values[GUESSED] == 1.0 else RATE_GROWTH))
-                values[LEARNED] = grown if self._configured_rate is None else min(grown, self._configured_rate)
+            if math.isnan(values[LEARNED]):
+                return
+            grown = now if math.isnan(values[GROWN]) else values[GROWN]
+            elapsed = min(GROWTH_GAP_S, max(0.0, now - grown))
+            values[GROWN] = max(now, grown)
+            rate = values[LEARNED]
+            if values[GUESSED] == 1.0:
+                rate *= 2 ** (elapsed / GUESS_DOUBLING_S)
+            elif rate < RECOVER_TO * values[CEILING]:  # NaN compares False
+                rate = min(RECOVER_TO * values[CEILING], rate * (1 + min(RECOVERY_PER_S * elapsed, RECOVERY_PER_CALL)))
+            else:
+                rate *= 1 + min(RATE_GROWTH_PER_S * elapsed, RATE_GROWTH_PER_CALL)
+            values[LEARNED] = rate if self._configured_rate is None else min(rate, self._configured_rate)
 
 
 def _nan_none(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _admitted_rate(values: list[float], trust_few: bool) -> float | None:
+def _after_429(values: list[float], learned: float | None, configured: float | None, now: float) -> float:
+    """The learned request rate after a 429 that is not an echo (NaN: none learned yet).
+
+    Told nothing, the first 429 makes what was admitted so far a guess (which then grows fast); the 429 that
+    ends a guess takes 5 % off it. Told a rate, a lone 429 (timer jitter, a stalled loop) only pauses;
+    a second within `LONE_429_S` says the told rate is too high. Otherwise 5 % off the lowest of the told
+    rate, the learned one and what the endpoint admitted since the last pause (when measured long enough);
+    20 % when, coming down from a guess (told nothing), the 429 came within `QUICK_429_S` of the last pause's
+    end (the rate then grows back fast to `RECOVER_TO` of the rate that drew the 429, so a cut that was too
+    deep costs seconds); the first 429 that comes later ends the descent."""
+    lone = math.isnan(values[DECREASED]) or now - values[DECREASED] > LONE_429_S
+    # Back within seconds of the last pause: far above the limit (a server whose burst refilled during the
+    # pause hides how far, and every admitted-rate reading is inflated by it), so the cut is deeper.
+    # Only while coming down from a guess's overshoot: later (or under a told rate, whose 429s under load are
+    # mostly bursts of ours from a stalled event loop), 20 % cuts in a row would spiral down.
+    quick = values[DESCENT] == 1.0 and not lone and now - values[METER_START] < QUICK_429_S
+    if not quick:
+        values[DESCENT] = 0.0
+    cut = QUICK_DECREASE if quick else RATE_DECREASE
+    if configured is None and learned is None:
+        first = _admitted_rate(values, 0.0)
+        values[GUESSED] = 1.0
+        return math.nan if first is None else max(MIN_RATE, RATE_DECREASE * first)
+    if configured is not None and lone and learned is None:
+        return math.nan
+    if configured is None and values[GUESSED] == 1.0:
+        assert learned is not None
+        values[GUESSED], values[DESCENT] = 0.0, 1.0
+        drew = learned  # the meter averaged the guess's ramp: it would read low
+    else:
+        admitted = _admitted_rate(values, METER_TRUST_S)
+        seen = [r for r in (configured, learned, admitted) if r is not None]
+        floor = 0.0 if learned is None else MAX_CUT * learned  # sending below the rate (too few callers) measures low
+        drew = max(floor, min(seen))
+    values[CEILING] = drew if learned is None else learned  # the rate we were sending at drew it
+    return max(MIN_RATE, cut * drew)
+
+
+def _admitted_rate(values: list[float], min_span_s: float) -> float | None:
     """Successes per second since the last 429's pause ended (or the first success), up to the latest success:
-    idle time after it is no evidence of a lower limit. None with no successes, or with few unless `trust_few`
-    (nothing else is known)."""
-    count = values[METER_COUNT]
-    if math.isnan(count) or count < (1 if trust_few else METER_MIN_COUNT):
+    idle time after it is no evidence of a lower limit. None with no successes or a shorter span than asked."""
+    count, span = values[METER_COUNT], values[METER_STAMP] - values[METER_START]
+    if math.isnan(count) or count < 1 or not span >= min_span_s:
         return None
-    return count / max(METER_MIN_SPAN_S, values[METER_STAMP] - values[METER_START])
+    return count / max(METER_MIN_SPAN_S, span)
 
 
 class CircuitBreaker:

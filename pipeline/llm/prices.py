@@ -64,3 +64,37 @@ def price_for(model: ModelConfig) -> Price:
         if per_out is not None
         else (float(map_out) if isinstance(map_out, int | float) else None),
     )
+
+
+@dataclass(frozen=True)
+class BatchPrice:
+    """A batch-mode price and where it came from: the preset, litellm's map, or half the online price."""
+
+    price: Price
+    source: str  # preset | litellm | half_online | unknown
+
+    @property
+    def note(self) -> str:
+        """What the dataset card says about the price."""
+        return {
+            "preset": "the preset's batch prices (model.prices.batch_*)",
+            "litellm": "litellm's batch prices",
+            "half_online": "half the online price (no batch price is known for this model)",
+        }.get(self.source, "unknown")
+
+
+def batch_price_for(model: ModelConfig) -> BatchPrice:
+    """Batch prices: the preset's own `prices.batch_*` win (as the online ones do), then litellm's bundled
+    map's `*_cost_per_token_batches`, then half the online price (providers sell batches at half price)."""
+    per_in, per_out = model.prices.batch_input_per_mtok, model.prices.batch_output_per_mtok
+    if per_in is not None and per_out is not None:
+        return BatchPrice(Price(per_in / 1e6, per_out / 1e6), "preset")
+    entry = _map_entry(model.name)
+    map_in, map_out = entry.get("input_cost_per_token_batches"), entry.get("output_cost_per_token_batches")
+    if isinstance(map_in, int | float) and isinstance(map_out, int | float):
+        return BatchPrice(Price(float(map_in), float(map_out)), "litellm")
+    online = price_for(model)
+    if not online.known:
+        return BatchPrice(online, "unknown")
+    assert online.input_per_token is not None and online.output_per_token is not None
+    return BatchPrice(Price(online.input_per_token / 2, online.output_per_token / 2), "half_online")

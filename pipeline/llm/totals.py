@@ -61,6 +61,23 @@ class Budget:
             self.in_flight += 1
             return worst
 
+    def reserve_now(self, worst: float) -> float | None:
+        """A reservation without waiting, for calls that all go out at once (a provider batch): None when `worst`
+        does not fit beside what is spent and reserved. Settled with `settle_now`."""
+        if self.limit is None:
+            return 0.0
+        if self.spent + self.reserved + worst > self.limit:
+            return None
+        self.reserved += worst
+        self.in_flight += 1
+        return worst
+
+    def settle_now(self, reservation: float, actual: float | None) -> None:
+        if self.limit is not None:
+            self.reserved -= reservation
+            self.in_flight -= 1
+        self.spent += actual or 0.0
+
     async def settle(self, reservation: float, actual: float | None) -> None:
         if self.limit is None or self._settled is None:
             self.spent += actual or 0.0
@@ -70,3 +87,10 @@ class Budget:
             self.in_flight -= 1
             self.spent += actual or 0.0
             self._settled.notify_all()
+
+
+def budget_stop_reason(max_cost_usd: float | None) -> str:
+    """The one line a budget stop gives."""
+    return (
+        f"budget: generate.max_cost_usd={max_cost_usd} would be crossed; raise it and rerun the same folder to continue"
+    )
