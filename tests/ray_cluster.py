@@ -28,7 +28,7 @@ import pytest
 from pipeline.llm.ray_connect import local_settings, stay_on_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
-GONE_WITHIN_S = 20.0  # how long the cluster's processes may take to exit after shutdown()
+GONE_WITHIN_S = 60.0  # how long the cluster's processes may take to exit after shutdown() on a loaded machine
 
 
 def require_ray() -> None:
