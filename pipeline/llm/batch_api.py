@@ -55,10 +55,6 @@ class BatchStatus:
     succeeded: int
     failed: int  # errored, expired or cancelled so far
 
-    @property
-    def processing(self) -> int:
-        return max(0, self.total - self.succeeded - self.failed)
-
 
 @dataclass(frozen=True)
 class ResultLine:

@@ -28,7 +28,6 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCAL = "local"  # ray.address=local: start a cluster on this machine for the job
-AUTO = "auto"  # ray.address=auto: the cluster this machine belongs to (`ray start` ran here)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 QUIET = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report to Ray's servers (and no network at run time)
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray leaves 127.0.0.1 as it is (see `stay_on_loopback`)

@@ -157,8 +157,7 @@ class LimiterClient:
         self.limits_key = limits_key
         self.settings = settings
         self._handle: Any = None
-        self.throttled = 0  # 429s this client reported
-        self.reconnects = 0
+        self.reconnects = 0  # lost actors it found or created again by name
 
     async def _call(self, method: str, *args: Any) -> Any:
         from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -194,8 +193,6 @@ class LimiterClient:
         await self._call("release", lease, probe)
 
     async def finish(self, lease: int | None, reservation: Reservation, outcome: Outcome) -> Settled:
-        if outcome.throttled is not None:
-            self.throttled += 1
         result: Settled = await self._call("finish", lease, reservation, outcome)
         return result
 
