@@ -64,15 +64,10 @@ def journal_record(
         status, error_type, error_message = "failed", "empty", "the model returned no content"
     costs = [e["cost_usd"] for e in attempt_log]
     return {
-        "response_id": unit.response_id,
-        "question_id": unit.row["question_id"],
-        "sample_index": unit.row["sample_index"],
-        "round": unit.row["round"],
-        "parent_response_id": unit.row["parent_response_id"],
+        **_unit_fields(unit),
         "model_requested": requested,
         "model_used": target.endpoint.preset if attempt.ok else None,
         "provider_model": attempt.provider_model,
-        "request_hash": unit.request_hash,
         "status": status,
         "error_type": error_type,
         "error_message": redact(error_message)[:1000] if error_message else None,
@@ -88,7 +83,6 @@ def journal_record(
         "latency_ms": round(sum(e["latency_ms"] for e in attempt_log), 3),
         "temperature": unit.spec.temperature,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "plan_key": unit.row["plan_key"],
         "final": final,
         "source": "call",
         "attempt_log": attempt_log,
@@ -100,19 +94,22 @@ def reused_record(unit: Unit, found: dict[str, Any]) -> dict[str, Any]:
     record = dict(found)
     if isinstance(record.get("attempt_log"), str):  # JSON columns come back from DuckDB as text
         record["attempt_log"] = json.loads(record["attempt_log"])
-    record.update(
-        {
-            "response_id": unit.response_id,
-            "question_id": unit.row["question_id"],
-            "sample_index": unit.row["sample_index"],
-            "round": unit.row["round"],
-            "parent_response_id": unit.row["parent_response_id"],
-            "request_hash": unit.request_hash,
-            "plan_key": unit.row["plan_key"],
-        }
-    )
-    record["source"] = "cache"
+    record.update(_unit_fields(unit), source="cache")
     return record
+
+
+def _unit_fields(unit: Unit) -> dict[str, Any]:
+    """What a record says about the unit it settles, however its answer was come by."""
+    row = unit.row
+    return {
+        "response_id": unit.response_id,
+        "question_id": row["question_id"],
+        "sample_index": row["sample_index"],
+        "round": row["round"],
+        "parent_response_id": row["parent_response_id"],
+        "request_hash": unit.request_hash,
+        "plan_key": row["plan_key"],
+    }
 
 
 def cacheable(record: dict[str, Any]) -> bool:
