@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.llm.servers import serving, with_identity
-from pipeline.llm.targets import Target, target_for
+from pipeline.llm.targets import Target, litellm_endpoints, target_for
 
 log = logging.getLogger("pipeline")
 
@@ -50,8 +50,7 @@ def check_reachable(model: ModelConfig) -> None:
 
 def litellm_models(chains: dict[str, list[ModelConfig]]) -> list[tuple[str, str | None]]:
     """(model id, api_base) of every preset the run may call through litellm: what its warm-up prepares."""
-    found = {(m.name, m.api_base) for chain in chains.values() for m in chain if m.transport == "litellm"}
-    return sorted(found, key=str)
+    return litellm_endpoints(m for chain in chains.values() for m in chain)
 
 
 class Preflight:

@@ -31,7 +31,7 @@ from pipeline.llm.pending import Unit
 from pipeline.llm.ray_connect import LOCAL, connected
 from pipeline.llm.ray_limiter import NAMESPACE, LimiterClient, LimiterSettings
 from pipeline.llm.stop import Stop
-from pipeline.llm.targets import configure_breakers, limits_key, target_for
+from pipeline.llm.targets import configure_breakers, limits_key, litellm_endpoints, target_for
 from pipeline.progress import Progress
 from pipeline.secrets import Redactor
 
@@ -47,7 +47,7 @@ class RemoteCaller:
 
     def __init__(self, models: list[ModelConfig], cfg: GenerateConfig, seed: int) -> None:
         # litellm's first-call work (imports, a mock completion) before the first unit, as a local run does.
-        warm_up([(model.name, model.api_base) for model in models if model.transport == "litellm"])
+        warm_up(litellm_endpoints(models))
         targets = [target_for(model) for model in models]
         configure_breakers(targets, cfg.endpoint_down_after_s)
         for target in targets:

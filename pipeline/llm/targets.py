@@ -7,7 +7,7 @@ from `model.transport`; everything after it calls `Target.send` and never asks w
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,11 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
         transport=make_transport(model),
         limits_dir=limits_dir,
     )
+
+
+def litellm_endpoints(models: Iterable[ModelConfig]) -> list[tuple[str, str | None]]:
+    """(model id, api_base) of the presets that go through litellm: what `litellm_env.warm_up` prepares."""
+    return sorted({(m.name, m.api_base) for m in models if m.transport == "litellm"}, key=str)
 
 
 def configure_breakers(targets: list[Target], endpoint_down_after_s: float) -> None:

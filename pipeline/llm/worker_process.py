@@ -15,7 +15,6 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
@@ -25,13 +24,12 @@ from pipeline import duck, observers
 from pipeline.config import GenerateConfig, ModelConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.call import CallRunner
-from pipeline.llm.dispatch import Dispatcher
+from pipeline.llm.dispatch import Dispatcher, Work
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
-from pipeline.llm.pending import render, with_cache_hits
-from pipeline.llm.records import RequestSpec
+from pipeline.llm.pending import Build
 from pipeline.llm.stop import Stop
-from pipeline.llm.targets import configure_breakers, target_for
+from pipeline.llm.targets import configure_breakers, litellm_endpoints, target_for
 from pipeline.progress import Progress
 from pipeline.secrets import RedactingFilter, Redactor
 
@@ -51,7 +49,7 @@ class WorkerJob:
     journal_dir: str
     cache_dir: str | None
     seed: int
-    build: Callable[[dict[str, Any]], RequestSpec]
+    build: Build  # the stage's request builder (it pickles)
     observe: bool = False  # forward events to the parent's observers
 
 
@@ -185,7 +183,7 @@ class _Worker:
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
         threading.Thread(target=_cancel_when_parent_dies, args=(loop, task), daemon=True).start()
         # litellm's first-call work (imports, a mock completion) in a thread, before the first real call.
-        await asyncio.to_thread(warm_up, [(m.name, m.api_base) for m in job.models if m.transport == "litellm"])
+        await asyncio.to_thread(warm_up, litellm_endpoints(job.models))
         con = duck.connect(threads=1, memory_limit="1GB")
         relay = ProgressRelay(self.events, job.index)
         if job.observe:
@@ -205,7 +203,8 @@ class _Worker:
         )
         flusher = asyncio.create_task(relay.keep_flushing())
         try:
-            await dispatcher.dispatch(with_cache_hits(render(pending, job.build, targets[0]), cache, con.cursor()))
+            work = Work(pending, job.build, dispatcher, con, con.cursor(), job.seed)
+            await dispatcher.dispatch(work.batches())  # as the parent's in-process executor does
         finally:
             flusher.cancel()
             dispatcher.totals.throttled_in_workers = dispatcher.throttled()
