@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.layout import manifest_path
 from pipeline.store import atomic_write_json, sha256_file
 
 # Every package between a question and its stored answer: config, reading, the request path (litellm and the SDK,
@@ -80,8 +81,8 @@ def scorer_files(scorer: Any) -> list[Path]:
 
 def _top_level_names(dist: metadata.Distribution) -> list[str]:
     """The importable top-level names a distribution provides, as `metadata.packages_distributions` reads them
-    (top_level.txt, else the first part of each Python file's path in RECORD), but from the raw text: building its file
-    objects for every installed package cost 0.1 s before each run's first call."""
+    (top_level.txt, else the first part of each Python file's path in RECORD), but from the raw text: it runs
+    before a run's first call, and building file objects for every installed package is slow."""
     declared = (dist.read_text("top_level.txt") or "").split()
     if declared:
         return declared
@@ -207,6 +208,6 @@ class Manifest:
 
 def record_failure(run_dir: Path, message: str) -> None:
     """A sweep job's failure goes into its manifest, where the sweep summary finds it."""
-    manifest = Manifest.load(run_dir / "manifest.json")
+    manifest = Manifest.load(manifest_path(run_dir))
     manifest.data["failure"] = message
     manifest.save()
