@@ -3,9 +3,9 @@
 It covers the stage's config sections and the digests of its inputs (its input tables' bytes; for ingest the
 input files' sha256), so a changed option reruns that stage and, when its output changes, everything after
 it. Keys that change how calls are sent or watched, never what they return, are left out: the transport
-(both send the same request and record the same rows), a started server's address, the worker count, batch
-mode's waiting, polling and batch sizes (`generate.batch`; `generate.mode` stays: it changes the price) and
-the observers.
+(both send the same request and record the same rows), a started server's address, where the calls run
+(`generate.workers`, `generate.executor`, `generate.ray`), batch mode's waiting, polling and batch sizes
+(`generate.batch`; `generate.mode` stays: it changes the price) and the observers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pipeline import observers
 from pipeline.config import Config, ModelConfig, as_plain
 from pipeline.stage_api import Stage
 
-# How and where the calls run (processes, batch waiting and sizes, a Ray cluster) changes no result.
 GENERATE_KEYS_NOT_FINGERPRINTED = ("workers", "batch", "executor", "ray", *observers.CONFIG_KEYS)
 
 

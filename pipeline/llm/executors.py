@@ -1,7 +1,7 @@
 """Where a stage's calls run: `executor_for` picks the executor from the config, and nothing else does.
 
-Today: in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`), through
-the provider's batch API (`generate.mode=batch`: `batch_executor.BatchExecutor`), or on a Ray cluster
+The calls run in this process (`InProcess`), in `generate.workers` processes (`workers.WorkerProcesses`),
+through the provider's batch API (`generate.mode=batch`: `batch_executor.BatchExecutor`), or on a Ray cluster
 (`generate.executor=ray`: `ray_executor.RayExecutor`). A new way to run calls is one module with one class,
 and one line here.
 """
