@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits, BatchProvider
-from pipeline.llm.transport import RETRYABLE, Attempt
+from pipeline.llm.transport import RETRYABLE, Attempt, utc_stamp
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ def split(lines: Iterable[tuple[str, bytes]], limits: BatchLimits) -> Iterator[l
         yield chunk
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 @dataclass(frozen=True)
 class BatchRecord:
     """One line of the ledger; a submission's records share its `token`."""
@@ -69,7 +65,7 @@ class BatchRecord:
     plan_keys: tuple[str, ...] = ()
     input_file_id: str | None = None
     batch_id: str | None = None
-    created_at: str = field(default_factory=_now)
+    created_at: str = field(default_factory=utc_stamp)
 
     @staticmethod
     def new_token() -> str:

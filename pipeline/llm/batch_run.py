@@ -35,7 +35,7 @@ from pipeline.config import BatchConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchProvider, BatchStatus
 from pipeline.llm.batch_book import BatchLedger, BatchRecord, Submission, read_results, split, unanswered
-from pipeline.llm.transport import FATAL, Attempt
+from pipeline.llm.transport import FATAL, STAMP_FORMAT, Attempt, utc_stamp
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class BatchRunner:
         submission = batch.submission
         assert submission.batch_id is not None
         lines = [] if batch.gone else await self._api(self.provider.results, submission.batch_id)
-        started = submission.submitted_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        started = submission.submitted_at or utc_stamp()
         elapsed_ms = max(0.0, (time.time() - _epoch(started)) * 1000)  # submit to collect: the item's latency
         mine = [k for k in submission.plan_keys if k in pending]
         results = read_results(self.provider, lines, mine, started, elapsed_ms)
@@ -290,6 +290,6 @@ class BatchRunner:
 
 def _epoch(stamp: str) -> float:
     try:
-        return float(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")))
+        return float(calendar.timegm(time.strptime(stamp, STAMP_FORMAT)))
     except ValueError:
         return time.time()

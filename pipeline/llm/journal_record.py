@@ -9,7 +9,6 @@ writes the same rows.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from pipeline.config import GenerateConfig
 from pipeline.llm.pending import Unit
 from pipeline.llm.records import ATTEMPT_FIELDS
 from pipeline.llm.targets import Target
-from pipeline.llm.transport import Attempt
+from pipeline.llm.transport import Attempt, utc_stamp
 
 CACHEABLE_FAILURES = ("length", "content_filter", "empty")  # paid for, and the same request gives the same
 
@@ -82,7 +81,7 @@ def journal_record(
         "cost_usd": None if any(c is None for c in costs) else round(sum(costs), 10),
         "latency_ms": round(sum(e["latency_ms"] for e in attempt_log), 3),
         "temperature": unit.spec.temperature,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_stamp(),
         "final": final,
         "source": "call",
         "attempt_log": attempt_log,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -16,6 +17,13 @@ RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed
 FAILOVER = {"context_window", "auth", "not_found"}
 FATAL = {"quota_exhausted"}
 # The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
+
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # every time stamp the journal and the batch ledger hold: UTC, to the second
+
+
+def utc_stamp(epoch_s: float | None = None) -> str:
+    """`epoch_s` (default: now) as the journal writes time stamps."""
+    return time.strftime(STAMP_FORMAT, time.gmtime(epoch_s))
 
 
 @dataclass
