@@ -78,6 +78,8 @@ class BatchExecutor:
 
 
 async def _send(dispatcher: Dispatcher, units: dict[str, Unit], copies: dict[str, list[Unit]]) -> None:
+    """Send `units` (one per request, by plan key) through the first preset's batch API and settle each answer;
+    the `copies` of a request take its final record as reuse."""
     model = dispatcher.targets[0].model
     if model.batch == BatchApi.none:  # `model`'s preset was checked with the config; a judge's is checked here
         raise UserError(
@@ -88,18 +90,7 @@ async def _send(dispatcher: Dispatcher, units: dict[str, Unit], copies: dict[str
     target = dispatcher.targets[0]
     redact = dispatcher.calls.redact
     budget = dispatcher.budget
-    items: list[BatchItem] = []
-    reserved: dict[str, float] = {}
-    for key, unit in units.items():
-        params = request_params(unit, target)
-        reservation = budget.reserve_now(budget.worst_case(unit.est_tokens, params.get("max_tokens")))
-        if reservation is None:
-            reason = budget_stop_reason(dispatcher.cfg.max_cost_usd)
-            dispatcher.stop.units(reason)
-            observers.emit("budget_stop", reason=reason)
-            break
-        reserved[key] = reservation
-        items.append(BatchItem(key, unit.spec.messages, params))
+    items, reserved = _reserve(dispatcher, target, units)
 
     def settle(plan_key: str, attempts: list[Attempt], final: bool) -> None:
         unit = units[plan_key]
@@ -137,6 +128,27 @@ async def _send(dispatcher: Dispatcher, units: dict[str, Unit], copies: dict[str
             f"{len(outcome.unanswered)} units got no answer in {dispatcher.cfg.max_attempts} batches "
             "(generate.max_attempts); rerun the same folder to send them again"
         )
+
+
+def _reserve(
+    dispatcher: Dispatcher, target: Target, units: dict[str, Unit]
+) -> tuple[list[BatchItem], dict[str, float]]:
+    """The units that fit the budget as batch items, each with its worst case reserved (by plan key); at the
+    first that does not fit, the rest stay pending (a budget stop)."""
+    budget = dispatcher.budget
+    items: list[BatchItem] = []
+    reserved: dict[str, float] = {}
+    for key, unit in units.items():
+        params = request_params(unit, target)
+        reservation = budget.reserve_now(budget.worst_case(unit.est_tokens, params.get("max_tokens")))
+        if reservation is None:
+            reason = budget_stop_reason(dispatcher.cfg.max_cost_usd)
+            dispatcher.stop.units(reason)
+            observers.emit("budget_stop", reason=reason)
+            break
+        reserved[key] = reservation
+        items.append(BatchItem(key, unit.spec.messages, params))
+    return items, reserved
 
 
 class BatchDisplay:
