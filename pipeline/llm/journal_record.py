@@ -14,9 +14,9 @@ from typing import Any
 
 from pipeline.config import GenerateConfig
 from pipeline.llm.pending import Unit
-from pipeline.llm.records import ATTEMPT_FIELDS
 from pipeline.llm.targets import Target
 from pipeline.llm.transport import Attempt, utc_stamp
+from pipeline.tables import ATTEMPT_FIELDS
 
 CACHEABLE_FAILURES = ("length", "content_filter", "empty")  # paid for, and the same request gives the same
 
