@@ -77,9 +77,6 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
         response_format=model.response_format,
         max_tokens=model.max_tokens,
     )
-    make_transport = TRANSPORTS.get(model.transport)
-    if make_transport is None:
-        raise UserError(f"model.transport={model.transport!r}: use one of {', '.join(TRANSPORTS)}")
     if model.transport == "direct" and not direct_supports(endpoint):
         raise UserError(
             f"model.transport=direct speaks the OpenAI wire format; {model.name!r} needs an api_base or an "
@@ -92,7 +89,7 @@ def target_for(model: ModelConfig, limits_dir: Path | None = None) -> Target:
         breaker=CircuitBreaker(threshold=max(5, model.limits.concurrency), cooldown_s=BREAKER_COOLDOWN_S),
         price=price_for(model),
         model=model,
-        transport=make_transport(model),
+        transport=TRANSPORTS[model.transport](model),  # `model.transport` is one of them (config_check)
         limits_dir=limits_dir,
     )
 
