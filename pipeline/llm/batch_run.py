@@ -276,7 +276,8 @@ class BatchRunner:
                         f"{self.provider.name} batch API: quota exhausted ({exc}); add credit, then rerun"
                     ) from None
                 if exc.kind in ("auth", "not_found", "bad_request", "context_window"):
-                    raise UserError(f"{self.provider.name} batch API refused a request: {exc}") from None
+                    hint = "; check model.name, model.api_base and the key" if exc.kind in ("auth", "not_found") else ""
+                    raise UserError(f"{self.provider.name} batch API refused a request: {exc}{hint}") from None
                 if attempt == API_ATTEMPTS:
                     raise RunStopped(
                         f"{self.provider.name} batch API failed {API_ATTEMPTS} times in a row ({exc}); "
