@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchProvider
 from pipeline.llm.batch_book import BatchLedger, BatchRecord
 from pipeline.llm.batch_providers import provider_for
-from pipeline.llm.batch_run import BatchItem, BatchRunner, BatchView, Outcome
+from pipeline.llm.batch_run import BatchItem, BatchRunner, BatchRunResult, BatchView
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.records import RequestSpec
 from pipeline.llm.transport import Attempt, Endpoint
@@ -67,10 +67,10 @@ def run(
     journal: Journal,
     cfg: BatchConfig = FAST,
     attempts: int = 3,
-) -> Outcome:
+) -> BatchRunResult:
     runner = BatchRunner(provider, BatchLedger(folder), cfg, attempts, journal.settle, journal.show)
 
-    async def go() -> Outcome:
+    async def go() -> BatchRunResult:
         try:
             return await runner.run(todo)
         finally:

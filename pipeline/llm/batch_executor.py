@@ -116,16 +116,16 @@ async def _send(dispatcher: Dispatcher, units: dict[str, Unit], copies: dict[str
         stopped=lambda: dispatcher.stop.no_new_sends,
     )
     try:
-        outcome = await runner.run(items)
+        result = await runner.run(items)
     finally:
         ledger.close()
         await provider.close()
-    if outcome.open and not dispatcher.stop.interrupted:
-        shown = ", ".join(outcome.open[:3]) + (", ..." if len(outcome.open) > 3 else "")
-        raise BatchesSubmitted(f"{len(outcome.open)} {provider.name} batch(es) submitted and running ({shown})")
-    if outcome.unanswered and dispatcher.stop.reason is None:
+    if result.open and not dispatcher.stop.interrupted:
+        shown = ", ".join(result.open[:3]) + (", ..." if len(result.open) > 3 else "")
+        raise BatchesSubmitted(f"{len(result.open)} {provider.name} batch(es) submitted and running ({shown})")
+    if result.unanswered and dispatcher.stop.reason is None:
         dispatcher.stop.reason = (
-            f"{len(outcome.unanswered)} units got no answer in {dispatcher.cfg.max_attempts} batches "
+            f"{len(result.unanswered)} units got no answer in {dispatcher.cfg.max_attempts} batches "
             "(generate.max_attempts); rerun the same folder to send them again"
         )
 

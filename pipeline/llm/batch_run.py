@@ -70,7 +70,9 @@ class Settle(Protocol):
 
 
 @dataclass
-class Outcome:
+class BatchRunResult:
+    """What one `BatchRunner.run` did, for the executor's last word (batches left running, units unanswered)."""
+
     submitted: int = 0  # batches created by this run
     collected: int = 0  # batches whose results are all in the journal
     open: list[str] = field(default_factory=list)  # batch ids still running (wait=false)
@@ -114,9 +116,9 @@ class BatchRunner:
         self.tries: Counter[str] = Counter()  # batches each plan key went out in during this run
         self.history: dict[str, list[Attempt]] = {}  # failed attempts per plan key, awaiting the next answer
         self.opened: dict[str, _Open] = {}
-        self.outcome = Outcome()
+        self.result = BatchRunResult()
 
-    async def run(self, items: Sequence[BatchItem]) -> Outcome:
+    async def run(self, items: Sequence[BatchItem]) -> BatchRunResult:
         """Settle every item that can be settled (see the module docstring); `items` are the unsettled units."""
         pending = {item.plan_key: item for item in items}
         await self._reconcile()
@@ -137,8 +139,8 @@ class BatchRunner:
             await self._submit([pending[k] for k in again])
             if not self.cfg.wait:
                 break
-        self.outcome.open = [o.view.batch_id for o in self.opened.values()]
-        return self.outcome
+        self.result.open = [o.view.batch_id for o in self.opened.values()]
+        return self.result
 
     # -- submitting ---------------------------------------------------------------------------------------
 
@@ -190,7 +192,7 @@ class BatchRunner:
             record = BatchRecord("submitted", token, self.provider.name, keys, file_id, batch_id)
             self.ledger.append(record)  # on disk before the first poll: a rerun retrieves, never resubmits
             self.tries.update(keys)
-            self.outcome.submitted += 1
+            self.result.submitted += 1
             log.info("batch: submitted %s with %d requests", batch_id, len(keys))
             self._track(Submission(token, self.provider.name, keys, file_id, batch_id, record.created_at))
 
@@ -250,11 +252,11 @@ class BatchRunner:
             else:
                 if attempts:  # its failures are recorded; a rerun of the folder tries again
                     self.settle(key, attempts, final=False)
-                self.outcome.unanswered.append(key)
+                self.result.unanswered.append(key)
         self.ledger.append(
             BatchRecord("collected", submission.token, submission.provider, batch_id=submission.batch_id)
         )
-        self.outcome.collected += 1
+        self.result.collected += 1
         del self.opened[str(submission.batch_id)]
         log.info(
             "batch: collected %s: %d settled, %d to send again", submission.batch_id, len(mine) - len(retry), len(again)
