@@ -35,7 +35,7 @@ from pipeline.config import BatchConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchProvider, BatchStatus
 from pipeline.llm.batch_book import BatchLedger, BatchRecord, Submission, read_results, split, unanswered
-from pipeline.llm.transport import FATAL, STAMP_FORMAT, Attempt, utc_stamp
+from pipeline.llm.transport import FATAL, REFUSED, STAMP_FORMAT, Attempt, utc_stamp
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class BatchRunner:
             attempts = self.history.get(key, []) + ([attempt] if attempt is not None else [])
             if key not in retry:
                 assert attempt is not None
-                if attempt.error_type in ("auth", "not_found"):  # every item of the batch would say the same
+                if attempt.error_type in REFUSED:  # every item of the batch would say the same
                     raise UserError(
                         f"{self.provider.name} batch {submission.batch_id}: the provider answered "
                         f"{attempt.status_code} {attempt.error_type} ({(attempt.error_message or '')[:200]}); "
@@ -278,7 +278,7 @@ class BatchRunner:
                         f"{self.provider.name} batch API: quota exhausted ({exc}); add credit, then rerun"
                     ) from None
                 if exc.kind in ("auth", "not_found", "bad_request", "context_window"):
-                    hint = "; check model.name, model.api_base and the key" if exc.kind in ("auth", "not_found") else ""
+                    hint = "; check model.name, model.api_base and the key" if exc.kind in REFUSED else ""
                     raise UserError(f"{self.provider.name} batch API refused a request: {exc}{hint}") from None
                 if attempt == API_ATTEMPTS:
                     raise RunStopped(

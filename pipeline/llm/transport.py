@@ -16,6 +16,7 @@ from typing import Any, Protocol
 RETRYABLE = {"rate_limited", "timeout", "connection", "server_error", "malformed_response"}
 FAILOVER = {"context_window", "auth", "not_found"}
 FATAL = {"quota_exhausted"}
+REFUSED = {"auth", "not_found"}  # of FAILOVER: the key or the model id is wrong, so every request gets the same
 # The rest (bad_request, content_policy, length, content_filter, empty) fail the call for good.
 
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # every time stamp the journal and the batch ledger hold: UTC, to the second
