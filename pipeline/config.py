@@ -6,6 +6,9 @@ not declared here (with or without `+`) and any value outside a fixed set before
 a fixed set of values is a `StrEnum` (equal to its plain string, so stage code may compare with text); one
 whose YAML spelling cannot be an Enum name (`export.is_correct=true` is a bool to Hydra) lists its values
 in the field's `choices` metadata instead. `dict` fields (`ingest.columns`, `ingest.xml.fields`) stay open.
+A number's range is field metadata too: `{"min": 1}`, `{"max": 2}` (inclusive), `{"above": 0}` (exclusive);
+on a list, the bounds hold for each item and `{"min_items": 1}` refuses an empty one. None passes wherever
+the field is Optional (it means "no limit" or "all").
 
 The defaults here are the one place a key's default is written: a preset (`conf/model/<name>.yaml`, the
 `model` group) and an ingest config (`conf/ingest/<format>.yaml`) state only what differs from them, so the
@@ -171,14 +174,17 @@ class SqlOptions:
     query: str | None = None  # any SELECT, run read-only; its result columns feed `ingest.columns`
     user_env: str | None = None  # env variable holding the user name (None: the URL's user, if any)
     password_env: str | None = None  # env variable holding the password (None: none, e.g. trust or .pgpass)
-    batch_rows: int = 10_000  # rows fetched at a time (a server-side cursor: the result is never held whole)
+    # rows fetched at a time (a server-side cursor: the result is never held whole)
+    batch_rows: int = field(default=10_000, metadata={"min": 1})
 
 
 @dataclass
 class DocumentsOptions:
     unit: ChunkUnit = ChunkUnit.chars  # what sizes count: chars | tokens (OpenAI's cl100k_base, bundled copy)
-    chunk_size: int = 2000  # at most this many units per chunk; chunks end on a paragraph break where possible
-    chunk_overlap: int = 200  # units each chunk repeats from the end of the one before (0: none)
+    # at most this many units per chunk; chunks end on a paragraph break where possible
+    chunk_size: int = field(default=2000, metadata={"min": 1})
+    # units each chunk repeats from the end of the one before (0: none)
+    chunk_overlap: int = field(default=200, metadata={"min": 0})
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])  # file types taken from a folder
 
 
@@ -201,8 +207,9 @@ class IngestConfig:
     answer_schema_file: str | None = None  # JSON Schema every answer must satisfy (None: none, or a per-row column)
     where: str | None = None  # SQL filter over the source columns, e.g. "length(question) < 2000" (None: every row)
     categories: list[str] | None = None  # keep only these categories, e.g. [algebra, geometry] (None: all)
-    limit: int | None = None  # read only the first N rows (None: all)
-    sample: int | None = None  # keep N rows drawn at random with the top-level seed (None: no sampling)
+    limit: int | None = field(default=None, metadata={"min": 1})  # read only the first N rows (None: all)
+    # keep N rows drawn at random with the top-level seed (None: no sampling)
+    sample: int | None = field(default=None, metadata={"min": 1})
     dedupe: IngestDedupe = IngestDedupe.json_id  # duplicates by: json_id (the question_id) | question (text) | none
     on_duplicate: OnDuplicate = OnDuplicate.error  # what a duplicate does: error (names the rows) | keep_first
 
@@ -212,11 +219,13 @@ class LimitsConfig:
     """What the endpoint allows (the preset's `api_base` and model id, or its `limit_group`); the engine waits
     rather than trip them, and shares them with every process on the machine that calls the same endpoint."""
 
-    concurrency: int = 8  # calls in flight at once
-    requests_per_minute: float | None = None  # None: no request limit
-    input_tokens_per_minute: float | None = None  # None: no input-token limit
-    output_tokens_per_minute: float | None = None  # None: no output-token limit (or metered with input)
-    burst_seconds: float = 2.0  # how many seconds of rate the buckets may spend at once
+    concurrency: int = field(default=8, metadata={"min": 1})  # calls in flight at once
+    requests_per_minute: float | None = field(default=None, metadata={"above": 0})  # None: no request limit
+    input_tokens_per_minute: float | None = field(default=None, metadata={"above": 0})  # None: no input-token limit
+    # None: no output-token limit (or metered with input)
+    output_tokens_per_minute: float | None = field(default=None, metadata={"above": 0})
+    # how many seconds of rate the buckets may spend at once
+    burst_seconds: float = field(default=2.0, metadata={"above": 0})
     reserve_max_tokens: bool = False  # count max_tokens against the output limit up front (as Anthropic does)
     limit_group: str | None = None  # share limits with other presets naming the same group
 
@@ -225,20 +234,22 @@ class LimitsConfig:
 class PricesConfig:
     """USD per million tokens; None: looked up in litellm's bundled price map (unknown stays unknown, never 0)."""
 
-    input_per_mtok: float | None = None
-    output_per_mtok: float | None = None
-    batch_input_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
-    batch_output_per_mtok: float | None = None  # generate.mode=batch (None: litellm's batch price, else half)
+    input_per_mtok: float | None = field(default=None, metadata={"min": 0})
+    output_per_mtok: float | None = field(default=None, metadata={"min": 0})
+    # generate.mode=batch (None: litellm's batch price, else half)
+    batch_input_per_mtok: float | None = field(default=None, metadata={"min": 0})
+    # generate.mode=batch (None: litellm's batch price, else half)
+    batch_output_per_mtok: float | None = field(default=None, metadata={"min": 0})
 
 
 @dataclass
 class FakeServeConfig:
     """`serve: fake`: how the project's fake server behaves."""
 
-    latency_ms: float = 20.0  # simulated latency per call
-    latency_jitter_ms: float = 0.0  # +/- uniform jitter on the latency
-    error_rate: float = 0.0  # share of calls answered with HTTP 500
-    rate_429: float = 0.0  # share of calls answered with HTTP 429
+    latency_ms: float = field(default=20.0, metadata={"min": 0})  # simulated latency per call
+    latency_jitter_ms: float = field(default=0.0, metadata={"min": 0})  # +/- uniform jitter on the latency
+    error_rate: float = field(default=0.0, metadata={"min": 0, "max": 1})  # share of calls answered with HTTP 500
+    rate_429: float = field(default=0.0, metadata={"min": 0, "max": 1})  # share of calls answered with HTTP 429
     seed: int = 0  # makes the simulated faults reproducible
 
 
@@ -246,10 +257,12 @@ class FakeServeConfig:
 class LocalServeConfig:
     """`serve: llama_cpp`: how llama-cpp-python's server runs the embedded weights."""
 
-    n_ctx: int = 2048  # context window in tokens: prompt + max_tokens must fit
-    n_threads: int | None = None  # CPU threads per answer (None: one less than the cores, at least 1, at most 4)
-    n_batch: int = 512  # prompt tokens processed per batch
-    startup_timeout_s: float = 60.0  # how long the server may take to load the weights and answer
+    n_ctx: int = field(default=2048, metadata={"min": 1})  # context window in tokens: prompt + max_tokens must fit
+    # CPU threads per answer (None: one less than the cores, at least 1, at most 4)
+    n_threads: int | None = field(default=None, metadata={"min": 1})
+    n_batch: int = field(default=512, metadata={"min": 1})  # prompt tokens processed per batch
+    # how long the server may take to load the weights and answer
+    startup_timeout_s: float = field(default=60.0, metadata={"above": 0})
 
 
 @dataclass
@@ -266,9 +279,10 @@ class ModelConfig:
     serve: Served | None = None  # a server the run starts and stops itself: fake | llama_cpp (None: none)
     identity: str | None = None  # what the response cache keys on (None: the model id); never the URL or port
     response_format: ResponseFormat = ResponseFormat.json_schema  # how the answer schema is sent
-    max_tokens: int | None = None  # the preset's cap on completion tokens per call (the lower of it and
-    # generate.max_tokens is sent; None: no cap of its own)
-    timeout_s: float = 60.0  # seconds before a call is abandoned and retried
+    # the preset's cap on completion tokens per call (the lower of it and generate.max_tokens is sent; None: no
+    # cap of its own)
+    max_tokens: int | None = field(default=None, metadata={"min": 1})
+    timeout_s: float = field(default=60.0, metadata={"above": 0})  # seconds before a call is abandoned and retried
     transport: Transport = Transport.litellm  # direct: the project's aiohttp client for OpenAI's wire format
     batch: BatchApi = BatchApi.none  # the endpoint's batch API for generate.mode=batch: openai | anthropic | none
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -276,7 +290,8 @@ class ModelConfig:
     fallbacks: list[str] = field(default_factory=list)  # other presets tried in order when a call fails for good
     fake: FakeServeConfig = field(default_factory=FakeServeConfig)
     local: LocalServeConfig = field(default_factory=LocalServeConfig)
-    question_limit: int | None = None  # ask only the first N questions (None: every one)
+    # ask only the first N questions (None: every one)
+    question_limit: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -298,10 +313,12 @@ class BatchConfig:
     """Provider batch mode (`generate.mode=batch`): none of these keys changes a result."""
 
     wait: bool = True  # poll until every batch ended; false: submit, exit 4 and collect with a later run
-    poll_s: float = 30.0  # first wait between two polls of a batch
-    poll_max_s: float = 600.0  # the waits grow by half each poll up to this
-    max_requests: int | None = None  # requests per batch (None: the provider's limit)
-    max_bytes: int | None = None  # bytes of request lines per batch (None: the provider's limit)
+    poll_s: float = field(default=30.0, metadata={"above": 0})  # first wait between two polls of a batch
+    poll_max_s: float = field(default=600.0, metadata={"above": 0})  # the waits grow by half each poll up to this
+    # requests per batch (None: the provider's limit)
+    max_requests: int | None = field(default=None, metadata={"min": 1})
+    # bytes of request lines per batch (None: the provider's limit)
+    max_bytes: int | None = field(default=None, metadata={"min": 1})
 
 
 @dataclass
@@ -309,34 +326,36 @@ class RayGenerateConfig:
     """`generate.executor=ray`: where the cluster is and how many callers (one CPU each) send the calls."""
 
     address: str = "auto"  # auto: the cluster this machine belongs to; HOST:PORT; local: one started for the run
-    tasks: int = 2  # callers on the cluster, one CPU each
+    tasks: int = field(default=2, metadata={"min": 1})  # callers on the cluster, one CPU each
 
 
 @dataclass
 class GenerateConfig:
-    samples: int = 1
-    temperature: float = 0.0
-    max_tokens: int | None = 512
+    samples: int = field(default=1, metadata={"min": 1})
+    temperature: float = field(default=0.0, metadata={"min": 0, "max": 2})
+    max_tokens: int | None = field(default=512, metadata={"min": 1})
     use_schema: bool = True
-    max_attempts: int = 4
-    max_rate_limit_wait_s: float = 600.0
-    endpoint_down_after_s: float = 60.0
-    fail_fast_after: int = 20
+    max_attempts: int = field(default=4, metadata={"min": 1})
+    max_rate_limit_wait_s: float = field(default=600.0, metadata={"min": 0})
+    endpoint_down_after_s: float = field(default=60.0, metadata={"min": 0})
+    fail_fast_after: int = field(default=20, metadata={"min": 1})
     fail_on_finish_reasons: list[str] = field(default_factory=lambda: ["length", "content_filter"])
     fail_on_empty: bool = True
     cache: CacheMode = CacheMode.on
-    max_cost_usd: float | None = None
+    max_cost_usd: float | None = field(default=None, metadata={"min": 0})
     dry_run: bool = False
-    workers: int = 1
+    workers: int = field(default=1, metadata={"min": 1})
     mode: GenerateMode = GenerateMode.online  # batch: the preset's batch API (`model.batch`), at its batch price
     batch: BatchConfig = field(default_factory=BatchConfig)  # batch mode's waiting, polling and batch sizes
     executor: ExecutorKind = ExecutorKind.local  # local: this machine (generate.workers processes); ray: a Ray cluster
     ray: RayGenerateConfig = field(default_factory=RayGenerateConfig)
     # Observers (pipeline/observers.py): none of these keys changes a result, so none is in the fingerprint.
     observers: list[Any] = field(default_factory=list)  # [{_target_: module.Class, ...}]
-    metrics_port: int | None = None  # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)
+    # None: no metrics; 0: any free port; N: port N (127.0.0.1 only)
+    metrics_port: int | None = field(default=None, metadata={"min": 0, "max": 65535})
     event_log: bool = False  # every event as a JSON line in the run folder's events.jsonl
-    observer_queue: int = 10_000  # events waiting for the observers; beyond it they are dropped and counted
+    # events waiting for the observers; beyond it they are dropped and counted
+    observer_queue: int = field(default=10_000, metadata={"min": 1})
 
 
 @dataclass
@@ -354,8 +373,8 @@ class JudgeConfig:
         "Give a score from 0 (wrong) to 1 (right), the verdict pass or fail, and a one-sentence rationale."
     )
     only_valid: bool = True  # judge only answers that passed their JSON Schema
-    temperature: float = 0.0
-    max_tokens: int | None = 256
+    temperature: float = field(default=0.0, metadata={"min": 0, "max": 2})
+    max_tokens: int | None = field(default=256, metadata={"min": 1})
 
 
 @dataclass
@@ -364,15 +383,18 @@ class ValidateConfig:
         default="numeric", metadata=choices("exact", "normalized_text", "numeric", "json_field", "none")
     )
     answer_field: str = "answer"  # dotted path in the parsed answer that is scored ("" = the whole answer)
-    tolerance: float = 1e-6  # numeric: absolute difference still counted as a match
-    relative_tolerance: float | None = None  # numeric: also a match within this fraction of the golden (None: off)
+    tolerance: float = field(default=1e-6, metadata={"min": 0})  # numeric: absolute difference still counted as a match
+    # numeric: also a match within this fraction of the golden (None: off)
+    relative_tolerance: float | None = field(default=None, metadata={"min": 0})
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
 class RepairConfig:
-    max_rounds: int = 3
-    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
+    max_rounds: int = field(default=3, metadata={"min": 0})
+    temperatures: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5], metadata={"min_items": 1, "min": 0, "max": 2}
+    )
     feedback: str = (
         "Your previous answer is not valid:\n"
         "{% for e in errors %}- {{ e.path or '$' }}: {{ e.message }}\n{% endfor %}"
@@ -382,9 +404,9 @@ class RepairConfig:
 
 @dataclass
 class SplitConfig:
-    train: float = 1.0
-    validation: float = 0.0
-    test: float = 0.0
+    train: float = field(default=1.0, metadata={"min": 0})
+    validation: float = field(default=0.0, metadata={"min": 0})
+    test: float = field(default=0.0, metadata={"min": 0})
     stratify: bool = False
 
 
@@ -399,7 +421,7 @@ class CardConfig:
 
 @dataclass
 class ExportConfig:
-    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.openai_chat])
+    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.openai_chat], metadata={"min_items": 1})
     require_valid: bool = True
     require_match: bool | None = None  # None (auto): match the golden answer where one and a scorer apply
     is_correct: str = field(default="not_false", metadata=choices("any", "not_false", "true"))

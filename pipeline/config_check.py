@@ -1,9 +1,11 @@
 """Every config mistake becomes one line before any stage runs: the key, the bad value, the closest valid keys.
 
 Two halves. `ConfigCheck`, a Hydra callback, checks what composing cannot: keys added with `+` that the
-schema does not declare (Hydra's `+` bypasses the schema's struct mode), and text keys whose values are
-listed in their field's `choices` metadata. In a sweep it composes every job's config before the first job
-starts (and before the sweep folder exists), so a bad value in the last job fails as early as the first.
+schema does not declare (Hydra's `+` bypasses the schema's struct mode), text keys whose values are
+listed in their field's `choices` metadata, numbers outside their field's `min`/`max`/`above` metadata, and
+values that cannot go together (`generate.workers=2` with `generate.executor=ray`). In a sweep it composes
+every job's config before the first job starts (and before the sweep folder exists), so a bad value in the
+last job fails as early as the first.
 `one_line` turns Hydra's and OmegaConf's composition errors (unknown key, unknown group option or
 experiment, wrong type, a value outside an Enum) into the line `run.py` prints; `run.py` has Hydra raise
 them (`HYDRA_FULL_ERROR`) instead of printing its own block.
@@ -32,6 +34,8 @@ from pipeline.errors import JobExit, UserError
 from pipeline.exit_codes import USAGE
 
 HINT = "python run.py --cfg job lists every key"
+BOUNDS = {"min": "at least", "max": "at most", "above": "more than"}  # field metadata -> how the line says it
+METADATA_KEYS = frozenset({"choices", "min_items", *BOUNDS})  # every metadata key a schema field may carry
 _accepted = False  # set once the composed config (every job's, in a sweep) passed the checks
 
 
@@ -94,6 +98,8 @@ def did_you_mean(word: str, candidates: list[str], what: str) -> str:
 
 def _shown(value: Any) -> str:
     text = value.value if isinstance(value, Enum) else value
+    if isinstance(text, list) and not any(isinstance(item, dict | list) for item in text):
+        text = f"[{', '.join(_shown(item) for item in text)}]"
     text = text if isinstance(text, str) else OmegaConf.to_yaml(text).strip() if isinstance(text, dict | list) else text
     text = str(text).replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."
@@ -115,6 +121,9 @@ def _problems(node: Any, schema: type, prefix: str) -> Iterator[str]:
         if allowed and _outside(value, allowed):
             near = did_you_mean(str(value), list(allowed), "")
             yield f"{path}={_shown(value)}: not one of {', '.join(allowed)}" + (f"; {near}" if near else "")
+        bounded = _out_of_bounds(value, fields[key].metadata, optional=type(None) in typing.get_args(hints[key]))
+        if bounded:
+            yield f"{path}={_shown(value)}: {bounded}"
         inner = _dataclass_of(hints[key])
         if inner is None:
             continue
@@ -134,15 +143,56 @@ def _outside(value: Any, allowed: tuple[str, ...]) -> bool:
     return str(value).lower() not in allowed
 
 
+def _number(value: Any) -> float | None:
+    """A number as the config holds it; None for an interpolation (judged once resolved) or anything else."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _inside(number: float, metadata: Any) -> bool:
+    """Whether `number` keeps the field's bounds (written `not >=` so that NaN never passes)."""
+    too_low = "min" in metadata and not number >= metadata["min"]
+    too_high = "max" in metadata and not number <= metadata["max"]
+    return not (too_low or too_high or ("above" in metadata and not number > metadata["above"]))
+
+
+def _out_of_bounds(value: Any, metadata: Any, optional: bool) -> str | None:
+    """What is wrong with a number (or a list of numbers) outside its field's bounds, as the line says it."""
+    if isinstance(value, list) and len(value) < metadata.get("min_items", 0):
+        return f"give at least {metadata['min_items']} value{'s' if metadata['min_items'] > 1 else ''}"
+    if not BOUNDS.keys() & metadata.keys():
+        return None
+    numbers = [n for item in (value if isinstance(value, list) else [value]) if (n := _number(item)) is not None]
+    if all(_inside(n, metadata) for n in numbers):
+        return None
+    if "min" in metadata and "max" in metadata:
+        allowed = f"between {metadata['min']} and {metadata['max']}"
+    else:
+        allowed = " and ".join(f"{said} {metadata[key]}" for key, said in BOUNDS.items() if key in metadata)
+    each = "each value " if isinstance(value, list) else ""
+    return f"{each}must be {allowed}" + (" (or null)" if optional else "")
+
+
+def check_section(node: Any, schema: type, where: str) -> None:
+    """Refuse a value outside its bounds or choices in a config section loaded outside Hydra's composing (a
+    preset named by `model.fallbacks` or `validate.judge.preset`), naming the file it came from."""
+    tree = OmegaConf.to_container(node, resolve=False)
+    for problem in _problems(tree, schema, ""):
+        raise UserError(f"{where}: {problem}")
+
+
 def check(cfg: DictConfig) -> None:
-    """Refuse keys the schema does not declare and text values outside their `choices` (the first found), and
-    values that cannot go together."""
+    """Refuse keys the schema does not declare, text values outside their `choices` and numbers outside their
+    range (the first found), and values that cannot go together."""
     tree = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(tree, dict)
     tree.pop("hydra", None)
     for problem in _problems(tree, Config, ""):
         raise UserError(problem)
     _check_batch_mode(tree)
+    _check_ray(tree)
+    _check_chunks(tree)
+    _check_split(tree)
+    _check_fake_faults(tree)
 
 
 def _check_batch_mode(tree: dict[Any, Any]) -> None:
@@ -154,6 +204,49 @@ def _check_batch_mode(tree: dict[Any, Any]) -> None:
         "generate.mode=batch: this model preset has no batch API (model.batch=none); use generate.mode=online, "
         "or set model.batch=openai|anthropic if its endpoint offers one"
     )
+
+
+def _check_ray(tree: dict[Any, Any]) -> None:
+    """On Ray the callers are `generate.ray.tasks`; batches are sent from this process."""
+    generate = tree.get("generate") or {}
+    if str(generate.get("executor", "local")).lower() != "ray":
+        return
+    if str(generate.get("mode", "online")).lower() == "batch":
+        raise UserError("generate.mode=batch sends the batches from this process: use generate.executor=local")
+    workers = _number(generate.get("workers"))
+    if workers is not None and workers > 1:
+        raise UserError(
+            f"generate.workers={workers} is for generate.executor=local; on Ray the callers are generate.ray.tasks"
+        )
+
+
+def _check_chunks(tree: dict[Any, Any]) -> None:
+    """`ingest=documents`: a chunk repeats less of the one before than its whole size."""
+    ingest = tree.get("ingest") or {}
+    documents = ingest.get("documents") or {}
+    size, overlap = _number(documents.get("chunk_size")), _number(documents.get("chunk_overlap"))
+    if str(ingest.get("format")).lower() != "documents" or size is None or overlap is None or overlap < size:
+        return
+    raise UserError(f"ingest.documents.chunk_overlap={overlap}: must be less than ingest.documents.chunk_size={size}")
+
+
+def _check_split(tree: dict[Any, Any]) -> None:
+    """`export.split`'s fractions share out every exported row."""
+    split = (tree.get("export") or {}).get("split") or {}
+    fractions = {name: _number(split.get(name)) for name in ("train", "validation", "test")}
+    if any(f is None for f in fractions.values()) or abs(sum(f or 0.0 for f in fractions.values()) - 1.0) <= 1e-9:
+        return
+    shown = ", ".join(f"{name}={f}" for name, f in fractions.items())
+    raise UserError(f"export.split: {shown} must add up to 1")
+
+
+def _check_fake_faults(tree: dict[Any, Any]) -> None:
+    """`model.fake`'s fault shares are of the same calls: together at most all of them."""
+    fake = (tree.get("model") or {}).get("fake") or {}
+    errors, throttled = _number(fake.get("error_rate")), _number(fake.get("rate_429"))
+    if errors is None or throttled is None or errors + throttled <= 1:
+        return
+    raise UserError(f"model.fake.error_rate={errors} and model.fake.rate_429={throttled}: must add up to at most 1")
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import Config, ModelConfig
+from pipeline.config_check import check_section
 from pipeline.errors import UserError
 from pipeline.stage_api import Stage
 
@@ -26,6 +27,7 @@ def load_preset(conf_dir: Path, name: str, cfg: Config, key: str = "model.fallba
         raise UserError(f"{key}: no preset {name!r} (no {path}); use a file name from {path.parent}")
     try:
         node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path), {"preset": name})
+        check_section(node, ModelConfig, str(path))  # the run's config_check never saw this file
         root = OmegaConf.create({"seed": cfg.seed, "name": cfg.name, "paths": asdict(cfg.paths), "model": node})
         model = OmegaConf.to_object(root.model)
     except OmegaConfBaseException as exc:

@@ -3,12 +3,15 @@ documented, typos fail as usage errors (exit 2) naming the key, and `--help` / `
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, run_env
@@ -17,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pipeline import config_store
-from pipeline.config import Config
+from pipeline.config import Config, PathsConfig
 
 CONF = ROOT / "conf"
 GROUPS = ("model", "prompt", "ingest", "generate", "validate", "export", "paths")
@@ -292,6 +295,7 @@ SWEPT_MISTAKES = [
     ("+generate.concurency=5,6", ("generate.concurency=5", "did you mean model.limits.concurrency?")),
     ("model=fake,fak", ("model=fak", "did you mean fake?")),
     ("generate.temperature=0,abc", ("generate.temperature=abc", "a number")),
+    ("generate.workers=1,0", ("generate.workers=0: must be at least 1",)),
 ]
 
 
@@ -353,3 +357,215 @@ def test_did_you_mean_prefers_the_leaf_across_sections() -> None:
     assert closest("generate.temprature", keys) == ["generate.temperature"]
     assert closest("export.formts", keys) == ["export.formats"]
     assert closest("zzz", keys) == []
+
+
+# -- number ranges: field metadata, checked with the config before any stage runs -------------------------
+
+
+def bounded_fields(schema: type = Config, prefix: str = "") -> Iterator[tuple[str, type, dict[str, Any]]]:
+    """(dotted key, the number type, the field's metadata) for every field that declares a range."""
+    from pipeline.config_check import BOUNDS
+
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        if BOUNDS.keys() & f.metadata.keys() or "min_items" in f.metadata:
+            kinds = [a for a in (hint, *typing.get_args(hint)) if a in (int, float)]
+            kinds += [a for arg in typing.get_args(hint) for a in typing.get_args(arg) if a in (int, float)]
+            yield f"{prefix}{f.name}", (kinds or [object])[0], dict(f.metadata)
+        inner = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if isinstance(inner, type) and typing.get_origin(hint) is not list:
+            yield from bounded_fields(inner, f"{prefix}{f.name}.")
+
+
+BOUNDED = sorted(bounded_fields())
+
+
+def test_every_field_metadata_key_is_one_the_checker_knows() -> None:
+    """A typo in metadata (`{"mni": 1}`) would silently disable a bound: every key must be a known one, every
+    bound a number on a number field (or a list of numbers)."""
+    from pipeline.config_check import BOUNDS, METADATA_KEYS
+
+    def fields(schema: type, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            yield f"{prefix}{f.name}", dict(f.metadata)
+            for arg in (hints[f.name], *typing.get_args(hints[f.name])):
+                if isinstance(arg, type) and dataclasses.is_dataclass(arg):
+                    yield from fields(arg, f"{prefix}{f.name}.")
+
+    seen = list(fields(Config))
+    assert len(seen) > 100 and any(key == "generate.workers" for key, _ in seen)
+    for key, metadata in seen:
+        assert set(metadata) <= METADATA_KEYS, f"{key}: unknown metadata {set(metadata) - METADATA_KEYS}"
+        for bound in BOUNDS.keys() & metadata.keys():
+            assert isinstance(metadata[bound], int | float), f"{key}: {bound}={metadata[bound]!r} is not a number"
+    assert {key for key, _, _ in BOUNDED} >= {
+        "generate.workers", "generate.samples", "generate.ray.tasks", "generate.observer_queue", "ingest.limit",
+        "ingest.sample", "ingest.documents.chunk_size", "validate.judge.max_tokens", "model.limits.concurrency",
+    }  # fmt: skip
+    for key, kind, metadata in BOUNDED:
+        assert kind in (int, float) or not BOUNDS.keys() & metadata.keys(), f"{key}: a range on no number field"
+        if "min" in metadata and "max" in metadata:
+            assert metadata["min"] < metadata["max"], key
+
+
+def _outside_values(kind: type, metadata: dict[str, Any]) -> list[Any]:
+    """Values just outside each declared bound (and an empty list where one item is the least)."""
+    step = 1 if kind is int else 0.5
+    bad: list[Any] = []
+    if "min" in metadata:
+        bad.append(metadata["min"] - step)
+    if "max" in metadata:
+        bad.append(metadata["max"] + step)
+    if "above" in metadata:
+        bad.append(metadata["above"])
+    return bad
+
+
+def _edge_values(metadata: dict[str, Any]) -> list[Any]:
+    """The bounds themselves where they are allowed."""
+    return [metadata[key] for key in ("min", "max") if key in metadata]
+
+
+@pytest.mark.parametrize(("key", "kind", "metadata"), BOUNDED, ids=[b[0] for b in BOUNDED])
+def test_every_declared_bound_is_refused_by_the_check(
+    hydra_conf: None, key: str, kind: type, metadata: dict[str, Any]
+) -> None:
+    from pipeline.config_check import check
+    from pipeline.errors import UserError
+
+    is_list = key == "repair.temperatures"  # the one bounded list
+    base = ["+experiment=math", "model=fake"]
+    for value in _outside_values(kind, metadata):
+        override = f"{key}=[{value}]" if is_list else f"{key}={value}"
+        with pytest.raises(UserError) as caught:
+            check(compose(config_name="config", overrides=[*base, override]))
+        line = str(caught.value)
+        said = r"(each value )?must be (at least|at most|more than|between) "
+        assert re.match(rf"^{re.escape(key)}=\S+: {said}", line), line
+    for value in _edge_values(metadata):
+        override = f"{key}=[{value}]" if is_list else f"{key}={value}"
+        try:
+            check(compose(config_name="config", overrides=[*base, override]))
+        except UserError as exc:  # a check across fields may refuse it (export.split.train=0 adds up to 0)
+            assert not str(exc).startswith(f"{key}="), f"the bound itself is refused: {exc}"
+    if "min_items" in metadata:
+        with pytest.raises(UserError, match=rf"^{re.escape(key)}=\[\]: give at least 1 value$"):
+            check(compose(config_name="config", overrides=[*base, f"{key}=[]"]))
+
+
+def test_ranges_leave_null_and_interpolations_alone(hydra_conf: None) -> None:
+    """None where the field is Optional means "no limit"; an interpolation is judged once resolved."""
+    from pipeline.config_check import check
+
+    overrides = ["ingest.limit=null", "validate.judge.max_tokens=null", "generate.samples=${seed}", "seed=0"]
+    check(compose(config_name="config", overrides=["+experiment=math", "model=fake", *overrides]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["generate.temperature=2.5"], "generate.temperature=2.5: must be between 0 and 2"),
+        (["ingest.limit=0"], "ingest.limit=0: must be at least 1 (or null)"),
+        (["model.limits.requests_per_minute=0"], "model.limits.requests_per_minute=0.0: must be more than 0 (or null)"),
+        (["validate.tolerance=nan"], "validate.tolerance=nan: must be at least 0"),
+        (["repair.temperatures=[0.1,3]"], "repair.temperatures=[0.1, 3.0]: each value must be between 0 and 2"),
+        (["export.formats=[]"], "export.formats=[]: give at least 1 value"),
+        (
+            ["generate.executor=ray", "generate.workers=2"],
+            "generate.workers=2 is for generate.executor=local; on Ray the callers are generate.ray.tasks",
+        ),
+        (
+            ["generate.executor=ray", "generate.mode=batch", "model.batch=openai"],
+            "generate.mode=batch sends the batches from this process: use generate.executor=local",
+        ),
+        (
+            ["model.fake.error_rate=0.6", "model.fake.rate_429=0.5"],
+            "model.fake.error_rate=0.6 and model.fake.rate_429=0.5: must add up to at most 1",
+        ),
+        (
+            ["ingest=documents", "ingest.documents.chunk_size=100"],
+            "ingest.documents.chunk_overlap=200: must be less than ingest.documents.chunk_size=100",
+        ),
+        (
+            ["export.split.train=0.7", "export.split.test=0.2"],
+            "export.split: train=0.7, validation=0.0, test=0.2 must add up to 1",
+        ),
+    ],
+)
+def test_range_and_cross_field_lines(hydra_conf: None, overrides: list[str], line: str) -> None:
+    from pipeline.config_check import check
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        check(compose(config_name="config", overrides=["+experiment=math", "model=fake", *overrides]))
+    assert str(caught.value) == line
+
+
+def test_cross_field_checks_pass_what_goes_together(hydra_conf: None) -> None:
+    from pipeline.config_check import check
+
+    for overrides in (
+        ["generate.executor=ray", "generate.workers=1", "generate.ray.tasks=3"],
+        ["generate.workers=4"],
+        ["ingest.documents.chunk_size=100"],  # not read unless ingest=documents
+        ["ingest=documents", "ingest.documents.chunk_size=300", "ingest.documents.chunk_overlap=0"],
+        ["export.split.train=0.8", "export.split.validation=0.1", "export.split.test=0.1"],
+        ["model.fake.error_rate=0.5", "model.fake.rate_429=0.5"],
+    ):
+        check(compose(config_name="config", overrides=["+experiment=math", "model=fake", *overrides]))
+
+
+RANGE_MISTAKES = [
+    # what used to fail only once its stage ran, after earlier stages had written their tables
+    ("generate.workers=0", "generate.workers=0: must be at least 1"),
+    ("generate.samples=0", "generate.samples=0: must be at least 1"),
+    ("generate.observer_queue=0", "generate.observer_queue=0: must be at least 1"),
+    ("generate.ray.tasks=0", "generate.ray.tasks=0: must be at least 1"),
+    ("ingest.sample=0", "ingest.sample=0: must be at least 1 (or null)"),
+    ("validate.judge.max_tokens=0", "validate.judge.max_tokens=0: must be at least 1 (or null)"),
+    ("validate.relative_tolerance=-0.1", "validate.relative_tolerance=-0.1: must be at least 0 (or null)"),
+    ("repair.max_rounds=-1", "repair.max_rounds=-1: must be at least 0"),
+    ("export.split.train=0.5", "export.split: train=0.5, validation=0.0, test=0.0 must add up to 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "line"), RANGE_MISTAKES, ids=[m[0] for m in RANGE_MISTAKES])
+def test_a_value_out_of_range_is_refused_before_any_stage_runs(tmp_path: Path, override: str, line: str) -> None:
+    run_dir = tmp_path / "run"
+    done = run_py("+experiment=math", "model=fake", "ingest.limit=3", override, f"hydra.run.dir={run_dir}")
+    assert assert_one_line(done) == f"error: {line}"
+    assert not (run_dir / "tables").exists(), "a stage ran before the refusal"
+    assert not run_dir.exists(), "nothing is written for a config that is refused"
+
+
+def test_python_api_refuses_a_range_before_any_stage_runs(tmp_path: Path) -> None:
+    """`pipeline.api.run` goes through the same check (in a subprocess: this module's Hydra is initialised)."""
+    run_dir = tmp_path / "api"
+    overrides = ["model=fake", "ingest.limit=3", "generate.workers=0", f"paths.output_dir={tmp_path / 'outputs'}"]
+    code = (
+        "import sys\nfrom pipeline import api\ntry:\n"
+        f"    api.run('math', {overrides!r}, run_dir={str(run_dir)!r})\n"
+        "except api.DistilleryError as exc:\n    print(exc.exit_code, exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "2 generate.workers=0: must be at least 1", done.stderr[-2000:]
+    assert not (run_dir / "tables").exists()
+
+
+def test_a_fallback_preset_out_of_range_is_refused_naming_its_file(tmp_path: Path) -> None:
+    """Presets named by `model.fallbacks` (or `validate.judge.preset`) are loaded outside Hydra's composing."""
+    from pipeline.errors import UserError
+    from pipeline.presets import load_preset
+
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    preset = conf / "model" / "slow.yaml"
+    preset.write_text("name: openai/gpt-4o-mini  # the model\nlimits:  # its limits\n  concurrency: 0  # none\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(preset))}: limits\.concurrency=0: must be at least 1$"):
+        load_preset(conf, "slow", Config(paths=PathsConfig(root_dir=str(tmp_path))))
+    preset.write_text("name: openai/gpt-4o-mini  # the model\nlimits:  # its limits\n  concurrency: 1  # one\n")
+    assert load_preset(conf, "slow", Config(paths=PathsConfig(root_dir=str(tmp_path)))).limits.concurrency == 1
