@@ -87,8 +87,6 @@ class Hub:
     """Delivers events from the run to the observers through a bounded queue and one consumer task."""
 
     def __init__(self, observers: list[Any], queue_size: int) -> None:
-        if queue_size < 1:
-            raise UserError(f"generate.observer_queue={queue_size}: must be at least 1")
         self.observers = observers
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(queue_size)
         self.report = Report(observers=[type(o).__qualname__ for o in observers])

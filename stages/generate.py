@@ -14,7 +14,6 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.errors import UserError
 from pipeline.request_builder import spec_builder
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.tables import row_digest_of
@@ -58,9 +57,6 @@ async def run(ctx: StageContext) -> StageResult:
     engine = ctx.engine
     if engine is None:
         raise RuntimeError("the generate stage needs an engine")
-    samples = ctx.cfg.generate.samples
-    if samples < 1:
-        raise UserError(f"generate.samples={samples}: must be at least 1")
     build = spec_builder(ctx)
     units = units_relation(ctx)
     summary = dict(await engine.execute(units, build))

@@ -69,10 +69,6 @@ def _check_options(cfg: IngestConfig) -> None:
         raise UserError(f"ingest.dedupe={cfg.dedupe!r}: use one of {', '.join(DEDUPE)}")
     if cfg.on_duplicate not in ON_DUPLICATE:
         raise UserError(f"ingest.on_duplicate={cfg.on_duplicate!r}: use one of {', '.join(ON_DUPLICATE)}")
-    for key in ("limit", "sample"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise UserError(f"ingest.{key}={value}: must be at least 1 (or null for all rows)")
 
 
 @dataclass

@@ -26,7 +26,6 @@ import pyarrow as pa
 from pipeline import arrow_rows
 from pipeline.answers import Validators, check_answer
 from pipeline.config import JudgeConfig, PromptConfig
-from pipeline.errors import UserError
 from pipeline.llm.records import RequestSpec
 from pipeline.prompts import PromptBuilder
 from pipeline.stage_api import Stage, StageContext, StageResult
@@ -47,13 +46,6 @@ VERDICT_SCHEMA = json.dumps(
     sort_keys=True,
 )
 ANSWER = "answer"  # the rubric's variable holding the judged answer's text
-
-
-def _check_config(cfg: JudgeConfig) -> None:
-    if not 0.0 <= cfg.temperature <= 2.0:
-        raise UserError(f"validate.judge.temperature={cfg.temperature}: use a value within [0, 2]")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise UserError(f"validate.judge.max_tokens={cfg.max_tokens}: must be at least 1 (or null)")
 
 
 def _judge_key(cfg: JudgeConfig) -> str:
@@ -169,7 +161,6 @@ async def run(ctx: StageContext) -> StageResult:
     if engine is None:
         raise RuntimeError("the judge stage needs an engine")
     cfg = ctx.cfg.validate.judge
-    _check_config(cfg)
     build = JudgeBuilder(cfg, list(ctx.inputs["questions"].columns))
     summary = dict(await engine.execute(units_relation(ctx), build))
     if summary.get("dry_run"):

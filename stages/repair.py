@@ -39,10 +39,6 @@ ENGINE_TOTALS = ("calls", "ok", "failed", "attempts", "cache_hits", "prompt_toke
 
 
 def _check_config(cfg: RepairConfig) -> Any:
-    if cfg.max_rounds < 0:
-        raise UserError(f"repair.max_rounds={cfg.max_rounds}: must be 0 or more")
-    if not cfg.temperatures or any(not 0.0 <= t <= 2.0 for t in cfg.temperatures):
-        raise UserError(f"repair.temperatures={list(cfg.temperatures)}: give one or more values within [0, 2]")
     try:
         template = _ENV.from_string(cfg.feedback)
         template.render(errors=[{"path": "$", "message": "example"}], round=1, answer="")

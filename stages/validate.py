@@ -149,15 +149,8 @@ def _user_function(spec: dict[str, Any]) -> tuple[str, Scorer]:
     return target, call
 
 
-def _check_tolerances(cfg: ValidateConfig) -> None:
-    for key, value in (("tolerance", cfg.tolerance), ("relative_tolerance", cfg.relative_tolerance)):
-        if value is not None and not value >= 0:
-            raise UserError(f"validate.{key}={value}: must be 0 or more (e.g. validate.{key}=0.01)")
-
-
 def build_scorer(cfg: ValidateConfig) -> tuple[str, Scorer | None]:
     """The configured scorer by name (None: no scoring), checked before any answer is read."""
-    _check_tolerances(cfg)
     spec = cfg.scorer
     if isinstance(spec, dict):
         return _user_function(spec)

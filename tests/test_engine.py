@@ -608,16 +608,6 @@ def test_a_lower_preset_max_tokens_is_a_new_request(server: FakeServer, tmp_path
     assert requests(server) == 0 and summary["reused_journal"] == 4
 
 
-def test_unknown_cache_mode_is_a_user_error(server: FakeServer, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"generate\.cache"):
-        make_engine(tmp_path, [model(server)], cache="sometimes")
-
-
-def test_zero_workers_is_a_user_error(server: FakeServer, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"generate\.workers=0"):
-        make_engine(tmp_path, [model(server)], workers=0)
-
-
 # --------------------------------------------------------------------------- client-side rate limits
 
 

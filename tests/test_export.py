@@ -467,12 +467,9 @@ def test_zero_selected_rows_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
     ("cfg", "message"),
     [
         (ExportConfig(formats=["openai_chat", "xlsx"]), "export.formats"),
-        (ExportConfig(formats=[]), "export.formats"),
         (ExportConfig(is_correct="maybe"), "export.is_correct='maybe'"),
         (ExportConfig(dedupe="all"), "export.dedupe"),
         (ExportConfig(reasoning="hide"), "export.reasoning"),
-        (ExportConfig(split=SplitConfig(train=0.8, validation=0.3)), "add up to 1"),
-        (ExportConfig(split=SplitConfig(train=1.2, validation=-0.2)), "add up to 1"),
         (ExportConfig(student_template="{{ questoin }}"), "export.student_template uses questoin"),
         (ExportConfig(assistant_template="{{ parsed.answer }"), "export.assistant_template: template syntax error"),
     ],

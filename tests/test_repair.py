@@ -44,9 +44,6 @@ def test_feedback_lists_every_error_with_its_path() -> None:
 @pytest.mark.parametrize(
     ("cfg", "key"),
     [
-        (RepairConfig(max_rounds=-1), "repair.max_rounds"),
-        (RepairConfig(temperatures=[]), "repair.temperatures"),
-        (RepairConfig(temperatures=[0.1, 3.0]), "repair.temperatures"),
         (RepairConfig(feedback="{% for e in errors %}"), "repair.feedback"),
         (RepairConfig(feedback="{{ nope }}"), "repair.feedback"),
     ],

@@ -17,7 +17,6 @@ from typing import Any
 import duckdb
 
 from pipeline.config import GenerateConfig, GenerateMode
-from pipeline.errors import UserError
 from pipeline.llm.batch_executor import at_batch_prices
 from pipeline.llm.call import CallRunner
 from pipeline.llm.dispatch import Dispatcher, Work
@@ -31,8 +30,6 @@ from pipeline.llm.targets import Target, configure_breakers
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
-
-CACHE_MODES = ("on", "read_only", "off")
 
 
 class Engine:
@@ -53,10 +50,6 @@ class Engine:
         """`targets`: the failover chain, the first preset first; `prepare` checks the endpoints and starts the
         model's server just before the first request is sent (never when the journal and the cache answer
         everything) and returns the targets to call."""
-        if cfg.cache not in CACHE_MODES:
-            raise UserError(f"generate.cache={cfg.cache!r}: use one of {', '.join(CACHE_MODES)}")
-        if cfg.workers < 1:
-            raise UserError(f"generate.workers={cfg.workers}: must be at least 1")
         if cfg.mode == GenerateMode.batch:  # answers, budget and dry run at the batch price
             targets, prepare = at_batch_prices(targets, prepare)
         configure_breakers(targets, cfg.endpoint_down_after_s)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Protocol
 
 from pipeline.config import ExecutorKind, GenerateConfig, GenerateMode
-from pipeline.errors import UserError
 from pipeline.llm.batch_executor import BatchExecutor
 from pipeline.llm.dispatch import Work
 from pipeline.llm.ray_executor import RayExecutor
@@ -65,9 +64,7 @@ class InProcess:
 
 def executor_for(cfg: GenerateConfig) -> Executor:
     """The executor `generate` asks for; the one place that chooses."""
-    if cfg.mode == GenerateMode.batch:
-        if cfg.executor == ExecutorKind.ray:
-            raise UserError("generate.mode=batch sends the batches from this process: use generate.executor=local")
+    if cfg.mode == GenerateMode.batch:  # never on Ray: config_check refuses the pair
         return BatchExecutor()
     if cfg.executor == ExecutorKind.ray:
         return RayExecutor(cfg)

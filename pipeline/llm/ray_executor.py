@@ -181,15 +181,7 @@ class RayExecutor:
     """Runs a stage's calls on the Ray cluster `generate.ray.address` names (see the module's docstring)."""
 
     def __init__(self, generate: GenerateConfig) -> None:
-        cfg = generate.ray
-        if cfg.tasks < 1:
-            raise UserError(f"generate.ray.tasks={cfg.tasks}: must be at least 1")
-        if generate.workers > 1:
-            raise UserError(
-                f"generate.workers={generate.workers} is for generate.executor=local; on Ray the callers are "
-                "generate.ray.tasks"
-            )
-        self.cfg = cfg
+        self.cfg = generate.ray  # its bounds, and workers=1 on Ray, are checked with the config (config_check)
 
     async def run(self, work: Work) -> None:
         with connected(self.cfg.address, cpus=self.cfg.tasks if self.cfg.address == LOCAL else None) as where:

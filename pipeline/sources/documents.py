@@ -140,13 +140,6 @@ def _cl100k() -> Callable[[str], list[int]]:
 def check_options(opts: DocumentsOptions) -> None:
     if opts.unit not in UNITS:
         raise UserError(f"ingest.documents.unit={opts.unit!r}: use one of {', '.join(UNITS)}")
-    if opts.chunk_size < 1:
-        raise UserError(f"ingest.documents.chunk_size={opts.chunk_size}: must be at least 1")
-    if not 0 <= opts.chunk_overlap < opts.chunk_size:
-        raise UserError(
-            f"ingest.documents.chunk_overlap={opts.chunk_overlap}: must be at least 0 and less than "
-            f"ingest.documents.chunk_size={opts.chunk_size}"
-        )
 
 
 def _read(path: Path, name: str, encoding: str) -> str:
