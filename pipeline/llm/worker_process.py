@@ -205,7 +205,7 @@ class _Worker:
         )
         flusher = asyncio.create_task(relay.keep_flushing())
         try:
-            await dispatcher.dispatch(with_cache_hits(render(pending, job.build, targets[0]), cache, con.cursor()))
+            await dispatcher.dispatch(with_cache_hits(render(con, pending, job.build, targets[0]), cache, con.cursor()))
         finally:
             flusher.cancel()
             dispatcher.totals.throttled_in_workers = dispatcher.throttled()
