@@ -120,8 +120,9 @@ def _not_json(value: Any) -> Any:
     raise TypeError(f"cannot store {value!r} ({type(value).__name__}) in a table row: not a JSON value")
 
 
-# The longest row (as JSON) a stage may write: DuckDB's JSON reader refuses longer ones (its default is 16 MB).
-MAX_ROW_BYTES = 256 << 20
+# The longest row (as JSON) a stage may write; DuckDB's JSON reader refuses longer ones. It allocates twice this per
+# buffer against the connection's memory_limit (worker processes run under 1 GB), so it stays far below that.
+MAX_ROW_BYTES = 64 << 20
 
 
 class RowsToParquet:
