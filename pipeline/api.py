@@ -19,14 +19,16 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import pyarrow as pa
 
 from pipeline import duck, exit_codes, folder_config, layout
 from pipeline.config_check import one_line
 from pipeline.errors import JobExit
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 CONFIG_NAME = "config"
 
@@ -65,7 +67,7 @@ class RunResult:
         return store.relation(self.con, name)
 
     def arrow(self, name: str) -> pa.Table:
-        """A whole table as an Arrow table (`.to_pandas()` for pandas)."""
+        """A whole table as an Arrow table (`.to_pandas()` for pandas); pyarrow is imported by this call only."""
         return self.table(name).to_arrow_table()
 
     @property

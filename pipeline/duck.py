@@ -8,8 +8,10 @@ never by hand at the call site.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
+from typing import Any
 
 import duckdb
 
@@ -63,3 +65,34 @@ def ident(name: str) -> str:
 def literal_list(items: Iterable[PathText]) -> str:
     """A SQL list of string literals, e.g. the files a `read_parquet` scans."""
     return "[" + ", ".join(literal(item) for item in items) + "]"
+
+
+def row_batches(
+    con: duckdb.DuckDBPyConnection, query: str | duckdb.DuckDBPyRelation, batch_rows: int = 2048
+) -> Generator[list[dict[str, Any]], None, None]:
+    """The rows of a query (or of a relation built on `con`) as lists of up to `batch_rows` dicts.
+
+    One streaming run, read with DuckDB's own Python values: no pyarrow (its import alone is ~45 MB of a run's
+    memory). `con` holds the open result until the rows run out or the iterator is closed, so work done between
+    batches goes through a cursor (`con.cursor()`).
+    """
+    sql = query if isinstance(query, str) else query.sql_query()
+    result = con.execute(sql)
+    names = [str(d[0]) for d in result.description or []]
+    done = False
+    try:
+        while batch := result.fetchmany(batch_rows):
+            yield [dict(zip(names, values, strict=True)) for values in batch]
+        done = True
+    finally:
+        if not done:
+            result.abort()  # a consumer that stopped early must not leave the connection with an open result
+
+
+def stream_rows(
+    con: duckdb.DuckDBPyConnection, query: str | duckdb.DuckDBPyRelation, batch_rows: int = 2048
+) -> Generator[dict[str, Any], None, None]:
+    """The rows of `row_batches` one at a time."""
+    with contextlib.closing(row_batches(con, query, batch_rows)) as batches:
+        for batch in batches:
+            yield from batch

@@ -22,6 +22,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline import duck
 from pipeline.duck import literal, literal_list
 from pipeline.layout import labels_folder
 from pipeline.tables import LABEL_COLUMNS, LABEL_VIEW, empty_sql
@@ -122,8 +123,6 @@ def open_label_view(con: duckdb.DuckDBPyConnection, run_dir: Path) -> tuple[duck
     )
     con.unregister("labels_all")
     digest = hashlib.sha256()
-    reader = con.sql("SELECT * FROM labels_view ORDER BY response_id").to_arrow_reader(4096)
-    for batch in reader:
-        for row in batch.to_pylist():
-            digest.update(json.dumps([row[c] for c in LABEL_VIEW], ensure_ascii=False).encode() + b"\n")
+    for row in duck.stream_rows(con, "SELECT * FROM labels_view ORDER BY response_id", 4096):
+        digest.update(json.dumps([row[c] for c in LABEL_VIEW], ensure_ascii=False).encode() + b"\n")
     return con.table("labels_view"), digest.hexdigest()

@@ -315,7 +315,7 @@ class Runner:
         self.manifest.save()
         observers.emit("stage_start", stage=stage.name, fingerprint=fp)
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
-        writer = StagedWriter(self.store, files_dir)
+        writer = StagedWriter(self.store, files_dir, con=con)
         self.progress.phase(stage.name)
         engine = (
             Engine(

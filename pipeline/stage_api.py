@@ -15,20 +15,24 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 import duckdb
-import pyarrow as pa
 
 from pipeline.config import Config
 from pipeline.llm.records import RequestSpec
 
 
 class Writer(Protocol):
+    """Where a stage's outputs go (`pipeline.store.StagedWriter`). `columns` are a table contract of
+    `pipeline.tables`: names in order with their DuckDB types; a row's missing key is null, an extra key is left out."""
+
     def write_relation(self, name: str, rel: duckdb.DuckDBPyRelation) -> int: ...
 
-    def write_batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int: ...
+    def write_rows(self, name: str, columns: Mapping[str, str], rows: Iterable[Mapping[str, Any]]) -> int: ...
 
     def open_file(self, relpath: str) -> AbstractContextManager[IO[str]]: ...
 
-    def open_binary(self, relpath: str) -> AbstractContextManager[IO[bytes]]: ...
+    def open_parquet(
+        self, relpath: str, columns: Mapping[str, str]
+    ) -> AbstractContextManager[Callable[[Mapping[str, Any]], None]]: ...
 
 
 class StageEngine(Protocol):

@@ -3,6 +3,11 @@
 A stage never sees a path. It writes through a `StagedWriter`, which stages every output next to its
 final place and renames it in only when the stage finished; a failed or interrupted stage leaves the
 previous tables untouched and no half-written file behind.
+
+DuckDB writes every Parquet file, rows from Python included: they are streamed as JSON Lines into a scratch
+file (bounded memory) and copied into Parquet by DuckDB's JSON reader against the table's declared column
+types, with the meaning of Arrow's `from_pylist`: a missing key is null, a key the columns lack is left out,
+NaN and infinities stay floats. pyarrow (with numpy, ~45 MB of a run's memory) is never imported on the way.
 """
 
 from __future__ import annotations
@@ -12,17 +17,17 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import duck, layout
 
-PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": True, "write_statistics": True}
+# A table's or file's columns in order: name -> DuckDB type text (e.g. `STRUCT(path VARCHAR, message VARCHAR)[]`).
+Columns = Mapping[str, str]
+AddRow = Callable[[Mapping[str, Any]], None]
 # The folder of the database file a connection opened, as SQL: DuckDB resolves a relative path in a view against
 # the process's working directory, never the database's folder, and has no function returning the database's
 # path; but its temp_directory defaults to `<database file>.tmp`, so its folder is the run folder. Opening the
@@ -71,7 +76,11 @@ class TableStore:
         return con.read_parquet(str(self.path(name)))
 
     def rows(self, name: str) -> int:
-        return int(pq.ParquetFile(self.path(name)).metadata.num_rows)
+        con = duck.connect(threads=1)
+        try:
+            return parquet_rows(con, self.path(name))
+        finally:
+            con.close()
 
     def digest(self, name: str) -> str:
         return sha256_file(self.path(name))
@@ -101,11 +110,68 @@ class TableStore:
         os.replace(tmp, db_path)
 
 
+def parquet_rows(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    """The row count a Parquet file's footer records."""
+    found = con.execute("SELECT num_rows FROM parquet_file_metadata(?)", [str(path)]).fetchall()
+    return int(found[0][0])
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"cannot store {value!r} ({type(value).__name__}) in a table row: not a JSON value")
+
+
+# The longest row (as JSON) a stage may write; DuckDB's JSON reader refuses longer ones. It allocates twice this per
+# buffer against the connection's memory_limit (worker processes run under 1 GB), so it stays far below that.
+MAX_ROW_BYTES = 64 << 20
+
+
+class RowsToParquet:
+    """Python rows into one Parquet file: JSON Lines in a scratch file next to it, then one DuckDB `COPY` when the
+    `with` block ends (`rows` is then the count); an exception in the block leaves neither file."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, columns: Columns, target: Path) -> None:
+        self._con, self._columns, self._target = con, dict(columns), target
+        self._scratch = target.with_name(f".{target.name}.jsonl")
+        self._out: IO[str] | None = None
+        self.rows = 0
+
+    def __enter__(self) -> RowsToParquet:
+        self._out = open(self._scratch, "w", encoding="utf-8", newline="\n")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        assert self._out is not None
+        self._out.close()
+        try:
+            if kind is None:
+                self.rows = self._copy()
+        finally:
+            self._scratch.unlink(missing_ok=True)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        assert self._out is not None, "add rows inside the with block"
+        self._out.write(json.dumps(row, ensure_ascii=False, default=_not_json) + "\n")
+
+    def _copy(self) -> int:
+        typed = "{" + ", ".join(f"{duck.literal(n)}: {duck.literal(t)}" for n, t in self._columns.items()) + "}"
+        names = ", ".join(duck.ident(n) for n in self._columns)
+        reader = (
+            f"read_json({duck.literal(self._scratch)}, format = 'newline_delimited', auto_detect = false, "
+            f"columns = {typed}, maximum_object_size = {MAX_ROW_BYTES})"
+        )
+        copied = self._con.execute(
+            f"COPY (SELECT {names} FROM {reader}) TO {duck.literal(self._target)} (FORMAT parquet, COMPRESSION zstd)"
+        ).fetchall()
+        return int(copied[0][0])
+
+
 class StagedWriter:
     """What a stage writes through: tables and files, committed together when the stage succeeds."""
 
-    def __init__(self, store: TableStore, files_dir: Path | None = None) -> None:
+    def __init__(self, store: TableStore, files_dir: Path | None = None, *, con: duckdb.DuckDBPyConnection) -> None:
         self._store = store
+        self._con = con
+        self._side: duckdb.DuckDBPyConnection | None = None
         self._staging = layout.staging_folder(store.run_dir)
         self._files_dir = files_dir
         self._tables: dict[str, int] = {}
@@ -127,44 +193,45 @@ class StagedWriter:
             raise ValueError(f"table {name!r} written twice by one stage")
         return self._staging / f"{name}.parquet"
 
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of the stage's connection: free while the stage streams its input rows on the connection."""
+        if self._side is None:
+            self._side = self._con.cursor()
+        return self._side
+
     def write_relation(self, name: str, rel: duckdb.DuckDBPyRelation) -> int:
         """Stream a DuckDB relation into a table (DuckDB writes it; nothing is held in Python)."""
         path = self._staged_table(name)
         rel.write_parquet(str(path), compression="zstd")
-        rows = int(pq.ParquetFile(path).metadata.num_rows)
-        self._tables[name] = rows
+        self._tables[name] = rows = parquet_rows(self._cursor(), path)
         return rows
 
-    def write_batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
-        """Stream Arrow record batches into a table, one row group at a time."""
-        path = self._staged_table(name)
-        rows = 0
-        with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as out:
-            for batch in batches:
-                out.write_batch(batch)
-                rows += batch.num_rows
-        self._tables[name] = rows
-        return rows
+    def write_rows(self, name: str, columns: Columns, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Python rows into a table of exactly `columns`, in order (memory bounded: see the module's note)."""
+        with RowsToParquet(self._cursor(), columns, self._staged_table(name)) as out:
+            for row in rows:
+                out.add(row)
+        self._tables[name] = out.rows
+        return out.rows
+
+    @contextlib.contextmanager
+    def open_parquet(self, relpath: str, columns: Columns) -> Iterator[AddRow]:
+        """A Parquet file of `columns` under the stage's file folder (e.g. a Parquet export), fed one row at a time."""
+        with RowsToParquet(self._cursor(), columns, self._staged_file(relpath)) as out:
+            yield out.add
+        self._files.append(relpath)
+
+    def _staged_file(self, relpath: str) -> Path:
+        if self._files_dir is None:
+            raise ValueError("this stage declares no file outputs")
+        path = self._staging / "files" / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     @contextlib.contextmanager
     def open_file(self, relpath: str) -> Iterator[IO[str]]:
         """A text file under the stage's file folder (e.g. `export/`), committed with the tables."""
-        if self._files_dir is None:
-            raise ValueError("this stage declares no file outputs")
-        path = self._staging / "files" / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as fh:
-            yield fh
-        self._files.append(relpath)
-
-    @contextlib.contextmanager
-    def open_binary(self, relpath: str) -> Iterator[IO[bytes]]:
-        """A binary file under the stage's file folder (e.g. a Parquet export), committed with the tables."""
-        if self._files_dir is None:
-            raise ValueError("this stage declares no file outputs")
-        path = self._staging / "files" / relpath
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
+        with open(self._staged_file(relpath), "w", encoding="utf-8", newline="\n") as fh:
             yield fh
         self._files.append(relpath)
 
@@ -181,7 +248,13 @@ class StagedWriter:
                 os.replace(self._files_dir, old)
             os.replace(staged, self._files_dir)
             shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._close()
 
     def abort(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         shutil.rmtree(self._staging, ignore_errors=True)

@@ -21,38 +21,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import duck, exit_codes, layout
 from pipeline.config_check import sweep_arguments
-from pipeline.store import atomic_write_text
+from pipeline.store import RowsToParquet, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FIELDS: dict[str, pa.DataType] = {
-    "status": pa.string(),
-    "error": pa.string(),
-    "model": pa.string(),
-    "questions": pa.int64(),
-    "valid_pct": pa.float64(),
-    "accuracy_pct": pa.float64(),
-    "accuracy_low_pct": pa.float64(),  # Wilson 95 % interval of accuracy_pct over the scored answers
-    "accuracy_high_pct": pa.float64(),
-    "scored": pa.int64(),
-    "calls": pa.int64(),  # answers in the job's tables (cumulative over invocations, cache hits included)
-    "tokens": pa.int64(),
-    "cost_usd": pa.float64(),  # what those answers cost (null: a price is unknown)
-    "latency_p50_ms": pa.float64(),
-    "latency_p95_ms": pa.float64(),
-    "run_calls": pa.int64(),  # calls this invocation paid for
-    "run_cache_hits": pa.int64(),
-    "run_cost_usd": pa.float64(),
-    "run_seconds": pa.float64(),
-    "overrides": pa.string(),
+FIELDS: dict[str, str] = {  # the columns after the swept keys, with their DuckDB types
+    "status": "VARCHAR",
+    "error": "VARCHAR",
+    "model": "VARCHAR",
+    "questions": "BIGINT",
+    "valid_pct": "DOUBLE",
+    "accuracy_pct": "DOUBLE",
+    "accuracy_low_pct": "DOUBLE",  # Wilson 95 % interval of accuracy_pct over the scored answers
+    "accuracy_high_pct": "DOUBLE",
+    "scored": "BIGINT",
+    "calls": "BIGINT",  # answers in the job's tables (cumulative over invocations, cache hits included)
+    "tokens": "BIGINT",
+    "cost_usd": "DOUBLE",  # what those answers cost (null: a price is unknown)
+    "latency_p50_ms": "DOUBLE",
+    "latency_p95_ms": "DOUBLE",
+    "run_calls": "BIGINT",  # calls this invocation paid for
+    "run_cache_hits": "BIGINT",
+    "run_cost_usd": "DOUBLE",
+    "run_seconds": "DOUBLE",
+    "overrides": "VARCHAR",
 }
 Z95 = 1.959964  # two-sided 95 % normal quantile
 
@@ -171,13 +169,12 @@ def job_row(manifest_path: Path, keys: list[str] | None = None) -> dict[str, Any
     return row
 
 
-def _schema(keys: list[str]) -> pa.Schema:
-    swept = [(k, pa.string()) for k in keys if k not in FIELDS and k != "job"]
-    return pa.schema([("job", pa.string()), *swept, *FIELDS.items()])
+def _columns(keys: list[str]) -> dict[str, str]:
+    swept = {k: "VARCHAR" for k in keys if k not in FIELDS and k != "job"}
+    return {"job": "VARCHAR", **swept, **FIELDS}
 
 
-def _markdown(rows: list[dict[str, Any]], schema: pa.Schema) -> str:
-    columns = schema.names
+def _markdown(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
     def cell(value: Any) -> str:
         if value is None:
@@ -194,13 +191,18 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     keys = swept_keys(sweep_dir)
     manifests = sorted(sweep_dir.glob(f"*/{layout.MANIFEST}"), key=lambda p: _job_order(p.parent.name))
     rows = [job_row(p, keys) for p in manifests]
-    schema = _schema(keys)
-    table = pa.Table.from_pylist(rows, schema=schema)
+    columns = _columns(keys)
     final = layout.sweep_summary_path(sweep_dir, "parquet")
     tmp = final.with_name(f".{final.name}.tmp")
-    pq.write_table(table, tmp)
+    con = duck.connect(threads=1)
+    try:
+        with RowsToParquet(con, columns, tmp) as out:
+            for row in rows:
+                out.add(row)
+    finally:
+        con.close()
     tmp.replace(final)
-    atomic_write_text(layout.sweep_summary_path(sweep_dir, "md"), _markdown(rows, schema))
+    atomic_write_text(layout.sweep_summary_path(sweep_dir, "md"), _markdown(rows, columns))
     if rows:
         from pipeline.sweep_chart import draw
 
@@ -228,7 +230,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
-        print(_markdown(rows, _schema(swept_keys(sweep_dir))), flush=True)
+        print(_markdown(rows, _columns(swept_keys(sweep_dir))), flush=True)
         print(f"sweep summary: {layout.sweep_summary_path(sweep_dir, 'md')} (+ .parquet, .png)", flush=True)
         failed = [r["job"] for r in rows if r["status"] == "failed"]
         if failed:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pyarrow as pa
-
 from pipeline.duck import ident
 
 # -- questions (ingest) -----------------------------------------------------------------------------------
@@ -107,50 +105,47 @@ def answers_sql(has_repairs: bool, responses: str, repairs: str) -> str:
 
 # -- validations (validate) -------------------------------------------------------------------------------
 
-ERROR = pa.struct([("path", pa.string()), ("message", pa.string())])  # one problem of an answer: JSON path, text
-VALIDATIONS = pa.schema(
-    [
-        ("response_id", pa.string()),
-        ("question_id", pa.string()),
-        ("category", pa.string()),
-        ("model_used", pa.string()),
-        ("is_valid", pa.bool_()),
-        ("errors", pa.list_(ERROR)),
-        ("parsed", pa.string()),
-        ("score", pa.float64()),
-        ("matches_golden", pa.bool_()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("parent_response_id", pa.string()),
-        (ROOT_RESPONSE_ID, pa.string()),
-        ("is_final", pa.bool_()),
-        ("extraction", pa.string()),  # whole | fenced | embedded: where the JSON was found (null: none)
-    ]
-)
+ERROR = "STRUCT(path VARCHAR, message VARCHAR)"  # one problem of an answer: JSON path, text
+# Columns of the `validations` table, in order, with their DuckDB types.
+VALIDATIONS: dict[str, str] = {
+    "response_id": "VARCHAR",
+    "question_id": "VARCHAR",
+    "category": "VARCHAR",
+    "model_used": "VARCHAR",
+    "is_valid": "BOOLEAN",
+    "errors": f"{ERROR}[]",
+    "parsed": "VARCHAR",
+    "score": "DOUBLE",
+    "matches_golden": "BOOLEAN",
+    "sample_index": "INTEGER",
+    "round": "INTEGER",
+    "parent_response_id": "VARCHAR",
+    ROOT_RESPONSE_ID: "VARCHAR",
+    "is_final": "BOOLEAN",
+    "extraction": "VARCHAR",  # whole | fenced | embedded: where the JSON was found (null: none)
+}
 
 # -- judgements (judge) -----------------------------------------------------------------------------------
 
-JUDGEMENTS = pa.schema(
-    [
-        ("response_id", pa.string()),  # the judged answer
-        ("question_id", pa.string()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("judge_response_id", pa.string()),  # the judge's call (its attempts are in judge_attempts)
-        ("judge_model", pa.string()),  # the preset that answered
-        ("status", pa.string()),  # ok | invalid (the verdict breaks its schema) | failed (the call failed)
-        ("score", pa.float64()),
-        ("verdict", pa.string()),
-        ("passed", pa.bool_()),  # verdict = pass; null unless status = ok
-        ("rationale", pa.string()),
-        ("errors", pa.list_(ERROR)),
-        ("content", pa.string()),  # the judge's reply as it came
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("latency_ms", pa.float64()),
-    ]
-)
+JUDGEMENTS: dict[str, str] = {
+    "response_id": "VARCHAR",  # the judged answer
+    "question_id": "VARCHAR",
+    "sample_index": "INTEGER",
+    "round": "INTEGER",
+    "judge_response_id": "VARCHAR",  # the judge's call (its attempts are in judge_attempts)
+    "judge_model": "VARCHAR",  # the preset that answered
+    "status": "VARCHAR",  # ok | invalid (the verdict breaks its schema) | failed (the call failed)
+    "score": "DOUBLE",
+    "verdict": "VARCHAR",
+    "passed": "BOOLEAN",  # verdict = pass; null unless status = ok
+    "rationale": "VARCHAR",
+    "errors": f"{ERROR}[]",
+    "content": "VARCHAR",  # the judge's reply as it came
+    "prompt_tokens": "BIGINT",
+    "completion_tokens": "BIGINT",
+    "cost_usd": "DOUBLE",
+    "latency_ms": "DOUBLE",
+}
 
 # -- review labels (the review tools write the log; export reads the latest-wins view) --------------------
 

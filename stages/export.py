@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import duckdb
 from jinja2.exceptions import TemplateError
 
+from pipeline import duck
 from pipeline.answers import extract_json
 from pipeline.card_hub import CARD_FILE
 from pipeline.config import Config, ExportConfig, as_plain
@@ -34,7 +34,16 @@ from pipeline.prompts import compile_template
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.tables import LABEL_VIEW, NORMALISED_QUESTION, empty_sql
 from stages.dataset_card import CardData, portable_command, render_card
-from stages.export_formats import FORMATS, Example, FormatWriter, chat_problems, file_name, make_writer, openai_chat
+from stages.export_formats import (
+    FORMATS,
+    TABULAR,
+    Example,
+    FormatWriter,
+    chat_problems,
+    file_name,
+    make_writer,
+    openai_chat,
+)
 from stages.judge_figures import STEP as JUDGE_STEP
 from stages.judge_figures import judge_figures
 
@@ -279,23 +288,22 @@ def _write(ctx: StageContext, fractions: dict[str, float], student: Student) -> 
     with contextlib.ExitStack() as stack:
         writers: dict[tuple[str, str], FormatWriter] = {}
         for (fmt, split), name in files.items():
-            opener: Callable[[str], Any] = ctx.writer.open_binary if FORMATS[fmt].binary else ctx.writer.open_file
-            writers[(fmt, split)] = make_writer(fmt, stack.enter_context(opener(name)), cfg.include_system)
-        for batch in rows.to_arrow_reader(2048):
-            for row in batch.to_pylist():
-                system, user, assistant = student.render(row)
-                if not user or not assistant:
-                    written.empty += 1  # OpenAI refuses empty turns; counted in the card
-                    continue
-                example = Example(system=system, user=user, assistant=assistant, row=row, split=row["split"])
-                problems = chat_problems(openai_chat(example))
-                if problems:  # the shapes above make this impossible; never write a line OpenAI would refuse
-                    raise RuntimeError(f"export built an invalid chat example for {row['response_id']}: {problems}")
-                for fmt in cfg.formats:
-                    writers[(fmt, row["split"])].write(example)
-                written.per_split[row["split"]] += 1
-                written.per_model[str(row["model_used"])] += 1
-                written.per_category[str(row["category"])] += 1
+            out = ctx.writer.open_parquet(name, TABULAR) if FORMATS[fmt].columnar else ctx.writer.open_file(name)
+            writers[(fmt, split)] = make_writer(fmt, stack.enter_context(out), cfg.include_system)
+        for row in duck.stream_rows(ctx.con, rows):
+            system, user, assistant = student.render(row)
+            if not user or not assistant:
+                written.empty += 1  # OpenAI refuses empty turns; counted in the card
+                continue
+            example = Example(system=system, user=user, assistant=assistant, row=row, split=row["split"])
+            problems = chat_problems(openai_chat(example))
+            if problems:  # the shapes above make this impossible; never write a line OpenAI would refuse
+                raise RuntimeError(f"export built an invalid chat example for {row['response_id']}: {problems}")
+            for fmt in cfg.formats:
+                writers[(fmt, row["split"])].write(example)
+            written.per_split[row["split"]] += 1
+            written.per_model[str(row["model_used"])] += 1
+            written.per_category[str(row["category"])] += 1
         for writer in writers.values():
             writer.close()
     return written, list(files.values())

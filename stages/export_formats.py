@@ -1,7 +1,8 @@
 """Fine-tuning file formats: each turns one rendered example into its own record shape and streams it out.
 
 Every writer gets examples already sorted by key and writes them in that order, so the same inputs give the
-same bytes. JSON Lines and JSON arrays are written as text, Parquet through pyarrow on a binary handle.
+same bytes. JSON Lines and JSON arrays are written as text, Parquet by DuckDB from the rows (the writer's
+`open_parquet`).
 """
 
 from __future__ import annotations
@@ -12,32 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline import arrow_rows
-
-TABULAR = pa.schema(
-    [
-        ("response_id", pa.string()),
-        ("question_id", pa.string()),
-        ("category", pa.string()),
-        ("split", pa.string()),
-        ("sample_index", pa.int32()),
-        ("round", pa.int32()),
-        ("model_used", pa.string()),
-        ("system", pa.string()),
-        ("user", pa.string()),
-        ("assistant", pa.string()),
-        ("golden_answer", pa.string()),
-        ("is_valid", pa.bool_()),
-        ("matches_golden", pa.bool_()),
-        ("score", pa.float64()),
-        ("is_correct", pa.bool_()),
-        ("reviewer", pa.string()),
-        ("note", pa.string()),
-    ]
-)
+# The columns of the tabular formats (csv, json, parquet), in order, with their DuckDB types.
+TABULAR: dict[str, str] = {
+    "response_id": "VARCHAR",
+    "question_id": "VARCHAR",
+    "category": "VARCHAR",
+    "split": "VARCHAR",
+    "sample_index": "INTEGER",
+    "round": "INTEGER",
+    "model_used": "VARCHAR",
+    "system": "VARCHAR",
+    "user": "VARCHAR",
+    "assistant": "VARCHAR",
+    "golden_answer": "VARCHAR",
+    "is_valid": "BOOLEAN",
+    "matches_golden": "BOOLEAN",
+    "score": "DOUBLE",
+    "is_correct": "BOOLEAN",
+    "reviewer": "VARCHAR",
+    "note": "VARCHAR",
+}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -56,7 +51,7 @@ class Example:
         return [*turns, {"role": "user", "content": self.user}, {"role": "assistant", "content": self.assistant}]
 
     def tabular(self) -> dict[str, Any]:
-        record = {name: self.row.get(name) for name in TABULAR.names}
+        record = {name: self.row.get(name) for name in TABULAR}
         record.update(split=self.split, system=self.system, user=self.user, assistant=self.assistant)
         return record
 
@@ -118,11 +113,11 @@ class JsonArray(FormatWriter):
 class CsvFile(FormatWriter):
     def __init__(self, out: IO[str]) -> None:
         self.writer = csv.writer(out, lineterminator="\n")
-        self.writer.writerow(TABULAR.names)
+        self.writer.writerow(TABULAR)
 
     def write(self, example: Example) -> None:
         record = example.tabular()
-        self.writer.writerow(["" if record[n] is None else _csv_value(record[n]) for n in TABULAR.names])
+        self.writer.writerow(["" if record[n] is None else _csv_value(record[n]) for n in TABULAR])
 
 
 def _csv_value(value: Any) -> Any:
@@ -130,26 +125,13 @@ def _csv_value(value: Any) -> Any:
 
 
 class ParquetFile(FormatWriter):
-    """Rows buffered into row groups of `batch_rows`, so memory stays bounded."""
+    """Rows handed to the stage writer's Parquet file (`open_parquet` with `TABULAR`), which DuckDB writes."""
 
-    def __init__(self, out: IO[bytes], batch_rows: int = 4096) -> None:
-        self.writer = pq.ParquetWriter(out, TABULAR, compression="zstd")
-        self.rows: list[dict[str, Any]] = []
-        self.batch_rows = batch_rows
+    def __init__(self, add: Callable[[dict[str, Any]], None]) -> None:
+        self.add = add
 
     def write(self, example: Example) -> None:
-        self.rows.append(example.tabular())
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(arrow_rows.table(self.rows, TABULAR))
-            self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
+        self.add(example.tabular())
 
 
 @dataclass(frozen=True)
@@ -157,7 +139,7 @@ class Format:
     """Where a format's files go and which Hugging Face `datasets` builder reads them."""
 
     extension: str
-    binary: bool
+    columnar: bool  # a Parquet file of TABULAR's typed columns, fed through the writer's `open_parquet`; else text
     loader: str  # datasets' packaged builder: one per dataset, so only formats sharing it can be configs
 
 
@@ -176,7 +158,7 @@ def file_name(fmt: str, split: str) -> str:
     return f"{fmt}/{split}.{FORMATS[fmt].extension}"
 
 
-_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.bool_(): "bool", pa.float64(): "float64"}
+_DTYPES = {"VARCHAR": "string", "INTEGER": "int32", "BOOLEAN": "bool", "DOUBLE": "float64"}
 
 
 def _string_list(name: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -193,11 +175,11 @@ def features(fmt: str, with_system: bool) -> list[dict[str, Any]]:
     if fmt == "alpaca":
         names = ("instruction", "input", "output", *(("system",) if with_system else ()))
         return [{"name": name, "dtype": "string"} for name in names]
-    return [{"name": f.name, "dtype": _DTYPES[f.type]} for f in TABULAR]
+    return [{"name": name, "dtype": _DTYPES[kind]} for name, kind in TABULAR.items()]
 
 
 def make_writer(fmt: str, out: Any, with_system: bool) -> FormatWriter:
-    """A format's writer around an open file (binary for Parquet, text otherwise)."""
+    """A format's writer around an open text file, or for Parquet the row sink of the writer's `open_parquet`."""
     if fmt == "openai_chat":
         return JsonLines(out, openai_chat)
     if fmt == "alpaca":

@@ -21,9 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
-import pyarrow as pa
-
-from pipeline import arrow_rows
+from pipeline import duck
 from pipeline.answers import Validators, check_answer
 from pipeline.config import JudgeConfig, PromptConfig
 from pipeline.llm.records import RequestSpec
@@ -145,15 +143,14 @@ def judgement(row: dict[str, Any], checkers: Validators) -> dict[str, Any]:
     return out
 
 
-def _judgements(ctx: StageContext, counts: dict[str, int]) -> Iterator[pa.RecordBatch]:
+def _judgements(ctx: StageContext, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     assert ctx.engine is not None
     checkers = Validators()
-    for batch in ctx.engine.responses().to_arrow_reader(2048):
-        rows = [judgement(row, checkers) for row in batch.to_pylist()]
-        for row in rows:
-            counts[row["status"]] += 1
-            counts["passed"] += bool(row["passed"])
-        yield from arrow_rows.batches(rows, JUDGEMENTS)
+    for response in duck.stream_rows(ctx.con, ctx.engine.responses()):
+        row = judgement(response, checkers)
+        counts[row["status"]] += 1
+        counts["passed"] += bool(row["passed"])
+        yield row
 
 
 async def run(ctx: StageContext) -> StageResult:
@@ -166,7 +163,7 @@ async def run(ctx: StageContext) -> StageResult:
     if summary.get("dry_run"):
         return StageResult(metrics=summary, complete=False, stop_pipeline=True)
     counts = dict.fromkeys(("ok", "invalid", "failed", "passed"), 0)
-    rows = ctx.writer.write_batches("judgements", JUDGEMENTS, _judgements(ctx, counts))
+    rows = ctx.writer.write_rows("judgements", JUDGEMENTS, _judgements(ctx, counts))
     ctx.writer.write_relation("judge_attempts", engine.attempts())
     unsettled = engine.unsettled()
     summary.update(

@@ -19,11 +19,10 @@ from dataclasses import asdict
 from typing import Any
 
 import duckdb
-import pyarrow as pa
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline import arrow_rows
+from pipeline import duck
 from pipeline.answers import Validators, check_answer
 from pipeline.config import RepairConfig
 from pipeline.errors import UserError
@@ -33,8 +32,7 @@ from pipeline.stage_api import Stage, StageContext, StageEngine, StageResult
 from pipeline.tables import ATTEMPT_FIELDS, RESPONSE_COLUMNS, ROOT_RESPONSE_ID, empty_sql, row_digest_of
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-TURNS = pa.schema([("response_id", pa.string()), ("root_response_id", pa.string()), ("round", pa.int32()),
-                   ("content", pa.string()), ("feedback", pa.string())])  # fmt: skip
+TURN_BATCH = 2048  # invalid answers held before they are inserted
 ENGINE_TOTALS = ("calls", "ok", "failed", "attempts", "cache_hits", "prompt_tokens", "completion_tokens")
 
 
@@ -94,28 +92,25 @@ class _Chains:
             "WHERE q.answer_schema IS NOT NULL ORDER BY h.response_id"
         )
         invalid = 0
-        for batch in heads.to_arrow_reader(2048):
-            turns = []
-            for row in batch.to_pylist():
-                content = row["content"] or ""
-                check = check_answer(content, row["answer_schema"], self.checkers, f"question {row['question_id']}")
-                if check.errors:
-                    text = self.feedback.render(errors=check.errors, round=next_round, answer=content)
-                    turns.append(
-                        {
-                            "response_id": row["response_id"],
-                            "root_response_id": row["root_response_id"],
-                            "round": row["round"],
-                            "content": content,
-                            "feedback": text,
-                        }
-                    )
-            if turns:
-                self.side.register("repair_new_turns", arrow_rows.table(turns, TURNS))
-                self.side.execute("INSERT INTO repair_turns SELECT * FROM repair_new_turns")
-                self.side.unregister("repair_new_turns")
-                invalid += len(turns)
+        turns: list[tuple[Any, ...]] = []
+        for row in duck.stream_rows(self.con, heads):
+            content = row["content"] or ""
+            check = check_answer(content, row["answer_schema"], self.checkers, f"question {row['question_id']}")
+            if check.errors:
+                text = self.feedback.render(errors=check.errors, round=next_round, answer=content)
+                turns.append((row["response_id"], row["root_response_id"], row["round"], content, text))
+            if len(turns) >= TURN_BATCH:
+                invalid += self._record(turns)
+        invalid += self._record(turns)
         return invalid
+
+    def _record(self, turns: list[tuple[Any, ...]]) -> int:
+        """Insert these turns (through the cursor: the connection is streaming) and empty the list."""
+        if turns:
+            self.side.executemany("INSERT INTO repair_turns VALUES (?, ?, ?, ?, ?)", turns)
+        count = len(turns)
+        turns.clear()
+        return count
 
     def units(self, round_: int, key: str) -> duckdb.DuckDBPyRelation:
         """One unit per chain whose latest answer is invalid: the question's columns and the chain's history.

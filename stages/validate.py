@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
-from pipeline import arrow_rows
+from pipeline import duck
 from pipeline.answers import Check, Validators, check_answer
 from pipeline.config import ValidateConfig
 from pipeline.errors import UserError
@@ -268,7 +266,7 @@ class Metrics:
         }
 
 
-def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | None]) -> Iterator[pa.RecordBatch]:
+def _rows(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | None]) -> Iterator[dict[str, Any]]:
     ctx.con.register("v_responses", ctx.inputs["responses"])
     ctx.con.register("v_questions", ctx.inputs["questions"])
     has_repairs = "repairs" in ctx.inputs
@@ -283,17 +281,16 @@ def _batches(ctx: StageContext, metrics: Metrics, scorer: tuple[str, Scorer | No
         """
     )
     checkers = Validators()
-    for batch in joined.to_arrow_reader(2048):
-        rows = [validate_row(scorer, checkers, row, bool(row["is_final"])) for row in batch.to_pylist()]
-        for row in rows:
-            metrics.add(row)
-        yield from arrow_rows.batches(rows, VALIDATIONS)
+    for answer in duck.stream_rows(ctx.con, joined):
+        row = validate_row(scorer, checkers, answer, bool(answer["is_final"]))
+        metrics.add(row)
+        yield row
 
 
 def run(ctx: StageContext) -> StageResult:
     scorer = build_scorer(ctx.cfg.validate)
     metrics = Metrics()
-    ctx.writer.write_batches("validations", VALIDATIONS, _batches(ctx, metrics, scorer))
+    ctx.writer.write_rows("validations", VALIDATIONS, _rows(ctx, metrics, scorer))
     return StageResult(metrics=metrics.as_dict(scorer[0]))
 
 

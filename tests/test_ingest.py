@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +60,15 @@ class FakeWriter:
         self.tables[name] = rel.to_arrow_table()
         return self.tables[name].num_rows
 
-    def write_batches(self, name: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
-        self.tables[name] = pa.Table.from_batches(list(batches), schema=schema)
-        return self.tables[name].num_rows
+    def write_rows(self, name: str, columns: Mapping[str, str], rows: Iterable[Mapping[str, Any]]) -> int:
+        raise AssertionError("ingest writes relations only")
 
     def open_file(self, relpath: str) -> AbstractContextManager[IO[str]]:
+        raise AssertionError("ingest writes no files")
+
+    def open_parquet(
+        self, relpath: str, columns: Mapping[str, str]
+    ) -> AbstractContextManager[Callable[[Mapping[str, Any]], None]]:
         raise AssertionError("ingest writes no files")
 
 

@@ -3,6 +3,7 @@ bundled price file as data; and a litellm run still gets its import and warm-up 
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -91,8 +92,8 @@ def test_cache_lookups_do_not_import_pandas(tmp_path: Path) -> None:
 
 
 def test_a_whole_run_on_an_openai_compatible_server_imports_no_pandas(tmp_path: Path) -> None:
-    """Validate and export build their Arrow tables without pyarrow's list conversion, which imports pandas (about
-    37 MB of resident memory): ingest, generate, validate and export (Parquet included) against the fake server."""
+    """Ingest, generate, validate and export (Parquet included) against an OpenAI-compatible server import neither
+    pandas (about 37 MB of resident memory) nor pyarrow."""
     with FakeServer(FakeServerConfig()) as server:
         modules, done = _imported_modules(
             tmp_path / "run",
@@ -102,10 +103,37 @@ def test_a_whole_run_on_an_openai_compatible_server_imports_no_pandas(tmp_path: 
             "export.formats=[openai_chat,parquet]",
         )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert {"stages.validate", "stages.export_formats", "pyarrow"} <= modules  # the listing works
-    assert "pandas" not in modules
+    assert {"stages.validate", "stages.export_formats"} <= modules  # the listing works
+    assert "pandas" not in modules and "pyarrow" not in modules
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["validate"]["rows"]["validations"] == 20
+    assert (tmp_path / "run" / "export" / "parquet" / "train.parquet").is_file()
+
+
+HEAVY_DATA = ("pyarrow", "numpy", "pandas")  # pyarrow with numpy: ~45 MB of a run's memory; pandas ~37 MB more
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_default_direct_run_imports_no_pyarrow_numpy_or_pandas(tmp_path: Path, fmt: str) -> None:
+    """ingest (JSON Lines or CSV), generate, validate and export in every format, Parquet included: DuckDB writes
+    every table and file and stages read rows with DuckDB's fetching, so none of these is ever imported."""
+    source = tmp_path / f"questions.{fmt}"
+    lines = (ROOT / "data" / "math" / "questions.jsonl").read_text(encoding="utf-8").splitlines()[:20]
+    if fmt == "csv":
+        with open(source, "w", encoding="utf-8", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["id", "question", "answer"])
+            out.writerows([r["id"], r["question"], r["answer"]] for r in map(json.loads, lines))
+    else:
+        source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    formats = "export.formats=[openai_chat,alpaca,sharegpt,csv,json,parquet]"
+    modules, done = _imported_modules(tmp_path / "run", f"ingest={fmt}", f"ingest.path={source}", formats)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"stages.validate", "stages.export_formats", "duckdb"} <= modules  # the listing works
+    assert sorted(m for m in modules if m.split(".")[0] in HEAVY_DATA) == []
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["validate"]["rows"]["validations"] == 20
+    assert manifest["stages"]["export"]["status"] == "done"
     assert (tmp_path / "run" / "export" / "parquet" / "train.parquet").is_file()
 
 

@@ -101,7 +101,7 @@ def run_stage(
     con = con or duckdb.connect()
     inputs = {n: store.relation(con, n) for n in (*stage.inputs, *stage.optional_inputs) if store.exists(n)}
     inputs.update(extra_inputs or {})
-    writer = StagedWriter(store, run_dir / stage.files_dir if stage.files_dir else None)
+    writer = StagedWriter(store, run_dir / stage.files_dir if stage.files_dir else None, con=con)
     import logging
 
     ctx = StageContext(

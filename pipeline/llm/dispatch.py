@@ -299,7 +299,7 @@ class Work:
 
     def units(self) -> Generator[list[Unit], None, None]:
         """The pending units rendered, in batches (no cache look-up)."""
-        return render(self.pending, self.build, self.dispatcher.targets[0])
+        return render(self.con, self.pending, self.build, self.dispatcher.targets[0])
 
     def batches(self) -> Generator[Batch, None, None]:
         """The pending units rendered and looked up in the shared cache, in batches, as `dispatch` takes them."""

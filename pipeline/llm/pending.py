@@ -7,6 +7,7 @@ pending rows stream, so memory follows the batch size, not the question count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline import duck
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.records import RequestSpec, request_hash, response_id
 from pipeline.llm.targets import Target
@@ -50,28 +52,28 @@ def min_opt(a: int | None, b: int | None) -> int | None:
     return min(values) if values else None
 
 
-def render(pending: duckdb.DuckDBPyRelation, build: Build, target: Target) -> Generator[list[Unit], None, None]:
-    """The pending rows in batches, each rendered into its request and keyed by the request's hash (under the
-    first preset's identity: a failover answer settles the same unit)."""
+def render(
+    con: duckdb.DuckDBPyConnection, pending: duckdb.DuckDBPyRelation, build: Build, target: Target
+) -> Generator[list[Unit], None, None]:
+    """The pending rows (a relation on `con`, streamed) in batches, each rendered into its request and keyed by the
+    request's hash (under the first preset's identity: a failover answer settles the same unit)."""
     kind = target.endpoint.response_format
-    reader = pending.to_arrow_reader(STREAM_BATCH)
-    try:
-        for index, batch in enumerate(reader):
-            # The first few units are rendered and sent before the rest of the first batch.
-            pieces = [batch.slice(0, FIRST_BATCH), batch.slice(FIRST_BATCH)] if index == 0 else [batch]
-            for piece in pieces:
-                units = []
-                for row in piece.to_pylist():
-                    spec = build(row)
-                    capped = min_opt(spec.max_tokens, target.endpoint.max_tokens)
-                    if capped != spec.max_tokens:  # the preset's cap is what is sent: key on that
-                        spec = dataclasses.replace(spec, max_tokens=capped)
-                    digest = request_hash(target.identity, spec, kind, row["sample_index"])
-                    units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
-                if units:
-                    yield units
-    finally:
-        reader.close()  # a stopped dispatch must not leave the connection with an open result
+    units: list[Unit] = []
+    size = FIRST_BATCH  # the first few units are rendered and sent before the rest
+    # Closed with the generator: a stopped dispatch must not leave the connection with an open result.
+    with contextlib.closing(duck.stream_rows(con, pending, STREAM_BATCH)) as rows:
+        for row in rows:
+            spec = build(row)
+            capped = min_opt(spec.max_tokens, target.endpoint.max_tokens)
+            if capped != spec.max_tokens:  # the preset's cap is what is sent: key on that
+                spec = dataclasses.replace(spec, max_tokens=capped)
+            digest = request_hash(target.identity, spec, kind, row["sample_index"])
+            units.append(Unit(row, spec, digest, response_id(digest, row["round"]), estimate_tokens(spec)))
+            if len(units) >= size:
+                yield units
+                units, size = [], STREAM_BATCH
+    if units:
+        yield units
 
 
 def cached(units: list[Unit], cache: ResultLog | None, con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:

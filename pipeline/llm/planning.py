@@ -98,7 +98,8 @@ class Planner:
 
     def dry_run(self, pending: duckdb.DuckDBPyRelation, build: Build) -> dict[str, Any]:
         """What calling the pending units would cost (`generate.dry_run`), calling nothing."""
-        batches = ((batch, set(cached(batch, self.cache, self.side))) for batch in render(pending, build, self.target))
+        rendered = render(self.con, pending, build, self.target)
+        batches = ((batch, set(cached(batch, self.cache, self.side))) for batch in rendered)
         return dry_run.estimate(batches, self.target, self.totals)
 
     # -- results --------------------------------------------------------------------------------------

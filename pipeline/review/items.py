@@ -68,6 +68,10 @@ class Filters:
         return ", ".join(parts) or "all answers"
 
 
+# The ids given as the query's one parameter (a list), as a relation to join.
+LOOKUP = "SELECT unnest(CAST($1 AS VARCHAR[])) AS response_id"
+
+
 class RunTables:
     """A run folder's tables as DuckDB views, for review."""
 
@@ -126,31 +130,20 @@ class RunTables:
         return dict(zip(names, rows[0], strict=True))
 
     def batches(self, filters: Filters) -> Iterator[list[dict[str, Any]]]:
-        reader = self.con.sql(self.items_sql(filters)).to_arrow_reader(2048)
-        for batch in reader:
-            yield batch.to_pylist()
+        yield from duck.row_batches(self.con, self.items_sql(filters))
 
     def known(self, ids: list[str]) -> set[str]:
         """Which of these ids are answers of this run (final or not)."""
-        import pyarrow as pa
-
-        self.con.register("r_lookup", pa.table({"response_id": ids}))
         rows = self.con.execute(
-            "SELECT DISTINCT response_id FROM r_lookup SEMI JOIN r_validations USING (response_id)"
+            f"SELECT DISTINCT response_id FROM ({LOOKUP}) SEMI JOIN r_validations USING (response_id)", [ids]
         ).fetchall()
-        self.con.unregister("r_lookup")
         return {str(r[0]) for r in rows}
 
     def current(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """The latest label (possibly null) of each of these ids that has one."""
-        import pyarrow as pa
-
-        self.con.register("r_lookup", pa.table({"response_id": ids}))
-        cursor = self.con.execute("SELECT l.* FROM r_labels l SEMI JOIN r_lookup USING (response_id)")
+        cursor = self.con.execute(f"SELECT l.* FROM r_labels l SEMI JOIN ({LOOKUP}) USING (response_id)", [ids])
         names = [d[0] for d in cursor.description or []]
-        found = {str(row[0]): dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
-        self.con.unregister("r_lookup")
-        return found
+        return {str(row[0]): dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
 
     def close(self) -> None:
         self.con.close()

@@ -2,8 +2,9 @@
 
 Every relation a reader returns carries the bookkeeping columns of `pipeline.sources.columns`. Readers that
 parse in Python stream Arrow record batches into a DuckDB temporary table (`materialize`: DuckDB spills it
-to disk beyond its memory limit; Python holds one batch at a time). Other encodings than the ones a reader
-takes are decoded here, bad bytes named by their line and the option that fixes them.
+to disk beyond its memory limit; Python holds one batch at a time); only they import pyarrow, when they read.
+Other encodings than the ones a reader takes are decoded here, bad bytes named by their line and the option
+that fixes them.
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TYPE_CHECKING, cast
 
 import duckdb
-import pyarrow as pa
 
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources.columns import FILE_COL, ROW_COL, SOURCE_COL
 from pipeline.sources.errors import ENCODING_HINT, first_line
 
-BOOKKEEPING_FIELDS = [pa.field(SOURCE_COL, pa.string()), pa.field(ROW_COL, pa.int64()), pa.field(FILE_COL, pa.int32())]
+if TYPE_CHECKING:
+    import pyarrow as pa
 _TABLES = itertools.count(1)
 
 
@@ -159,10 +160,19 @@ def transcode(path: Path, encoding: str, shown: str, out: Path) -> Path:
 # -- sources parsed in Python, streamed into DuckDB --------------------------------------------------------
 
 
+def bookkeeping_fields() -> list[pa.Field]:
+    """The bookkeeping columns as Arrow fields, for the readers that build Arrow batches."""
+    import pyarrow as pa
+
+    return [pa.field(SOURCE_COL, pa.string()), pa.field(ROW_COL, pa.int64()), pa.field(FILE_COL, pa.int32())]
+
+
 def materialize(
     con: duckdb.DuckDBPyConnection, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
 ) -> duckdb.DuckDBPyRelation:
     """Stream Arrow batches into a DuckDB temporary table; an error raised while producing them comes out as is."""
+    import pyarrow as pa
+
     failure: list[BaseException] = []
 
     def guarded() -> Iterator[pa.RecordBatch]:

@@ -22,8 +22,8 @@ import pyarrow as pa
 from pipeline.config import DocumentsOptions, IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources.common import (
-    BOOKKEEPING_FIELDS,
     OpenedSource,
+    bookkeeping_fields,
     display_names,
     file_source,
     materialize,
@@ -43,7 +43,7 @@ SCHEMA = pa.schema(
         pa.field("text", pa.string()),
         pa.field("char_start", pa.int64()),
         pa.field("char_end", pa.int64()),
-        *BOOKKEEPING_FIELDS,
+        *bookkeeping_fields(),
     ]
 )
 _BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"), re.compile(r"[.!?…][\"')\]]*\s"), re.compile(r"\s"))

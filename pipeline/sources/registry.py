@@ -9,6 +9,7 @@ the bookkeeping columns (`pipeline.sources.columns`). Adding a format is a reade
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,22 @@ import duckdb
 from pipeline import duck
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
-from pipeline.sources import documents, files, sql, xml
+from pipeline.sources import files
 from pipeline.sources.common import OpenedSource
 
 Reader = Callable[[duckdb.DuckDBPyConnection, IngestConfig], OpenedSource]
+
+
+def _on_use(module: str, function: str) -> Reader:
+    """A reader whose module is imported when it reads: the XML, SQL and documents readers parse in Python into
+    Arrow batches, and pyarrow (with numpy, ~45 MB) must stay out of a run that reads CSV, JSON or Parquet."""
+
+    def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
+        reader: Reader = getattr(importlib.import_module(f"pipeline.sources.{module}"), function)
+        return reader(con, cfg)
+
+    return read
+
 
 READERS: dict[str, Reader] = {
     "csv": files.read,
@@ -29,10 +42,10 @@ READERS: dict[str, Reader] = {
     "json": files.read,
     "jsonl": files.read,
     "parquet": files.read,
-    "xml": xml.read,
-    "sqlite": sql.read_sqlite,
-    "sql": sql.read_url,
-    "documents": documents.read,
+    "xml": _on_use("xml", "read"),
+    "sqlite": _on_use("sql", "read_sqlite"),
+    "sql": _on_use("sql", "read_url"),
+    "documents": _on_use("documents", "read"),
 }
 FORMATS = tuple(READERS)
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources.columns import BOOKKEEPING
-from pipeline.sources.common import BOOKKEEPING_FIELDS, OpenedSource, file_source, materialize, resolve_files
+from pipeline.sources.common import OpenedSource, bookkeeping_fields, file_source, materialize, resolve_files
 
 log = logging.getLogger("pipeline.sources")
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|credential", re.IGNORECASE)
@@ -74,7 +74,7 @@ class _Batches:
 
     def schema(self) -> pa.Schema:
         assert self.types is not None
-        return pa.schema([pa.field(n, t) for n, t in zip(self.names, self.types, strict=True)] + BOOKKEEPING_FIELDS)
+        return pa.schema([pa.field(n, t) for n, t in zip(self.names, self.types, strict=True)] + bookkeeping_fields())
 
     def batch(self, rows: Sequence[Sequence[Any]]) -> pa.RecordBatch:
         columns: list[list[Any]] = [[_plain(v) for v in col] for col in zip(*rows, strict=True)] or [

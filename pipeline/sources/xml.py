@@ -22,8 +22,8 @@ from defusedxml.ElementTree import iterparse as safe_iterparse
 from pipeline.config import IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources.common import (
-    BOOKKEEPING_FIELDS,
     OpenedSource,
+    bookkeeping_fields,
     display_names,
     file_source,
     materialize,
@@ -138,7 +138,7 @@ def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
             "e.g. {id: '@id', question: text, answer: answer}"
         )
     fields = [_Field(column, path) for column, path in cfg.xml.fields.items()]
-    schema = pa.schema([pa.field(f.column, pa.string()) for f in fields] + BOOKKEEPING_FIELDS)
+    schema = pa.schema([pa.field(f.column, pa.string()) for f in fields] + bookkeeping_fields())
     shown = display_names(files)
 
     def batches() -> Iterator[pa.RecordBatch]:
