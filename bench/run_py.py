@@ -248,13 +248,15 @@ def rate_limited(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> No
                 overrides = [*limits, f"model.transport={transport}"]
                 child = run_py(server, tmp, f"b-{transport}-{i}", questions, overrides, env)
                 stats = server.stats()
-                runs.append((child, int(stats["by_status"].get("429", 0)) / max(1, int(stats["requests"]))))
-            child, share_429 = sorted(runs, key=lambda r: r[0].rate)[len(runs) // 2]
+                share_429 = int(stats["by_status"].get("429", 0)) / max(1, int(stats["requests"]))
+                runs.append((child, share_429, child.calls / max(1e-9, float(stats["busy_s"] or 0))))
+            child, share_429, busy_rate = sorted(runs, key=lambda r: r[0].rate)[len(runs) // 2]
             report(f"run.py, transport={transport}", child, rps)
             ok = verdict(child.rate / rps >= 0.97 and share_429 <= 0.001)
             print(
                 f"{transport}: achieved/limit = {child.rate / rps:.3f}, 429s {100 * share_429:.2f} % of requests  "
-                f"(target >= 0.97 and <= 0.1 %: {ok})"
+                f"(target >= 0.97 and <= 0.1 %: {ok}); from the server's first request to its last answer "
+                f"{busy_rate / rps:.3f} of the limit (the rest of the stage waited for the transport to start)"
             )
     print(load_note())
 

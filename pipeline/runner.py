@@ -199,16 +199,17 @@ class Runner:
             # import it at all.
             importing = threading.Thread(target=warm_up, args=(warm,), name="warm-up-litellm")
             importing.start()
-        con = self._connection()
         started = time.monotonic()
         with contextlib.ExitStack() as servers:
             preflight = Preflight(servers, self.paths.run_dir, limits_folder(Path(self.cfg.paths.cache_dir)))
             try:
                 for stage in stages:
-                    if not await self._run_stage(stage, con, preflight):
-                        break
+                    # A connection per stage: DuckDB keeps what a query allocated until its database closes
+                    # (tens of MB after generate's compaction), and no stage reads another's relations.
+                    with contextlib.closing(self._connection()) as con:
+                        if not await self._run_stage(stage, con, preflight):
+                            break
             finally:
-                con.close()
                 if importing is not None:
                     # Never leave with the import half done, even when every stage was skipped: interpreter
                     # shutdown would freeze it holding a module lock (litellm's finalizers then wait on it

@@ -293,6 +293,8 @@ def test_stats_and_concurrency_under_latency() -> None:
         stats = srv.stats()
         assert json.loads(request(srv, "/_stats")[2]) == stats
     assert 0.18 <= elapsed < 1.0  # concurrent, not serialised
+    busy = stats.pop("busy_s")  # from the first request to the last answer: the requests overlapped
+    assert 0.18 <= busy <= elapsed
     assert stats == {
         "requests": 6,
         "by_status": {"200": 6},
@@ -313,7 +315,8 @@ def test_control_endpoint_updates_config_and_resets_stats(server: FakeServer) ->
     assert request(server, "/_control", {"no_such_field": 1})[0] == 400
     assert request(server, "/_control", {"error_rate": 2})[0] == 400
     assert request(server, "/_control", {"error_rate": 0, "reset_stats": True})[0] == 200
-    assert server.stats()["requests"] == 0 and chat(server)[0] == 200
+    assert server.stats()["requests"] == 0 and server.stats()["busy_s"] is None
+    assert chat(server)[0] == 200
     server.reset_stats()
     assert server.stats()["by_status"] == {}
 

@@ -443,10 +443,13 @@ class _Stats:
     by_status: Counter[str] = field(default_factory=Counter)
     models: Counter[str] = field(default_factory=Counter)
     batch: BatchCounters = field(default_factory=BatchCounters)
+    first_at: float | None = None  # time.monotonic() when the first request arrived
+    last_at: float | None = None  # ... and when the last answer went out: benches rate the span between
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
+            "busy_s": None if self.first_at is None or self.last_at is None else self.last_at - self.first_at,
             "by_status": dict(self.by_status),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
@@ -538,6 +541,8 @@ class _FakeApp:
     async def chat(self, request: web.Request) -> web.Response:
         stats = self.stats
         stats.requests += 1
+        if stats.first_at is None:
+            stats.first_at = time.monotonic()
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         task = asyncio.current_task()
@@ -546,6 +551,7 @@ class _FakeApp:
         try:
             response = await self._answer(request)
             self.stats.by_status[str(response.status)] += 1
+            self.stats.last_at = time.monotonic()
             return response
         finally:
             self.stats.in_flight -= 1  # self.stats, not stats: reset_stats() may have swapped it
