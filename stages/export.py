@@ -199,10 +199,15 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
     )
     sel = Selection(steps=[("final answers (one per sample, after repair)", _count(con, "export_base"))])
 
+    def drop_step(table: str) -> None:
+        if table.startswith("export_step"):  # export_base is read again by the summary figures
+            con.execute(f"DROP TABLE {table}")
+
     def step(label: str, sql: str) -> None:
         name = f"export_step{len(sel.steps)}"
         con.execute(f"CREATE OR REPLACE TABLE {name} AS {sql.format(src=sel.table)}")
         sel.steps.append((label, _count(con, name)))
+        drop_step(sel.table)  # only the latest step is read again: the stage's memory holds two, not one per step
         sel.table = name
 
     step("call succeeded", "SELECT * FROM {src} WHERE status = 'ok'")
@@ -260,6 +265,7 @@ def select(ctx: StageContext, fractions: dict[str, float]) -> Selection:
         FROM {sel.table} s JOIN ranked r USING (question_id)
         """
     )
+    drop_step(sel.table)
     sel.table = "export_selected"
     return sel
 
