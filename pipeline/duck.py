@@ -46,6 +46,33 @@ def connect(
     return con
 
 
+# A stage's connection: DuckDB spills to the run folder beyond this. In GiB, which DuckDB shows exactly (a limit in GB
+# reads back rounded), so `give_back_memory` can restore it.
+STAGE_MEMORY_LIMIT = "2GiB"
+
+
+def stage_connection(spill_dir: PathText) -> duckdb.DuckDBPyConnection:
+    """The connection the runner opens for one stage (and closes after it: see `give_back_memory`)."""
+    return connect(memory_limit=STAGE_MEMORY_LIMIT, spill_dir=spill_dir)
+
+
+def give_back_memory(con: duckdb.DuckDBPyConnection) -> None:
+    """Return to the system the memory a stage's connection keeps after its queries finished.
+
+    DuckDB's buffer manager keeps the blocks a finished query freed, for reuse, until its database closes or its
+    memory limit is lowered (the maintainers' advice, duckdb/duckdb#5455). A stage runs several large queries on
+    one connection (generate: planning, the journal's compaction, two table writes), and without this each query's
+    working memory adds to the process's peak. Call it between queries, on a `stage_connection`, from the thread
+    using it: for an instant nothing else may allocate.
+    """
+    try:
+        con.execute("SET memory_limit = '1MB'")  # evicts every unpinned block
+    except duckdb.Error:
+        pass  # blocks still pinned by an open result: the rest was evicted all the same
+    finally:
+        con.execute(f"SET memory_limit = {literal(STAGE_MEMORY_LIMIT)}")
+
+
 def no_downloads(con: duckdb.DuckDBPyConnection) -> None:
     """The same refusal for a connection made elsewhere (a cursor's parent, a user's connection)."""
     con.execute("SET autoinstall_known_extensions = false")

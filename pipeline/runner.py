@@ -112,7 +112,7 @@ class Runner:
         return [STAGES[name] for name in STAGE_ORDER if name in wanted]
 
     def _connection(self) -> duckdb.DuckDBPyConnection:
-        return duck.connect(memory_limit="2GB", spill_dir=self.paths.run_dir / ".duckdb_tmp")
+        return duck.stage_connection(self.paths.run_dir / ".duckdb_tmp")
 
     def _begin(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,7 @@ class StagedWriter:
         path = self._staged_table(name)
         rel.write_parquet(str(path), compression="zstd")
         self._tables[name] = rows = parquet_rows(self._cursor(), path)
+        duck.give_back_memory(self._con)
         return rows
 
     def write_rows(self, name: str, columns: Columns, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -212,6 +213,7 @@ class StagedWriter:
             for row in rows:
                 out.add(row)
         self._tables[name] = out.rows
+        duck.give_back_memory(self._con)
         return out.rows
 
     @contextlib.contextmanager

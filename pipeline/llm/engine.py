@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 
+from pipeline import duck
 from pipeline.config import GenerateConfig, GenerateMode
 from pipeline.llm.batch_executor import at_batch_prices
 from pipeline.llm.call import CallRunner
@@ -108,9 +109,11 @@ class Engine:
                     await self.executor.run(Work(pending, build, self.dispatcher, self.con, self.side, self.seed))
         finally:
             self.progress.stop()
+        duck.give_back_memory(self.con)  # the planning and the pending stream's
         self.journal.compact(self.side)
         if self.cache is not None and self.cfg.cache == "on":
             self.cache.compact(self.side)
+        duck.give_back_memory(self.con)
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
