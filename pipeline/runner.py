@@ -34,7 +34,15 @@ from pipeline.errors import BatchesSubmitted, JobExit, RunStopped, UserError
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
-from pipeline.layout import cache_folder, journal_folder, limits_folder
+from pipeline.layout import (
+    cache_folder,
+    journal_folder,
+    limits_folder,
+    manifest_path,
+    resolved_config_path,
+    run_database,
+    run_log_path,
+)
 from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
@@ -78,7 +86,7 @@ class RunPaths:
 
     @property
     def manifest(self) -> Path:
-        return self.run_dir / "manifest.json"
+        return manifest_path(self.run_dir)
 
 
 def rerun_command(folder_overrides: list[str], run_dir: Path | None) -> str:
@@ -122,7 +130,7 @@ class Runner:
 
     def _begin(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.run_dir / "config.resolved.yaml", redacted_yaml(self.raw, self.redact))
+        atomic_write_text(resolved_config_path(self.paths.run_dir), redacted_yaml(self.raw, self.redact))
         hydra_cfg = HydraConfig.get()
         typed = folder_config.typed_arguments
         runs: list[Any] = self.manifest.data.setdefault("invocations", [])
@@ -221,7 +229,7 @@ class Runner:
                     # forever) or refuse the thread pools it starts ("can't register atexit after shutdown").
                     importing.join()
                 await close_clients()
-        self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
+        self.store.rebuild_views(run_database(self.paths.run_dir))
         engine_stages = [stage.name for stage in stages if stage.needs_engine]
         self.manifest.data["totals"] = self.manifest.totals(engine_stages, self.ran, time.monotonic() - started)
         self.manifest.save()
@@ -458,7 +466,7 @@ def run_job(raw: DictConfig) -> None:
             raise
         log.exception("job failed")
         message = redact(f"{type(exc).__name__}: {exc}")
-        console.print(f"[bold red]job failed:[/] {message} (traceback in {run_dir / 'run.log'})", highlight=False)
+        console.print(f"[bold red]job failed:[/] {message} (traceback in {run_log_path(run_dir)})", highlight=False)
         record_failure(run_dir, message)
         return
     if incomplete is None:
