@@ -18,9 +18,9 @@ from pipeline.errors import UserError
 from pipeline.llm import dry_run
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.pending import Build, cached, render
-from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS
 from pipeline.llm.targets import Target
 from pipeline.llm.totals import Totals
+from pipeline.tables import ATTEMPT_FIELDS, RESPONSE_COLUMNS
 
 PLAN_KEY_VERSION = 2  # bump when the plan key's layout changes: old journals then match nothing
 
