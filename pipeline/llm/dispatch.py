@@ -20,7 +20,7 @@ from pipeline import observers
 from pipeline.config import GenerateConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.call import CallRunner
-from pipeline.llm.journal import Claims, ResultLog
+from pipeline.llm.journal import SETTLING_ORDER, Claims, ResultLog
 from pipeline.llm.journal_record import cacheable, reused_record
 from pipeline.llm.pending import Batch, Build, Unit, cached, render, with_cache_hits
 from pipeline.llm.stop import Stop
@@ -218,8 +218,7 @@ class Dispatcher:
         """This run's settling record for a request hash (a twin's answer)."""
         self.con.register("engine_twin_journal", self.journal.relation(self.con))
         rows = self.con.execute(
-            "SELECT * FROM engine_twin_journal WHERE request_hash = ? "
-            "ORDER BY (status = 'ok') DESC, final DESC, created_at DESC LIMIT 1",
+            f"SELECT * FROM engine_twin_journal WHERE request_hash = ? ORDER BY {SETTLING_ORDER} LIMIT 1",
             [key],
         )
         names = [d[0] for d in rows.description or []]

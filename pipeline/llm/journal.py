@@ -27,6 +27,9 @@ import duckdb
 from pipeline.duck import literal_list
 from pipeline.llm.records import JOURNAL_COLUMNS
 
+# Which of a unit's journal records settles it: an ok answer wins, then a final record, then the latest.
+SETTLING_ORDER = "(status = 'ok') DESC, final DESC, created_at DESC"
+
 
 class ResultLog:
     def __init__(self, folder: Path) -> None:
