@@ -21,7 +21,7 @@ from pipeline.llm.journal_record import attempt_entry, journal_record
 from pipeline.llm.pending import Unit, min_opt
 from pipeline.llm.stop import Stop
 from pipeline.llm.targets import Target
-from pipeline.llm.transport import FAILOVER, FATAL, RETRYABLE, Attempt, response_format_for
+from pipeline.llm.transport import FAILOVER, FATAL, REFUSED, RETRYABLE, Attempt, response_format_for
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class CallRunner:
             if outcome == "exhausted" or (outcome == "failover" and last.error_type in RETRYABLE):
                 final = False  # transient: a rerun of the folder tries again
             elif outcome == "failover" and is_last_target:
-                if last.error_type in ("auth", "not_found"):
+                if last.error_type in REFUSED:
                     raise UserError(self._endpoint_error(target, last))
                 final = True  # e.g. context window exceeded on every preset
         assert last is not None
