@@ -81,7 +81,7 @@ class Dispatcher:
         runs one unit's call (default: this process's `CallRunner`)."""
         send = send or self.calls.call
         # Everything alive now stays: collections during the run only scan what the run allocates. Only the
-        # young generations are collected first; a full pass over the imported modules' objects costs 0.15 s.
+        # young generations are collected first; a full pass over every imported module's objects is slow.
         gc.collect(1)
         gc.freeze()
         window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)

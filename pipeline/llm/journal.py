@@ -98,7 +98,7 @@ class ResultLog:
         if not (self.part_files() or self.journal_files()):
             return {}
         # The keys go in as a list parameter, not an Arrow table: pyarrow's conversion of Python lists imports
-        # pandas (0.3 s, ~40 MB) before the first call.
+        # pandas, which would delay the first call.
         with self.reading():  # a peer's compaction must not delete files between listing and reading
             con.register("engine_cache", self.relation(con))
             rows = con.execute(
