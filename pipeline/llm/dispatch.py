@@ -25,7 +25,7 @@ from pipeline.llm.journal_record import cacheable, reused_record
 from pipeline.llm.pending import Batch, Build, Unit, cached, render, with_cache_hits
 from pipeline.llm.stop import Stop
 from pipeline.llm.targets import Target, configure_breakers
-from pipeline.llm.totals import Budget, Totals, budget_stop_reason
+from pipeline.llm.totals import Budget, Totals
 from pipeline.progress import Progress
 
 Send = Callable[[Unit], Awaitable[dict[str, Any] | None]]  # a unit's journal record; None: nothing was sent
@@ -232,9 +232,7 @@ class Dispatcher:
             max_tokens = unit.spec.max_tokens  # already capped by the first preset's max_tokens
             reservation = await self.budget.reserve(self.budget.worst_case(unit.est_tokens, max_tokens))
             if reservation is None:
-                reason = budget_stop_reason(self.cfg.max_cost_usd)
-                self.stop.units(reason)
-                observers.emit("budget_stop", reason=reason)
+                self.stop.budget(self.cfg.max_cost_usd)
                 return
             cost: float | None = None
             if self.claims is not None and (peer := await self._claim(unit)) is not None:

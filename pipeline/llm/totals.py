@@ -87,10 +87,3 @@ class Budget:
             self.in_flight -= 1
             self.spent += actual or 0.0
             self._settled.notify_all()
-
-
-def budget_stop_reason(max_cost_usd: float | None) -> str:
-    """The one line a budget stop gives."""
-    return (
-        f"budget: generate.max_cost_usd={max_cost_usd} would be crossed; raise it and rerun the same folder to continue"
-    )
