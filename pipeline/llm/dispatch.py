@@ -194,7 +194,7 @@ class Dispatcher:
             )
 
     def throttled(self) -> int:
-        return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_in_workers
+        return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_elsewhere
 
     # -- one unit -------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ class Totals:
     cost_usd: float | None = 0.0
     stopped: str | None = None
     first_errors: list[str] = field(default_factory=list)
-    throttled_in_workers: int = 0  # 429s seen by worker processes or Ray callers (their limiters are not ours)
+    throttled_elsewhere: int = 0  # 429s seen by worker processes or Ray callers (their limiters are not ours)
 
     def add_cost(self, cost: float | None) -> None:
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
