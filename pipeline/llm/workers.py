@@ -98,6 +98,7 @@ class WorkerProcesses:
             await asyncio.to_thread(_write_pending, work, pending_path)
             outcomes = await _run(work.dispatcher, _jobs(work, pending_path))
         finally:
+            await work.dispatcher.close()  # the executor contract's end, though the workers settled every result
             pending_path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 scratch.rmdir()
