@@ -331,21 +331,7 @@ class Runner:
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
         writer = StagedWriter(self.store, files_dir)
         self.progress.phase(stage.name)
-        engine = (
-            Engine(
-                con,
-                preflight.planned(self.chains[stage.name]),
-                self.cfg.generate,
-                journal=ResultLog(journal_folder(self.paths.run_dir)),
-                cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
-                redact=self.redact,
-                progress=self.progress,
-                seed=self.cfg.seed,
-                prepare=lambda: preflight.started(self.chains[stage.name]),
-            )
-            if stage.needs_engine
-            else None
-        )
+        engine = self._engine_for(stage, con, preflight)
         ctx = StageContext(
             cfg=self.cfg,
             con=con,
@@ -366,16 +352,7 @@ class Runner:
             writer.commit()
         except BaseException as exc:
             writer.abort()
-            record.update(
-                {
-                    "status": "interrupted"
-                    if _is_interrupt(exc)
-                    else "stopped"
-                    if isinstance(exc, RunStopped)
-                    else "failed",
-                    "seconds": round(time.monotonic() - started, 3),
-                }
-            )
+            record.update({"status": _status_of(exc), "seconds": round(time.monotonic() - started, 3)})
             if engine is not None:
                 record["metrics"] = engine.summary()
             self.manifest.save()
@@ -383,7 +360,7 @@ class Runner:
             raise
         record.update(
             {
-                "status": "dry_run" if result.metrics.get("dry_run") else "done" if result.complete else "incomplete",
+                "status": _status_of(result),
                 "seconds": round(time.monotonic() - started, 3),
                 "rows": writer.rows,
                 "files": writer.files,
@@ -398,9 +375,34 @@ class Runner:
         # of the answers; a rerun of the folder completes it and runs the rest.
         return result.complete and not result.stop_pipeline
 
+    def _engine_for(self, stage: Stage, con: duckdb.DuckDBPyConnection, preflight: Preflight) -> Engine | None:
+        """The LLM engine of a stage that calls models (None for the others), on this run's journal and the
+        shared cache, its presets checked and started only when a request will really be sent."""
+        if not stage.needs_engine:
+            return None
+        chain = self.chains[stage.name]
+        return Engine(
+            con,
+            preflight.planned(chain),
+            self.cfg.generate,
+            journal=ResultLog(journal_folder(self.paths.run_dir)),
+            cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
+            redact=self.redact,
+            progress=self.progress,
+            seed=self.cfg.seed,
+            prepare=lambda: preflight.started(chain),
+        )
 
-def _is_interrupt(exc: BaseException) -> bool:
-    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+
+def _status_of(outcome: StageResult | BaseException) -> str:
+    """A stage's status in the manifest, from what it returned or raised."""
+    if isinstance(outcome, StageResult):
+        if outcome.metrics.get("dry_run"):
+            return "dry_run"
+        return "done" if outcome.complete else "incomplete"
+    if isinstance(outcome, KeyboardInterrupt | asyncio.CancelledError):
+        return "interrupted"
+    return "stopped" if isinstance(outcome, RunStopped) else "failed"
 
 
 def _paths(cfg: Config) -> RunPaths:
