@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.labels import LabelWriter  # noqa: E402
-from pipeline.llm.records import RESPONSE_COLUMNS  # noqa: E402
+from pipeline.tables import RESPONSE_COLUMNS  # noqa: E402
 
 GOAL_SECONDS = 1.0
 

@@ -14,7 +14,6 @@ import getpass
 import hashlib
 import json
 import os
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import duckdb
 
 from pipeline import duck
+from pipeline.append_only import AppendOnlyFile
 from pipeline.duck import literal, literal_list
 from pipeline.layout import labels_folder
 from pipeline.tables import LABEL_COLUMNS, LABEL_VIEW, empty_sql
@@ -38,16 +38,8 @@ class LabelWriter:
     def __init__(self, run_dir: Path, source: str) -> None:
         self.folder = labels_folder(run_dir)
         self.source = source
-        self._fd: int | None = None
+        self._file = AppendOnlyFile(self.folder, "labels")
         self._last: datetime | None = None
-
-    def _open(self) -> int:
-        if self._fd is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = self.folder / f"labels-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        return self._fd
 
     def _now(self) -> str:
         """The time, strictly after this writer's previous label (so latest-wins follows the key presses)."""
@@ -70,17 +62,11 @@ class LabelWriter:
             "source": self.source,
             "action": action,
         }
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        fd = self._open()
-        written = os.write(fd, line)
-        while written < len(line):
-            written += os.write(fd, line[written:])
+        self._file.append(record)
         return record
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()
 
 
 def _files(run_dir: Path) -> list[Path]:

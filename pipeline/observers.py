@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.config import GenerateConfig
 from pipeline.errors import UserError
 from pipeline.events import EVENT_KINDS, Event
+from pipeline.layout import event_log_path
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def build_observers(cfg: GenerateConfig, run_dir: Path) -> list[Any]:
                 "check _target_ (an importable module.Class) and its arguments"
             ) from None
     if cfg.event_log:
-        observers.append(EventLog(run_dir / "events.jsonl"))
+        observers.append(EventLog(event_log_path(run_dir)))
     if cfg.metrics_port is not None:
         observers.append(MetricsObserver(cfg.metrics_port))
     return observers

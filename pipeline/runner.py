@@ -34,7 +34,15 @@ from pipeline.errors import BatchesSubmitted, JobExit, RunStopped, UserError
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.hub_record import open_hub_view
 from pipeline.labels import open_label_view
-from pipeline.layout import cache_folder, journal_folder, limits_folder
+from pipeline.layout import (
+    cache_folder,
+    journal_folder,
+    limits_folder,
+    manifest_path,
+    resolved_config_path,
+    run_database,
+    run_log_path,
+)
 from pipeline.llm.engine import Engine
 from pipeline.llm.journal import ResultLog
 from pipeline.llm.litellm_env import close_clients, warm_up
@@ -78,7 +86,7 @@ class RunPaths:
 
     @property
     def manifest(self) -> Path:
-        return self.run_dir / "manifest.json"
+        return manifest_path(self.run_dir)
 
 
 def rerun_command(folder_overrides: list[str], run_dir: Path | None) -> str:
@@ -116,7 +124,7 @@ class Runner:
 
     def _begin(self) -> None:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.paths.run_dir / "config.resolved.yaml", redacted_yaml(self.raw, self.redact))
+        atomic_write_text(resolved_config_path(self.paths.run_dir), redacted_yaml(self.raw, self.redact))
         hydra_cfg = HydraConfig.get()
         typed = folder_config.typed_arguments
         runs: list[Any] = self.manifest.data.setdefault("invocations", [])
@@ -216,7 +224,7 @@ class Runner:
                     # forever) or refuse the thread pools it starts ("can't register atexit after shutdown").
                     importing.join()
                 await close_clients()
-        self.store.rebuild_views(self.paths.run_dir / "run.duckdb")
+        self.store.rebuild_views(run_database(self.paths.run_dir))
         engine_stages = [stage.name for stage in stages if stage.needs_engine]
         self.manifest.data["totals"] = self.manifest.totals(engine_stages, self.ran, time.monotonic() - started)
         self.manifest.save()
@@ -318,21 +326,7 @@ class Runner:
         files_dir = self.paths.run_dir / stage.files_dir if stage.files_dir else None
         writer = StagedWriter(self.store, files_dir, con=con)
         self.progress.phase(stage.name)
-        engine = (
-            Engine(
-                con,
-                preflight.planned(self.chains[stage.name]),
-                self.cfg.generate,
-                journal=ResultLog(journal_folder(self.paths.run_dir)),
-                cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
-                redact=self.redact,
-                progress=self.progress,
-                seed=self.cfg.seed,
-                prepare=lambda: preflight.started(self.chains[stage.name]),
-            )
-            if stage.needs_engine
-            else None
-        )
+        engine = self._engine_for(stage, con, preflight)
         ctx = StageContext(
             cfg=self.cfg,
             con=con,
@@ -353,16 +347,7 @@ class Runner:
             writer.commit()
         except BaseException as exc:
             writer.abort()
-            record.update(
-                {
-                    "status": "interrupted"
-                    if _is_interrupt(exc)
-                    else "stopped"
-                    if isinstance(exc, RunStopped)
-                    else "failed",
-                    "seconds": round(time.monotonic() - started, 3),
-                }
-            )
+            record.update({"status": _status_of(exc), "seconds": round(time.monotonic() - started, 3)})
             if engine is not None:
                 record["metrics"] = engine.summary()
             self.manifest.save()
@@ -370,7 +355,7 @@ class Runner:
             raise
         record.update(
             {
-                "status": "dry_run" if result.metrics.get("dry_run") else "done" if result.complete else "incomplete",
+                "status": _status_of(result),
                 "seconds": round(time.monotonic() - started, 3),
                 "rows": writer.rows,
                 "files": writer.files,
@@ -385,9 +370,34 @@ class Runner:
         # of the answers; a rerun of the folder completes it and runs the rest.
         return result.complete and not result.stop_pipeline
 
+    def _engine_for(self, stage: Stage, con: duckdb.DuckDBPyConnection, preflight: Preflight) -> Engine | None:
+        """The LLM engine of a stage that calls models (None for the others), on this run's journal and the
+        shared cache, its presets checked and started only when a request will really be sent."""
+        if not stage.needs_engine:
+            return None
+        chain = self.chains[stage.name]
+        return Engine(
+            con,
+            preflight.planned(chain),
+            self.cfg.generate,
+            journal=ResultLog(journal_folder(self.paths.run_dir)),
+            cache=ResultLog(cache_folder(Path(self.cfg.paths.cache_dir))),
+            redact=self.redact,
+            progress=self.progress,
+            seed=self.cfg.seed,
+            prepare=lambda: preflight.started(chain),
+        )
 
-def _is_interrupt(exc: BaseException) -> bool:
-    return isinstance(exc, KeyboardInterrupt | asyncio.CancelledError)
+
+def _status_of(outcome: StageResult | BaseException) -> str:
+    """A stage's status in the manifest, from what it returned or raised."""
+    if isinstance(outcome, StageResult):
+        if outcome.metrics.get("dry_run"):
+            return "dry_run"
+        return "done" if outcome.complete else "incomplete"
+    if isinstance(outcome, KeyboardInterrupt | asyncio.CancelledError):
+        return "interrupted"
+    return "stopped" if isinstance(outcome, RunStopped) else "failed"
 
 
 def _paths(cfg: Config) -> RunPaths:
@@ -453,7 +463,7 @@ def run_job(raw: DictConfig) -> None:
             raise
         log.exception("job failed")
         message = redact(f"{type(exc).__name__}: {exc}")
-        console.print(f"[bold red]job failed:[/] {message} (traceback in {run_dir / 'run.log'})", highlight=False)
+        console.print(f"[bold red]job failed:[/] {message} (traceback in {run_log_path(run_dir)})", highlight=False)
         record_failure(run_dir, message)
         return
     if incomplete is None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import STAGE_ORDER
+from pipeline.layout import export_folder, run_database
 
 
 def _pct(value: Any) -> str:
@@ -88,9 +89,9 @@ def print_summary(console: Console, manifest: dict[str, Any], ran: dict[str, str
         console.print(f"[yellow]export selected 0 answers;[/] kept at each filter: {kept}", highlight=False)
     if export.get("files"):
         for name in export["files"]:
-            console.print(f"export: {run_dir / 'export' / name}", highlight=False, soft_wrap=True)
+            console.print(f"export: {export_folder(run_dir) / name}", highlight=False, soft_wrap=True)
     console.print(
-        f"run folder: {run_dir}   (query it: duckdb {run_dir / 'run.duckdb'})",
+        f"run folder: {run_dir}   (query it: duckdb {run_database(run_dir)})",
         highlight=False,
         soft_wrap=True,
     )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,16 @@ def run_pipeline(
     Runs on `model=fake` unless the overrides pick a model: the default model is the embedded local LLM,
     which only the tests about it should pay for.
     """
+    cmd = run_command(run_dir, *overrides)
+    done = subprocess.run(cmd, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
+    return RunResult(done.returncode, done.stdout, done.stderr, run_dir)
+
+
+def run_command(run_dir: Path, *overrides: str) -> list[str]:
+    """The `python run.py ...` command writing into `run_dir` (cache next to it), on `model=fake` unless the
+    overrides pick a model."""
     model = [] if any(o.startswith("model=") for o in overrides) else [FAKE_MODEL]
-    cmd = [
+    return [
         sys.executable,
         str(ROOT / "run.py"),
         f"hydra.run.dir={run_dir}",
@@ -66,8 +75,52 @@ def run_pipeline(
         *model,
         *overrides,
     ]
-    done = subprocess.run(cmd, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
-    return RunResult(done.returncode, done.stdout, done.stderr, run_dir)
+
+
+def fake_server_command(run_dir: Path, server: FakeServer, *overrides: str) -> list[str]:
+    """The math experiment on `model=fake` against a fake server the test started (`model.serve=null`), so the
+    test can count what the server saw across a run it interrupts and its rerun."""
+    return run_command(
+        run_dir, "+experiment=math", FAKE_MODEL, "model.serve=null", f"model.api_base={server.api_base}", *overrides
+    )
+
+
+@contextlib.contextmanager
+def started_run(
+    cmd: list[str], stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.DEVNULL, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`cmd` running from the project root for the length of the block; killed at its end if still alive, so
+    nothing outlives the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=stdout, stderr=stderr, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def act_when(
+    proc: subprocess.Popen[bytes],
+    reached: Callable[[], bool],
+    act: Callable[[], object],
+    what: str,
+    log: Path | None = None,
+    timeout_s: float = 90,
+    poll_s: float = 0.1,
+) -> float:
+    """Wait until `reached()`, then `act()` (a kill, a signal, stopping the server) and wait for the run to
+    exit; returns the seconds it took. Fails if the run ends before `what` happens, or `what` never does (the
+    stderr file `log`, if given, goes into the failure)."""
+    deadline = time.monotonic() + timeout_s
+    while not reached():
+        assert proc.poll() is None, f"the run ended before {what}" + (f":\n{log.read_text()}" if log else "")
+        assert time.monotonic() < deadline, f"never reached {what} in {timeout_s:g}s"
+        time.sleep(poll_s)
+    act()
+    acted = time.monotonic()
+    proc.wait(timeout=60)
+    return time.monotonic() - acted
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ provider saw and answered can be counted across a killed run and its rerun."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,7 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_env
+from conftest import ROOT, act_when, fake_server_command, run_env, started_run
 
 from pipeline import exit_codes
 from pipeline.llm.batch_book import BatchLedger
@@ -30,21 +28,15 @@ PRICES = ("model.prices.input_per_mtok=2", "model.prices.output_per_mtok=8")  # 
 
 
 def command(run_dir: Path, server: FakeServer, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "+experiment=math",
-        "model=fake",
+    return fake_server_command(
+        run_dir,
+        server,
         f"ingest.limit={QUESTIONS}",
-        f"hydra.run.dir={run_dir}",
-        f"paths.output_dir={run_dir.parent / 'outputs'}",
-        "model.serve=null",
-        f"model.api_base={server.api_base}",
         "generate.batch.poll_s=0.05",
         "generate.batch.poll_max_s=0.2",
         *PRICES,
         *extra,
-    ]
+    )
 
 
 def batch(run_dir: Path, server: FakeServer, *extra: str) -> list[str]:
@@ -126,18 +118,8 @@ def test_kill_9_at_each_phase_then_rerun_pays_no_item_twice(tmp_path: Path, phas
     run_dir = tmp_path / "run"
     with FakeServer(FakeServerConfig(batch_api_latency_ms=slow, batch_delay_s=delay)) as server:
         cmd = batch(run_dir, server)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 120
-            while not PHASES[phase](server, run_dir):
-                assert proc.poll() is None, f"the run ended before {phase}"
-                assert time.monotonic() < deadline, f"never reached {phase}"
-                time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        with started_run(cmd) as proc:
+            act_when(proc, lambda: PHASES[phase](server, run_dir), proc.kill, phase, timeout_s=120, poll_s=0.02)
         server.configure(batch_api_latency_ms=0)
         ok(run(cmd))
         paid_once(server)

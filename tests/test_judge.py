@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, RunResult, run_env, run_pipeline
+from conftest import ROOT, RunResult, act_when, fake_server_command, run_env, run_pipeline, started_run
 from test_resume_kill import journalled
 from test_validate import questions_table, responses_table
 
@@ -235,12 +231,11 @@ LATENCY_MS = 250
 
 
 def _command(run_dir: Path, server: FakeServer, stages: str) -> list[str]:
-    return [
-        sys.executable, str(ROOT / "run.py"), "+experiment=math", "model=fake", f"ingest.limit={QUESTIONS}",
-        f"model.limits.concurrency={CONCURRENCY}", "model.serve=null", f"model.api_base={server.api_base}",
+    return fake_server_command(
+        run_dir, server, f"ingest.limit={QUESTIONS}", f"model.limits.concurrency={CONCURRENCY}",
         "generate.cache=off",  # resume must come from the run's journal, not the shared cache
-        f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir.parent / 'outputs'}", stages,
-    ]  # fmt: skip
+        stages,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -259,23 +254,15 @@ def test_kill_during_judge_then_resume_pays_no_judge_call_twice(tmp_path: Path) 
 
         logs = tmp_path / "logs"
         logs.mkdir()
-        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                _command(run_dir, server, WITH_JUDGE), cwd=ROOT, env=run_env(), stdout=out, stderr=err,
-                start_new_session=True,
+        with (
+            open(logs / "stdout", "wb") as out,
+            open(logs / "stderr", "wb") as err,
+            started_run(_command(run_dir, server, WITH_JUDGE), out, err, start_new_session=True) as proc,
+        ):
+            act_when(
+                proc, lambda: journalled(run_dir) >= answers + 15, proc.kill, "15 journalled verdicts",
+                log=logs / "stderr", timeout_s=120, poll_s=0.05,
             )  # fmt: skip
-            try:
-                deadline = time.monotonic() + 120
-                while journalled(run_dir) < answers + 15:
-                    assert proc.poll() is None, f"the run ended before the kill:\n{(logs / 'stderr').read_text()}"
-                    assert time.monotonic() < deadline, "the judge never journalled 15 verdicts"
-                    time.sleep(0.05)
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
         judged_before_kill = journalled(run_dir) - answers
         sent_before_kill = server.stats()["requests"]
         assert 15 <= judged_before_kill < QUESTIONS

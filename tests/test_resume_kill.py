@@ -12,16 +12,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_env
+from conftest import ROOT, act_when, fake_server_command, run_env, started_run
 
 from pipeline import exit_codes
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
@@ -43,19 +43,9 @@ class Run:
 
 
 def command(run_dir: Path, server: FakeServer, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "run.py"),
-        "+experiment=math",
-        "model=fake",
-        f"model.fake.latency_ms={LATENCY_MS}",
-        f"model.limits.concurrency={CONCURRENCY}",
-        f"hydra.run.dir={run_dir}",
-        f"paths.output_dir={run_dir.parent / 'outputs'}",
-        "model.serve=null",
-        f"model.api_base={server.api_base}",
-        *extra,
-    ]
+    return fake_server_command(
+        run_dir, server, f"model.fake.latency_ms={LATENCY_MS}", f"model.limits.concurrency={CONCURRENCY}", *extra
+    )
 
 
 def run_to_end(cmd: list[str], timeout: float = 180) -> Run:
@@ -90,11 +80,9 @@ def ctrl_c_reaches() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_run(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> subprocess.Popen[bytes]:
+def start_run(cmd: list[str], out: IO[bytes], err: IO[bytes]) -> AbstractContextManager[subprocess.Popen[bytes]]:
     """`run.py` in its own session (signals reach only it and its workers), with Ctrl+C acting as in a terminal."""
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=run_env(), stdout=out, stderr=err, start_new_session=True, preexec_fn=ctrl_c_reaches
-    )
+    return started_run(cmd, out, err, start_new_session=True, preexec_fn=ctrl_c_reaches)
 
 
 def interrupt_when_journalled(
@@ -104,22 +92,15 @@ def interrupt_when_journalled(
     `victim(run pid)` names (the run itself by default); returns the run's process and the seconds it took
     to exit after the signal."""
     logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        proc = start_run(cmd, out, err)
-        try:
-            deadline = time.monotonic() + 90
-            while journalled(run_dir) < KILL_AFTER:
-                assert proc.poll() is None, f"the run ended before it was interrupted:\n{(logs / 'stderr').read_text()}"
-                assert time.monotonic() < deadline, "the journal never reached 40 records"
-                time.sleep(0.1)
-            os.kill(victim(proc.pid) if victim else proc.pid, sig)
-            sent = time.monotonic()
-            proc.wait(timeout=60)
-            return proc, time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err, start_run(cmd, out, err) as proc:
+        exit_s = act_when(
+            proc,
+            lambda: journalled(run_dir) >= KILL_AFTER,
+            lambda: os.kill(victim(proc.pid) if victim else proc.pid, sig),
+            f"{KILL_AFTER} journalled records",
+            log=logs / "stderr",
+        )
+        return proc, exit_s
 
 
 def responses(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -281,22 +262,11 @@ def test_dead_endpoint_ends_the_run_within_the_bound_and_a_rerun_completes(
     logs.mkdir()
     with FakeServer(FakeServerConfig(latency_ms=LATENCY_MS)) as server:
         cmd = command(run_dir, server, "generate.endpoint_down_after_s=3")
-        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-            proc = start_run(cmd, out, err)
-            try:
-                deadline = time.monotonic() + 90
-                while journalled(run_dir) < KILL_AFTER:
-                    assert proc.poll() is None, (logs / "stderr").read_text()
-                    assert time.monotonic() < deadline, "the journal never reached 40 records"
-                    time.sleep(0.1)
-                server.stop()
-                killed = time.monotonic()
-                proc.wait(timeout=60)
-                ended_s = time.monotonic() - killed
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err, start_run(cmd, out, err) as proc:
+            reached = f"{KILL_AFTER} journalled records"
+            ended_s = act_when(
+                proc, lambda: journalled(run_dir) >= KILL_AFTER, server.stop, reached, log=logs / "stderr"
+            )
         stderr, stdout = (logs / "stderr").read_text(), (logs / "stdout").read_text()
         # t13's runner exits INCOMPLETE (3) for a stopped stage; before it, a stopped stage still exited 0.
         expected = getattr(exit_codes, "INCOMPLETE", 0)

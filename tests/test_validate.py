@@ -18,9 +18,9 @@ import pytest
 from pipeline.answers import Validators, check_answer, extract_json_with_source
 from pipeline.config import Config, ValidateConfig
 from pipeline.errors import UserError
-from pipeline.llm.records import RESPONSE_COLUMNS
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.store import StagedWriter, TableStore
+from pipeline.tables import RESPONSE_COLUMNS
 from stages import validate
 from stages.validate import build_scorer, normalize_text
 

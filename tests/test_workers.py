@@ -22,6 +22,7 @@ from conftest import ROOT, Poller, RunResult, run_pipeline
 from pipeline.config import Config, GenerateConfig, PromptConfig
 from pipeline.llm.fake_server import FakeServer, FakeServerConfig
 from pipeline.llm.journal import ResultLog
+from pipeline.llm.totals import Totals
 from pipeline.llm.workers import shares
 from pipeline.request_builder import SpecBuilder
 
@@ -36,6 +37,19 @@ def test_shares_split_a_cap_into_whole_parts_that_add_up() -> None:
     assert shares(7, 3) == [3, 2, 2]
     assert sum(shares(101, 4)) == 101
     assert shares(1, 3) == [1, 1, 1]  # every worker can send at least one call
+
+
+def test_a_workers_totals_fold_into_the_parents_but_not_the_plan_counts() -> None:
+    parent = Totals(units=10, reused_journal=4, calls=2, ok=2, cost_usd=0.5, first_errors=["a", "b"])
+    worker = Totals(units=10, reused_journal=4, calls=3, ok=1, failed=2, attempts=5, reused_cache=1, cost_usd=0.25)
+    worker.first_errors, worker.stopped, worker.prompt_tokens = ["c", "d"], "budget", 7
+    parent.add(worker)
+    assert (parent.units, parent.reused_journal) == (10, 4)  # planned once, by the parent
+    assert (parent.calls, parent.ok, parent.failed, parent.attempts, parent.reused_cache) == (5, 3, 2, 5, 1)
+    assert parent.cost_usd == 0.75 and parent.prompt_tokens == 7 and parent.stopped == "budget"
+    assert parent.first_errors == ["a", "b", "c"]
+    parent.add(Totals(cost_usd=None))
+    assert parent.cost_usd is None  # an unknown price stays unknown
 
 
 def test_the_request_builder_survives_pickling_into_a_worker() -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.append_only import AppendOnlyFile
 from pipeline.errors import UserError
 from pipeline.llm.batch_api import BatchLimits, BatchProvider
 from pipeline.llm.transport import RETRYABLE, Attempt, utc_stamp
@@ -114,24 +113,15 @@ class BatchLedger:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fd: int | None = None
+        self._file = AppendOnlyFile(folder, "batches")
 
     def append(self, record: BatchRecord) -> None:
         if record.event not in EVENTS:
             raise ValueError(f"unknown batch record event {record.event!r}")
-        if self._fd is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            name = f"batches-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{id(self):x}.jsonl"
-            self._fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        line = (json.dumps(asdict(record), separators=(",", ":")) + "\n").encode()
-        written = os.write(self._fd, line)
-        while written < len(line):  # a short write only happens for very large records
-            written += os.write(self._fd, line[written:])
+        self._file.append(asdict(record))
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._file.close()
 
     def records(self) -> list[BatchRecord]:
         """Every record, file by file in the order written; a torn last line (kill -9 mid-write) is skipped."""

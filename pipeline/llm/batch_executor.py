@@ -18,7 +18,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from pipeline import observers
 from pipeline.config import BatchApi
 from pipeline.errors import BatchesSubmitted, UserError
 from pipeline.llm.batch_book import BatchLedger
@@ -30,7 +29,6 @@ from pipeline.llm.journal_record import attempt_entry, journal_record
 from pipeline.llm.pending import Unit
 from pipeline.llm.prices import batch_price_for
 from pipeline.llm.targets import Target
-from pipeline.llm.totals import budget_stop_reason
 from pipeline.llm.transport import Attempt
 from pipeline.progress import Progress
 
@@ -142,9 +140,7 @@ def _reserve(
         params = request_params(unit, target)
         reservation = budget.reserve_now(budget.worst_case(unit.est_tokens, params.get("max_tokens")))
         if reservation is None:
-            reason = budget_stop_reason(dispatcher.cfg.max_cost_usd)
-            dispatcher.stop.units(reason)
-            observers.emit("budget_stop", reason=reason)
+            dispatcher.stop.budget(dispatcher.cfg.max_cost_usd)
             break
         reserved[key] = reservation
         items.append(BatchItem(key, unit.spec.messages, params))

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.llm.batch_api import BatchApiError, BatchLimits, BatchStatus, ResultLine
 from pipeline.llm.client import classify
-from pipeline.llm.direct import DEFAULT_BASE, classify_http, read_completion, wire_model
+from pipeline.llm.direct import DEFAULT_BASE, chat_body, classify_http, read_completion, wire_model
 from pipeline.llm.litellm_env import litellm
 from pipeline.llm.transport import Attempt, Endpoint
 
@@ -49,7 +49,7 @@ class OpenAIBatches:
         return plan_key
 
     def line(self, custom_id: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> bytes:
-        body = {"messages": messages, "model": self.wire_model, **params}
+        body = chat_body(self.wire_model, messages, params)
         line = {"custom_id": custom_id, "method": "POST", "url": CHAT_ENDPOINT, "body": body}
         return (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pipeline import observers
 from pipeline.config import GenerateConfig
 from pipeline.errors import RunStopped, UserError
-from pipeline.llm.gate import Admission, Outcome
+from pipeline.llm.gate import Admission, Outcome, Settled
 from pipeline.llm.journal_record import attempt_entry, journal_record
 from pipeline.llm.pending import Unit, min_opt
 from pipeline.llm.stop import Stop
 from pipeline.llm.targets import Target
-from pipeline.llm.transport import FAILOVER, FATAL, RETRYABLE, Attempt, response_format_for
+from pipeline.llm.transport import FAILOVER, FATAL, REFUSED, RETRYABLE, Attempt, response_format_for
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,20 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 UNREACHABLE = {"connection", "timeout"}  # what counts towards an endpoint being down
 BREAKER_FAILURES = RETRYABLE - {"rate_limited"}  # a 429 is the endpoint answering: it never opens the breaker
+
+Unsent = Literal["down", "stopped"]  # why the gate let nothing out: the endpoint is down, or sending stopped
+# How one preset's attempts for a unit end: an answer to record (or a refusal for good), move on to the next
+# preset, retries used up with no preset left, or unsent.
+TargetEnd = Literal["done", "failover", "exhausted", Unsent]
+
+
+@dataclass
+class _Tries:
+    """What one preset's attempts for a unit have used so far."""
+
+    failures: int = 0  # attempts that count towards `max_attempts`
+    throttles: int = 0  # 429s
+    throttled_s: float = 0.0  # time waited out at 429 pauses, bounded by `max_rate_limit_wait_s`
 
 
 def backoff_s(attempt_no: int, retry_after_s: float | None, rng: random.Random) -> float:
@@ -96,7 +111,7 @@ class CallRunner:
             if outcome == "exhausted" or (outcome == "failover" and last.error_type in RETRYABLE):
                 final = False  # transient: a rerun of the folder tries again
             elif outcome == "failover" and is_last_target:
-                if last.error_type in ("auth", "not_found"):
+                if last.error_type in REFUSED:
                     raise UserError(self._endpoint_error(target, last))
                 final = True  # e.g. context window exceeded on every preset
         assert last is not None
@@ -104,7 +119,7 @@ class CallRunner:
 
     async def _try_target(
         self, target: Target, unit: Unit, log_entries: list[dict[str, Any]]
-    ) -> tuple[str, Attempt | None]:
+    ) -> tuple[TargetEnd, Attempt | None]:
         """Attempts against one preset until success, a final failure, failover, retries run out, the endpoint
         is down or the run stops sending. 429s and unanswered breaker probes do not use up `max_attempts`: 429s
         are waited out, up to `max_rate_limit_wait_s` in all; an endpoint not answering is down in bounded time."""
@@ -113,8 +128,7 @@ class CallRunner:
         max_tokens: int | None = params.get("max_tokens")
         gate = target.gate
         attempt: Attempt | None = None
-        failures = throttles = 0
-        throttled_s = 0.0
+        tries = _Tries()
         while True:
             passed = await self._gate(target, unit, max_tokens)
             if isinstance(passed, str):
@@ -135,7 +149,7 @@ class CallRunner:
             kind = attempt.error_type or ""
             throttle = None
             if kind == "rate_limited":  # the back-off a 429 without Retry-After pauses the endpoint for
-                throttle = (attempt.retry_after_s, backoff_s(throttles, None, self._rng))
+                throttle = (attempt.retry_after_s, backoff_s(tries.throttles, None, self._rng))
             settled = await gate.finish(
                 lease,
                 admission.reservation,
@@ -153,36 +167,48 @@ class CallRunner:
             observers.emit("attempt_end", **log_entries[-1])
             if settled.closed_again:
                 self.progress.breaker(target.endpoint.preset, None)  # closed: the progress line stops showing it
-            if attempt.ok:
-                return "done", attempt
-            if kind in FATAL:
-                raise RunStopped(
-                    f"{target.endpoint.preset}: the provider says the quota is exhausted "
-                    f"({self.redact(attempt.error_message or '')[:200]}); add credit or raise the quota, then rerun"
-                )
-            if kind in FAILOVER:
-                return "failover", attempt
-            if kind not in RETRYABLE:
-                return "done", attempt  # refused for good: recorded as failed, never retried
-            if kind == "rate_limited":
-                observers.emit("rate_limited", endpoint=target.endpoint.preset, retry_after_s=attempt.retry_after_s)
-                self.progress.paused(settled.pause_wait_s, "429")
-                throttles += 1
-                throttled_s += settled.pause_wait_s
-                if throttled_s > self.cfg.max_rate_limit_wait_s:
-                    return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
-                observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
-                continue  # the limiter's endpoint-wide pause is the wait
-            if kind in UNREACHABLE and settled.down:
-                return "down", attempt
-            if not (admission.probe and kind in UNREACHABLE):
-                failures += 1  # a probe finding nobody there costs no attempt: `down` bounds that wait instead
-            if failures >= self.cfg.max_attempts:
-                return ("failover" if len(self.targets) > 1 else "exhausted"), attempt
-            observers.emit("retry", endpoint=target.endpoint.preset, attempt=len(log_entries), error_type=kind)
-            await self.stop.sleep(backoff_s(failures - 1, attempt.retry_after_s, self._rng))
+            end = await self._after(target, attempt, settled, admission.probe, tries, len(log_entries))
+            if end is not None:
+                return end, attempt
 
-    async def _gate(self, target: Target, unit: Unit, max_tokens: int | None) -> tuple[Admission, int] | str:
+    async def _after(
+        self, target: Target, attempt: Attempt, settled: Settled, probe: bool, tries: _Tries, number: int
+    ) -> TargetEnd | None:
+        """What attempt `number` means once the gate has settled it: how this preset's attempts end, or None to
+        send again (after the endpoint's 429 pause, or a back-off). Raises `RunStopped` on an exhausted quota."""
+        kind = attempt.error_type or ""
+        if attempt.ok:
+            return "done"
+        if kind in FATAL:
+            raise RunStopped(
+                f"{target.endpoint.preset}: the provider says the quota is exhausted "
+                f"({self.redact(attempt.error_message or '')[:200]}); add credit or raise the quota, then rerun"
+            )
+        if kind in FAILOVER:
+            return "failover"
+        if kind not in RETRYABLE:
+            return "done"  # refused for good: recorded as failed, never retried
+        used_up: TargetEnd = "failover" if len(self.targets) > 1 else "exhausted"
+        if kind == "rate_limited":
+            observers.emit("rate_limited", endpoint=target.endpoint.preset, retry_after_s=attempt.retry_after_s)
+            self.progress.paused(settled.pause_wait_s, "429")
+            tries.throttles += 1
+            tries.throttled_s += settled.pause_wait_s
+            if tries.throttled_s > self.cfg.max_rate_limit_wait_s:
+                return used_up
+            observers.emit("retry", endpoint=target.endpoint.preset, attempt=number, error_type=kind)
+            return None  # the limiter's endpoint-wide pause is the wait
+        if kind in UNREACHABLE and settled.down:
+            return "down"
+        if not (probe and kind in UNREACHABLE):
+            tries.failures += 1  # a probe finding nobody there costs no attempt: `down` bounds that wait instead
+        if tries.failures >= self.cfg.max_attempts:
+            return used_up
+        observers.emit("retry", endpoint=target.endpoint.preset, attempt=number, error_type=kind)
+        await self.stop.sleep(backoff_s(tries.failures - 1, attempt.retry_after_s, self._rng))
+        return None
+
+    async def _gate(self, target: Target, unit: Unit, max_tokens: int | None) -> tuple[Admission, int] | Unsent:
         """Wait until this call may be sent: breaker, buckets and 429 pause, then a concurrency slot, through the
         target's gate (in this process, or a Ray cluster's limiter actor). A 429 seen while waiting voids the
         reservation, so calls that already had a slot are held back too. Returns (the admission, the slot's

@@ -29,6 +29,11 @@ def wire_model(model: str) -> str:
     return model
 
 
+def chat_body(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """The chat-completions request body for a wire model name: what an online call and a batch line send."""
+    return {"messages": messages, "model": model, **params}
+
+
 def supports(endpoint: Endpoint) -> bool:
     return endpoint.api_base is not None or endpoint.model.startswith(OPENAI_COMPATIBLE_PREFIXES)
 
@@ -107,7 +112,7 @@ class DirectTransport:
             started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             latency_ms=0.0,
         )
-        body = {"messages": messages, "model": wire_model(endpoint.model), **params}
+        body = chat_body(wire_model(endpoint.model), messages, params)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = endpoint.api_key()
         if key:

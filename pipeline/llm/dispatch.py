@@ -20,12 +20,12 @@ from pipeline import observers
 from pipeline.config import GenerateConfig
 from pipeline.errors import RunStopped, UserError
 from pipeline.llm.call import CallRunner
-from pipeline.llm.journal import Claims, ResultLog
+from pipeline.llm.journal import SETTLING_ORDER, Claims, ResultLog
 from pipeline.llm.journal_record import cacheable, reused_record
 from pipeline.llm.pending import Batch, Build, Unit, cached, render, with_cache_hits
 from pipeline.llm.stop import Stop
 from pipeline.llm.targets import Target, configure_breakers
-from pipeline.llm.totals import Budget, Totals, budget_stop_reason
+from pipeline.llm.totals import Budget, Totals
 from pipeline.progress import Progress
 
 Send = Callable[[Unit], Awaitable[dict[str, Any] | None]]  # a unit's journal record; None: nothing was sent
@@ -81,7 +81,7 @@ class Dispatcher:
         runs one unit's call (default: this process's `CallRunner`)."""
         send = send or self.calls.call
         # Everything alive now stays: collections during the run only scan what the run allocates. Only the
-        # young generations are collected first; a full pass over the imported modules' objects costs 0.15 s.
+        # young generations are collected first; a full pass over every imported module's objects is slow.
         gc.collect(1)
         gc.freeze()
         window = asyncio.Semaphore(sum(t.limiter.cap.maximum for t in self.targets) * 2)
@@ -194,7 +194,7 @@ class Dispatcher:
             )
 
     def throttled(self) -> int:
-        return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_in_workers
+        return sum(t.limiter.throttled for t in self.targets) + self.totals.throttled_elsewhere
 
     # -- one unit -------------------------------------------------------------------------------------
 
@@ -218,8 +218,7 @@ class Dispatcher:
         """This run's settling record for a request hash (a twin's answer)."""
         self.con.register("engine_twin_journal", self.journal.relation(self.con))
         rows = self.con.execute(
-            "SELECT * FROM engine_twin_journal WHERE request_hash = ? "
-            "ORDER BY (status = 'ok') DESC, final DESC, created_at DESC LIMIT 1",
+            f"SELECT * FROM engine_twin_journal WHERE request_hash = ? ORDER BY {SETTLING_ORDER} LIMIT 1",
             [key],
         )
         names = [d[0] for d in rows.description or []]
@@ -233,9 +232,7 @@ class Dispatcher:
             max_tokens = unit.spec.max_tokens  # already capped by the first preset's max_tokens
             reservation = await self.budget.reserve(self.budget.worst_case(unit.est_tokens, max_tokens))
             if reservation is None:
-                reason = budget_stop_reason(self.cfg.max_cost_usd)
-                self.stop.units(reason)
-                observers.emit("budget_stop", reason=reason)
+                self.stop.budget(self.cfg.max_cost_usd)
                 return
             cost: float | None = None
             if self.claims is not None and (peer := await self._claim(unit)) is not None:

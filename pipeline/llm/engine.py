@@ -27,7 +27,7 @@ from pipeline.llm.litellm_env import warm_up
 from pipeline.llm.pending import Build
 from pipeline.llm.planning import Planner
 from pipeline.llm.stop import Stop, graceful_interrupt
-from pipeline.llm.targets import Target, configure_breakers
+from pipeline.llm.targets import Target, configure_breakers, litellm_endpoints
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Engine:
 
     def _warm_up(self) -> asyncio.Future[None] | None:
         """Starts `litellm_env.warm_up` for the litellm targets in the loop's executor (now, not at the next await)."""
-        models = [(t.endpoint.model, t.endpoint.api_base) for t in self.targets if t.model.transport == "litellm"]
+        models = litellm_endpoints(t.model for t in self.targets)
         if not models:
             return None
         return asyncio.get_running_loop().run_in_executor(None, warm_up, models)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -24,39 +23,26 @@ from typing import Any
 
 import duckdb
 
+from pipeline.append_only import AppendOnlyFile
 from pipeline.duck import literal_list
 from pipeline.llm.records import JOURNAL_COLUMNS
+
+# Which of a unit's journal records settles it: an ok answer wins, then a final record, then the latest.
+SETTLING_ORDER = "(status = 'ok') DESC, final DESC, created_at DESC"
 
 
 class ResultLog:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fd: int | None = None
-        self._path: Path | None = None
+        self._file = AppendOnlyFile(folder, "results", exclusive=True)
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def _open(self) -> int:
-        if self._fd is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            self._path = self.folder / f"results-{stamp}-{os.getpid()}-{id(self):x}.jsonl"
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._fd = fd
-        return self._fd
-
     def append(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        fd = self._open()
-        written = os.write(fd, line)
-        while written < len(line):  # a short write only happens for very large records
-            written += os.write(fd, line[written:])
+        self._file.append(record)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # also releases the flock
-            self._fd = None
+        self._file.close()
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -95,7 +81,7 @@ class ResultLog:
         if not (self.part_files() or self.journal_files()):
             return {}
         # The keys go in as a list parameter, not an Arrow table: pyarrow's conversion of Python lists imports
-        # pandas (0.3 s, ~40 MB) before the first call.
+        # pandas, which would delay the first call.
         with self.reading():  # a peer's compaction must not delete files between listing and reading
             con.register("engine_cache", self.relation(con))
             rows = con.execute(
@@ -131,7 +117,7 @@ class ResultLog:
         entries = []
         with os.scandir(self.folder) as it:
             for entry in it:
-                if entry.name.endswith((".jsonl", ".parquet")) and entry.path != str(self._path):
+                if entry.name.endswith((".jsonl", ".parquet")) and entry.path != str(self._file.path):
                     try:
                         entries.append((entry.name, entry.stat().st_size))
                     except FileNotFoundError:
@@ -157,7 +143,7 @@ class ResultLog:
         return [
             path
             for path in self.journal_files()
-            if not (path == self._path and self._fd is not None) and not self._is_live(path)
+            if not (path == self._file.path and self._file.is_open) and not self._is_live(path)
         ]
 
     def compact(self, con: duckdb.DuckDBPyConnection, min_files: int = 1) -> int:

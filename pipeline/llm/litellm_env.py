@@ -61,8 +61,9 @@ def register_unmapped(model: str, api_base: str | None = None) -> bool:
 
     litellm prices every response itself (we don't use that: cost comes from `pipeline.llm.prices`, looked
     up once). For a model missing from its map, each of those look-ups walks litellm's fallback rules and
-    raises ModelNotMappedError, 2-3 times per call: ~0.3 ms of its ~3 ms per call. With an entry it is an
-    exact hit that prices at 0. The entry has no prices, so `prices.price_for` still reads it as unknown.
+    raises ModelNotMappedError, several times per call: a sizeable share of litellm's own time per call.
+    With an entry it is an exact hit that prices at 0. The entry has no prices, so `prices.price_for` still
+    reads it as unknown.
     """
     lm = litellm()
     if model in lm.model_cost or model.split("/", 1)[-1] in lm.model_cost:
@@ -80,8 +81,8 @@ def warm_up(models: Iterable[tuple[str, str | None]] = ()) -> None:
     """Import litellm and do the one-off work of its first call for these (model, api_base) pairs.
 
     The first `acompletion` in a process imports the openai SDK's resource modules and litellm's proxy
-    types: 0.4-1.2 s with the event loop blocked, during which the engine's other calls stall and then
-    reach the server together (parallel jobs overshot a shared rate limit). Run this in a thread before
+    types with the event loop blocked, during which the engine's other calls stall and then reach the
+    server together, a burst that can overshoot a shared rate limit. Run this in a thread before
     dispatching. It sends no request: the completion here is litellm's `mock_response`. Never raises.
     """
     with _warm_lock:
@@ -122,7 +123,7 @@ def stop_logging_threads() -> None:
     """Shut litellm's logging thread pool down (it runs no callbacks of ours): only when no call can follow.
 
     Its threads are not daemons and stay alive, idle, after the last call, so the process could not leave
-    right after its summary (`pipeline.fast_exit`) and paid the interpreter's 1.6-1.8 s teardown instead.
+    right after its summary (`pipeline.fast_exit`) and paid the interpreter's slow teardown instead.
     """
     if _litellm is None:
         return

@@ -17,11 +17,11 @@ import duckdb
 from pipeline import duck
 from pipeline.errors import UserError
 from pipeline.llm import dry_run
-from pipeline.llm.journal import ResultLog
+from pipeline.llm.journal import SETTLING_ORDER, ResultLog
 from pipeline.llm.pending import Build, cached, render
-from pipeline.llm.records import ATTEMPT_FIELDS, RESPONSE_COLUMNS
 from pipeline.llm.targets import Target
 from pipeline.llm.totals import Totals
+from pipeline.tables import ATTEMPT_FIELDS, RESPONSE_COLUMNS
 
 PLAN_KEY_VERSION = 2  # bump when the plan key's layout changes: old journals then match nothing
 
@@ -108,11 +108,9 @@ class Planner:
     def _latest(self) -> str:
         """The settling record per unit of this run: ok wins, then settled, then the latest."""
         self.con.register("engine_records", self.journal.relation(self.con))
-        return """
+        return f"""
             SELECT j.* FROM engine_records j SEMI JOIN engine_units u USING (plan_key)
-            QUALIFY row_number() OVER (
-                PARTITION BY j.plan_key ORDER BY (j.status = 'ok') DESC, j.final DESC, j.created_at DESC
-            ) = 1
+            QUALIFY row_number() OVER (PARTITION BY j.plan_key ORDER BY {SETTLING_ORDER}) = 1
         """
 
     def unsettled(self) -> int:

@@ -1,7 +1,7 @@
 """Prices per token, looked up once per model (never per call). Unknown stays unknown (None), never 0.
 
-The price map is litellm's bundled JSON file, read as data: importing litellm costs ~2 s of CPU and
-~150 MB, which a run on the direct transport must never pay just to learn two numbers.
+The price map is litellm's bundled JSON file, read as data: importing litellm is heavy in CPU and memory,
+which a run on the direct transport must never pay just to learn two numbers.
 """
 
 from __future__ import annotations

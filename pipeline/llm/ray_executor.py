@@ -136,7 +136,7 @@ class Callers:
                 self.busy[index] -= 1
                 progress.in_flight(-1)
             if record is not None:
-                self.work.dispatcher.totals.throttled_in_workers += sum(
+                self.work.dispatcher.totals.throttled_elsewhere += sum(
                     1 for entry in record["attempt_log"] if entry["error_type"] == "rate_limited"
                 )
             return record

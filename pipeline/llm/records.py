@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-# The result tables' columns are table contracts (pipeline.tables); the engine reads them from here too.
-from pipeline.tables import ATTEMPT_FIELDS as ATTEMPT_FIELDS
-from pipeline.tables import RESPONSE_COLUMNS as RESPONSE_COLUMNS
+from pipeline.tables import RESPONSE_COLUMNS
 
 FORMAT_VERSION = 1
 

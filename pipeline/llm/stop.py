@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
+from pipeline import observers
+
 
 class Stop:
     def __init__(self) -> None:
@@ -28,6 +30,15 @@ class Stop:
         """Take no further units; the calls already started go on (the budget's stop)."""
         self.no_new_units = True
         self.reason = reason
+
+    def budget(self, max_cost_usd: float | None) -> None:
+        """The next unit's worst case would cross `generate.max_cost_usd`: take no further units, say so once."""
+        reason = (
+            f"budget: generate.max_cost_usd={max_cost_usd} would be crossed; "
+            "raise it and rerun the same folder to continue"
+        )
+        self.units(reason)
+        observers.emit("budget_stop", reason=reason)
 
     def sending(self, reason: str | None = None) -> None:
         """Send nothing more: calls in flight finish, calls not yet sent end unsent."""

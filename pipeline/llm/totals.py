@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.llm.prices import Price
+
+PLANNED = ("units", "reused_journal")  # Totals counted by the planner, not by a dispatch
 
 
 @dataclass
@@ -22,10 +24,21 @@ class Totals:
     cost_usd: float | None = 0.0
     stopped: str | None = None
     first_errors: list[str] = field(default_factory=list)
-    throttled_in_workers: int = 0  # 429s seen by worker processes or Ray callers (their limiters are not ours)
+    throttled_elsewhere: int = 0  # 429s seen by worker processes or Ray callers (their limiters are not ours)
 
     def add_cost(self, cost: float | None) -> None:
         self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
+
+    def add(self, other: Totals) -> None:
+        """Fold in what another process dispatched (a worker's part of the same plan). `units` and
+        `reused_journal` are the plan's, counted once by the parent that planned, so they are not added."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if f.name not in PLANNED and isinstance(value, int):
+                setattr(self, f.name, getattr(self, f.name) + value)
+        self.add_cost(other.cost_usd)
+        self.stopped = self.stopped or other.stopped
+        self.first_errors = (self.first_errors + other.first_errors)[:3]
 
 
 class Budget:
@@ -87,10 +100,3 @@ class Budget:
             self.in_flight -= 1
             self.spent += actual or 0.0
             self._settled.notify_all()
-
-
-def budget_stop_reason(max_cost_usd: float | None) -> str:
-    """The one line a budget stop gives."""
-    return (
-        f"budget: generate.max_cost_usd={max_cost_usd} would be crossed; raise it and rerun the same folder to continue"
-    )

@@ -207,7 +207,7 @@ class _Worker:
             await dispatcher.dispatch(work.batches())  # as the parent's in-process executor does
         finally:
             flusher.cancel()
-            dispatcher.totals.throttled_in_workers = dispatcher.throttled()
+            dispatcher.totals.throttled_elsewhere = dispatcher.throttled()
             relay.flush()
             await close_clients()
             con.close()

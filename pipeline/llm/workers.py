@@ -98,6 +98,7 @@ class WorkerProcesses:
             await asyncio.to_thread(_write_pending, work, pending_path)
             outcomes = await _run(work.dispatcher, _jobs(work, pending_path))
         finally:
+            await work.dispatcher.close()  # the executor contract's end, though the workers settled every result
             pending_path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 scratch.rmdir()
@@ -260,13 +261,7 @@ def _fold(t: Totals, outcomes: Iterable[Outcome]) -> None:
     for outcome in outcomes:
         if not outcome.totals:
             continue
-        worker = Totals(**outcome.totals)
-        for name in ("calls", "ok", "failed", "attempts", "reused_cache", "prompt_tokens", "completion_tokens"):
-            setattr(t, name, getattr(t, name) + getattr(worker, name))
-        t.add_cost(worker.cost_usd)
-        t.throttled_in_workers += worker.throttled_in_workers
-        t.stopped = t.stopped or worker.stopped
-        t.first_errors = (t.first_errors + worker.first_errors)[:3]
+        t.add(Totals(**outcome.totals))
 
 
 def _raise_for(outcomes: list[Outcome]) -> None:
