@@ -58,11 +58,10 @@ def verdict(score: float, passed: bool, rationale: str) -> str:
     return json.dumps({"score": score, "verdict": "pass" if passed else "fail", "rationale": rationale})
 
 
-@pytest.fixture
-def judged_run_dir(run_dir: Path) -> Path:
-    """The validated run with a `judgements` table, rows made by the judge stage's own `judgement` and written
-    through the stages' writer: q1s0 and q3s1 passed, q1s1 failed (a long rationale), q2s1 a verdict that broke
-    its schema, q3s0 a failed judge call; the other four answers were not judged."""
+def add_judgements(run_dir: Path) -> Path:
+    """Give the validated small run a `judgements` table, rows made by the judge stage's own `judgement` and
+    written through the stages' writer: q1s0 and q3s1 passed, q1s1 failed (a long rationale), q2s1 a verdict that
+    broke its schema, q3s0 a failed judge call; the other four answers were not judged."""
     calls = [
         judge_call("q1s0", verdict(1.0, True, "1 + 1 is 2.")),
         judge_call("q1s1", verdict(0.0, False, LONG_RATIONALE)),
@@ -75,6 +74,11 @@ def judged_run_dir(run_dir: Path) -> Path:
     writer.write_rows("judgements", JUDGEMENTS, (judgement(call, checkers) for call in calls))
     writer.commit()
     return run_dir
+
+
+@pytest.fixture
+def judged_run_dir(run_dir: Path) -> Path:
+    return add_judgements(run_dir)
 
 
 def view(run_dir: Path) -> dict[str, dict[str, Any]]:
