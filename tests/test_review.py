@@ -1,11 +1,13 @@
 """Review: the append-only label log and its latest-wins view, the CSV sheet round trip, the terminal review
-driven through a pseudo-terminal, and export picking up new labels with `pipeline.stages=[export]`."""
+driven through a pseudo-terminal, the LLM judge's verdicts beside each answer (and the judge filter), and export
+picking up new labels with `pipeline.stages=[export]`."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +20,15 @@ from conftest import ROOT, RunResult, run_env, run_pipeline
 from test_export import small_run
 from test_validate import run_stage
 
+from pipeline.answers import Validators
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.labels import LabelWriter, all_labels, labels_folder, open_label_view
+from pipeline.review.items import Filters, RunTables
+from pipeline.store import StagedWriter, TableStore
+from pipeline.tables import JUDGEMENTS
 from stages import validate
+from stages.judge import judgement
 
 FINAL_IDS = ["q1s0", "q1s1", "q2s0", "q2s1", "q3s0", "q3s1", "q4s0", "q4s1", "q5s0"]
 
@@ -31,6 +39,46 @@ def run_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "run"
     run_stage(validate.STAGE, folder, Config(), small_run())
     return folder
+
+
+LONG_RATIONALE = "The answer 3 is not 2: " + "the teacher added one and one and then one more, " * 6 + "END."
+
+
+def judge_call(response_id: str, content: str | None, status: str = "ok") -> dict[str, Any]:
+    """What the engine hands the judge stage for one judge call on answer `response_id` (q1s0 -> question q1)."""
+    return {
+        "parent_response_id": response_id, "question_id": response_id[:2], "sample_index": int(response_id[-1]),
+        "round": 0, "response_id": f"judge-{response_id}", "model_used": "fake-judge" if status == "ok" else None,
+        "status": status, "content": content, "error_type": None if status == "ok" else "timeout",
+        "error_message": None, "prompt_tokens": 50, "completion_tokens": 20, "cost_usd": 0.0, "latency_ms": 5.0,
+    }  # fmt: skip
+
+
+def verdict(score: float, passed: bool, rationale: str) -> str:
+    return json.dumps({"score": score, "verdict": "pass" if passed else "fail", "rationale": rationale})
+
+
+def add_judgements(run_dir: Path) -> Path:
+    """Give the validated small run a `judgements` table, rows made by the judge stage's own `judgement` and
+    written through the stages' writer: q1s0 and q3s1 passed, q1s1 failed (a long rationale), q2s1 a verdict that
+    broke its schema, q3s0 a failed judge call; the other four answers were not judged."""
+    calls = [
+        judge_call("q1s0", verdict(1.0, True, "1 + 1 is 2.")),
+        judge_call("q1s1", verdict(0.0, False, LONG_RATIONALE)),
+        judge_call("q2s1", '{"score": 3, "verdict": "maybe", "rationale": "?"}'),
+        judge_call("q3s0", None, status="failed"),
+        judge_call("q3s1", verdict(0.9, True, "6, as asked.")),
+    ]
+    checkers = Validators()
+    writer = StagedWriter(TableStore(run_dir), con=duckdb.connect())
+    writer.write_rows("judgements", JUDGEMENTS, (judgement(call, checkers) for call in calls))
+    writer.commit()
+    return run_dir
+
+
+@pytest.fixture
+def judged_run_dir(run_dir: Path) -> Path:
+    return add_judgements(run_dir)
 
 
 def view(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -234,6 +282,87 @@ def test_review_of_a_folder_without_validations(tmp_path: Path) -> None:
     one_error_line(review("sheet-export", str(tmp_path)), "not a validated run folder")
 
 
+# -- the LLM judge's verdicts ----------------------------------------------------------------------------
+
+JUDGE_KEYS = ("judge_status", "judge_verdict", "judge_passed", "judge_score", "judge_rationale", "judge_model")
+
+
+def judge_of(tables: RunTables, response_id: str) -> tuple[Any, ...]:
+    item = tables.item(response_id)
+    return tuple(item[k] for k in JUDGE_KEYS)
+
+
+def test_items_carry_the_judges_verdict(judged_run_dir: Path) -> None:
+    tables = RunTables(judged_run_dir)
+    try:
+        assert tables.has_judge
+        assert judge_of(tables, "q1s0") == ("ok", "pass", True, 1.0, "1 + 1 is 2.", "fake-judge")
+        assert judge_of(tables, "q1s1") == ("ok", "fail", False, 0.0, LONG_RATIONALE, "fake-judge")
+        assert judge_of(tables, "q2s1")[:4] == ("invalid", None, None, None), "no verdict: its reply broke the schema"
+        assert judge_of(tables, "q3s0")[:4] == ("failed", None, None, None)
+        assert judge_of(tables, "q2s0") == (None,) * 6, "not judged"
+        assert tables.ids(Filters()) == FINAL_IDS, "every final answer once, judged or not"
+    finally:
+        tables.close()
+
+
+def test_items_without_judgements_are_as_before(run_dir: Path) -> None:
+    tables = RunTables(run_dir)
+    try:
+        assert not tables.has_judge and tables.ids(Filters()) == FINAL_IDS
+        assert judge_of(tables, "q1s0") == (None,) * 6
+        assert tables.ids(Filters(judge="unjudged")) == FINAL_IDS
+    finally:
+        tables.close()
+    with pytest.raises(UserError, match=r"--judge failed: .* has no judgements table; run the LLM judge first"):
+        RunTables(run_dir, Filters(judge="failed"))
+
+
+def test_judge_filter(judged_run_dir: Path) -> None:
+    writer = LabelWriter(judged_run_dir, "tui")
+    writer.append("q1s0", False, "alice")  # the judge passed it: a disagreement
+    writer.append("q1s1", False, "alice")  # the judge failed it too
+    writer.append("q3s0", True, "alice")  # no verdict: nothing to disagree with
+    writer.close()
+    tables = RunTables(judged_run_dir)
+    try:
+        assert tables.ids(Filters(judge="passed")) == ["q1s0", "q3s1"]
+        assert tables.ids(Filters(judge="failed")) == ["q1s1"]
+        unjudged = tables.ids(Filters(judge="unjudged"))
+        assert unjudged == ["q2s0", "q2s1", "q3s0", "q4s0", "q4s1", "q5s0"], "no verdict, for whatever reason"
+        assert tables.ids(Filters(judge="disagrees")) == ["q1s0"]
+        assert tables.ids(Filters(judge="passed", categories=["b"])) == ["q3s1"], "with the other filters"
+        assert Filters(judge="failed", unreviewed=True).describe() == "unreviewed, judge failed"
+    finally:
+        tables.close()
+
+
+def test_sheet_export_has_the_judge_columns_and_filter(judged_run_dir: Path, tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.csv"
+    assert review("sheet-export", str(judged_run_dir), "-o", str(sheet)).returncode == 0
+    rows = {r["response_id"]: r for r in read_sheet(sheet)}
+    header = list(rows["q1s0"])
+    assert header[header.index("matches_golden") + 1 : header.index("is_correct")] == [
+        "judge_status", "judge_verdict", "judge_score", "judge_rationale",
+    ]  # fmt: skip
+    assert [rows["q1s1"][k] for k in ("judge_status", "judge_verdict", "judge_score")] == ["ok", "fail", "0.0"]
+    assert rows["q1s1"]["judge_rationale"] == LONG_RATIONALE, "the sheet has the whole rationale"
+    assert [rows["q3s0"][k] for k in ("judge_status", "judge_verdict")] == ["failed", ""]
+    assert [rows["q2s0"][k] for k in ("judge_status", "judge_verdict", "judge_rationale")] == ["", "", ""]
+    assert review("sheet-export", str(judged_run_dir), "-o", str(sheet), "--judge", "failed").returncode == 0
+    assert [r["response_id"] for r in read_sheet(sheet)] == ["q1s1"]
+    rows["q1s1"]["is_correct"] = "false"  # the judge's columns do not get in the way of the import
+    write_sheet(sheet, [rows["q1s1"]])
+    done = review("sheet-import", str(judged_run_dir), str(sheet), "--reviewer", "carol")
+    assert done.returncode == 0 and "1 labels written" in done.stdout, done.stdout + done.stderr
+
+
+def test_judge_filter_on_a_run_without_judgements_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.csv"
+    one_error_line(review("sheet-export", str(run_dir), "-o", str(sheet), "--judge", "passed"), "--judge", "judge")
+    assert not sheet.exists() and not (tmp_path / ".sheet.csv.tmp").exists(), "nothing written"
+
+
 # -- the terminal review ---------------------------------------------------------------------------------
 
 
@@ -261,6 +390,7 @@ def test_tui_keys_correct_incorrect_skip_undo_quit(run_dir: Path) -> None:
     child.expect("answer 1/9")
     child.expect("What is 1 \\+ 1\\?")
     child.expect(r"\[c\] correct")
+    assert "judge" not in child.before, "a run without judgements shows no judge line"
     child.send("c")
     child.expect("answer 2/9")
     child.send("i")
@@ -390,6 +520,38 @@ def test_tui_filters_and_resume_where_left(run_dir: Path) -> None:
     child.expect("labelled 1 answer")
     finish(child)
     assert view(run_dir)["q4s1"]["is_correct"] is False
+
+
+def styled(*parts: str) -> str:
+    """A pattern for these pieces of text with any terminal styling between them."""
+    return r"(?:\x1b\[[0-9;]*m)*".join(re.escape(part) for part in parts)
+
+
+def test_tui_shows_the_judges_verdict_and_filters_on_it(judged_run_dir: Path) -> None:
+    child = spawn(judged_run_dir)
+    child.expect("answer 1/9")
+    child.expect(styled("judge ", "pass, score 1", " (fake-judge)", ": 1 + 1 is 2."))
+    child.expect(r"\[c\] correct")
+    child.send("s")
+    child.expect("answer 2/9")
+    child.expect(styled("judge ", "fail, score 0", " (fake-judge)", ": The answer 3 is not 2: the teacher"))
+    child.expect(r"\[c\] correct")
+    assert " …" in child.before and "END." not in child.before, "the rationale is cut short"
+    child.send("s")
+    child.expect("answer 3/9")
+    child.expect(styled("judge ", "not judged"))
+    child.send("s")
+    child.expect("answer 4/9")
+    child.expect(styled("judge ", "no verdict (its reply broke the verdict schema)"))
+    child.send("q")
+    finish(child)
+    child = spawn(judged_run_dir, "--judge", "failed")
+    child.expect(styled("answer 1/1  (judge failed)"))
+    child.expect(styled("What is 1 + 1?"))
+    child.send("i")
+    child.expect("labelled 1 answer")
+    finish(child)
+    assert view(judged_run_dir)["q1s1"]["is_correct"] is False
 
 
 def test_tui_needs_a_terminal(run_dir: Path) -> None:

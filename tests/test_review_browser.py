@@ -1,6 +1,6 @@
-"""The browser review driven in a real headless Chromium through Playwright: the token, filtering, labelling with
-keys and with the mouse, undo, notes, two reviewers at once, reload, the export afterwards, a screenshot, and
-no request to any host but 127.0.0.1.
+"""The browser review driven in a real headless Chromium through Playwright: the token, filtering (the LLM judge's
+verdict too), labelling with keys and with the mouse, undo, notes, two reviewers at once, reload, the export
+afterwards, a screenshot, and no request to any host but 127.0.0.1.
 
 Playwright cannot download its own browser here: the tests launch Debian's `chromium-headless-shell` (or
 `chromium`), which `.ci/run` installs. Without a browser they skip locally, and fail under CI=true.
@@ -143,13 +143,13 @@ def test_open_with_the_token_and_refused_without(run_dir: Path, new_page: Any) -
         assert page.locator("#reviewer").inner_text() == "alice"
         page.click("#nav-run")  # the cookie set by the first visit carries on: no token in the link
         page.wait_for_url("**/run")
-        assert page.locator("#stages tbody tr").count() == 4
+        assert page.locator("#stages tbody tr").count() == 5  # judge included
         other = new_page()  # another browser (no cookie) with the token guessed wrong
         wrong = other.goto(f"{server.base}/?token={'A' * len(server.token)}")
         assert wrong is not None and wrong.status == 403
 
 
-def test_filter_to_mismatched_answers_and_search(run_dir: Path, new_page: Any) -> None:
+def test_filter_to_mismatched_answers_judge_verdicts_and_search(run_dir: Path, new_page: Any) -> None:
     with review_server(run_dir) as server:
         page = new_page()
         page.goto(server.url)
@@ -160,6 +160,25 @@ def test_filter_to_mismatched_answers_and_search(run_dir: Path, new_page: Any) -
         assert rows.count() == 2
         assert page.locator("#answers tbody td:nth-child(2)").all_inner_texts() == ["word_problem", "word_problem"]
         assert page.locator("#total").inner_text() == "2"
+        mismatched = [str(r.get_attribute("data-response-id")) for r in rows.all()]
+
+        page.goto(server.base + "/")  # the judge's verdicts: filter on them, see them with the answer
+        assert sorted(set(page.locator("#answers td.judge").all_inner_texts())) == [
+            "fail, score 0", "not judged", "pass, score 1",
+        ]  # fmt: skip
+        with page.expect_navigation():
+            page.select_option("#judge", "failed")
+        assert "judge=failed" in page.url and page.locator("#total").inner_text() == "2"
+        assert [str(r.get_attribute("data-response-id")) for r in rows.all()] == mismatched
+        assert page.locator("#answers td.judge").all_inner_texts() == ["fail, score 0"] * 2
+        open_answer(page, 0)
+        verdict = page.locator("#judge-verdict")
+        assert verdict.inner_text().startswith("fail, score 0") and "fake" in verdict.inner_text()
+        assert verdict.locator("span.bad").count() == 1, "a failed verdict in the failure colour"
+        assert page.locator("#judge-rationale").inner_text().startswith("The answer 0 does not match the reference")
+        press_and_wait(page, "i", mismatched[1])  # labelling moves along the judge's filter
+        assert page.locator("#position").inner_text() == "2" and "judge=failed" in page.url
+        page.goto(server.base + "/")
         page.fill("#search", "nonexistent words")
         with page.expect_navigation():
             page.press("#search", "Enter")

@@ -1,6 +1,7 @@
 """The browser review's server over real HTTP (no browser): the token and the POST checks, the label API writing
-to the shared label log, server-side filters, search, sorting and paging, the run and sweep pages, and the JSON
-paths the answer view marks. The browser itself is driven in `test_review_browser.py`."""
+to the shared label log, server-side filters, search, sorting and paging, the LLM judge's verdicts and their
+filter, the run and sweep pages, and the JSON paths the answer view marks. The browser itself is driven in
+`test_review_browser.py`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,23 @@ import duckdb
 import jsonschema
 import pytest
 from conftest import ROOT, run_env, run_pipeline
+from test_export import small_run
+from test_review import LONG_RATIONALE, add_judgements
+from test_validate import run_stage
 
 from bench.review_web import make_run
+from pipeline.config import Config
 from pipeline.labels import LabelWriter, labels_folder, open_label_view
 from pipeline.review.web_json import render_json
 from pipeline.sweep import write_summary
+from stages import validate
 
 # A run of the shipped math experiment on the fake teacher, with a schema that most of its (right) answers
 # fail ($.answer must be a multiple of 4): 14 answers, 9 invalid, 2 word problems mismatched (answered 0).
 # export.require_match=false: the export keeps every valid answer, so what review labels remove is all that changes.
-PIPELINE_ARGS = ("+experiment=math", "ingest.limit=14", "export.require_match=false")
+# The LLM judge (the fake's) grades the 5 valid answers: the 3 right ones pass, the 2 word problems fail.
+WITH_JUDGE = "pipeline.stages=[ingest,generate,validate,judge,export]"
+PIPELINE_ARGS = ("+experiment=math", "ingest.limit=14", "export.require_match=false", WITH_JUDGE)
 
 
 def pipeline_args(schema: Path) -> tuple[str, ...]:
@@ -133,6 +142,13 @@ def latest(run_dir: Path) -> dict[str, tuple[bool, str, str | None]]:
     return {r[0]: (r[1], r[2], r[3]) for r in rel.fetchall()}
 
 
+def list_page(server: Server, query: str) -> str:
+    """The list page for these query parameters (`&name=value...`)."""
+    status, html, _ = http(f"{server.base}/?token={server.token}{query}")
+    assert status == 200, html
+    return html
+
+
 def response_ids(html: str) -> list[str]:
     return re.findall(r'<tr data-response-id="([0-9a-z]+)"', html)
 
@@ -221,12 +237,7 @@ def test_labels_go_to_the_shared_log_with_what_undo_restores(run_dir: Path) -> N
 
 def test_list_filters_search_and_answer_neighbours(run_dir: Path) -> None:
     with review_server(run_dir) as server:
-
-        def page(query: str) -> str:
-            status, html, _ = http(f"{server.base}/?token={server.token}{query}")
-            assert status == 200, html
-            return html
-
+        page = partial(list_page, server)
         everything = response_ids(page(""))
         assert len(everything) == 14
         mismatched = page("&mismatched=1")
@@ -253,6 +264,62 @@ def test_list_filters_search_and_answer_neighbours(run_dir: Path) -> None:
         assert status == 404
 
 
+def judge_cells(html: str) -> list[str]:
+    """The judge column of a list page, as text."""
+    return [re.sub(r"<[^>]+>", "", c) for c in re.findall(r'<td class="judge"[^>]*>(.*?)</td>', html)]
+
+
+def test_judge_verdicts_in_the_list_and_answer_pages_and_the_judge_filter(run_dir: Path) -> None:
+    with review_server(run_dir) as server:
+        page = partial(list_page, server)
+        everything = page("")
+        assert "<th>judge</th>" in everything and '<select name="judge" id="judge">' in everything
+        cells = judge_cells(everything)
+        assert sorted(cells) == sorted(["pass, score 1"] * 3 + ["fail, score 0"] * 2 + ["not judged"] * 9), cells
+        failed = page("&judge=failed")
+        assert response_ids(failed) == response_ids(page("&mismatched=1")), "the word problems answered 0"
+        assert 'title="The answer 0 does not match the reference' in failed, "the rationale on hover"
+        assert "judge failed" in failed and '<option value="failed" selected>' in failed
+        passed = response_ids(page("&judge=passed"))
+        assert len(passed) == 3 and len(response_ids(page("&judge=unjudged"))) == 9
+        assert set(response_ids(page("&sort=judge"))[:2]) == set(response_ids(failed)), "lowest judge score first"
+        assert response_ids(page("&judge=bogus")) == response_ids(everything), "an unknown choice filters nothing"
+
+        post_label(server, response_id=passed[0], is_correct=False)  # the reviewer disagrees with the judge
+        post_label(server, response_id=response_ids(failed)[0], is_correct=False)  # and agrees here
+        assert response_ids(page("&judge=disagrees")) == [passed[0]]
+
+        keep = f"?token={server.token}&judge=failed"
+        status, html, _ = http(f"{server.base}/answer/{response_ids(failed)[0]}{keep}")
+        assert status == 200
+        verdict = re.search(r'<p id="judge-verdict">(.*?)</p>', html, re.S)
+        assert verdict and re.sub(r"<[^>]+>|\s+", " ", verdict.group(1)).split() == ["fail,", "score", "0", "·", "fake"]
+        rationale = re.search(r'<p id="judge-rationale">([^<]*)</p>', html)
+        assert rationale and re.fullmatch(r"The answer 0 does not match the reference \d+\.", rationale.group(1))
+        assert f'data-next="/answer/{response_ids(failed)[1]}?judge=failed"' in html, "the filter travels along"
+        unjudged = response_ids(page("&judge=unjudged"))[0]
+        status, html, _ = http(f"{server.base}/answer/{unjudged}?token={server.token}")
+        assert '<p id="judge-verdict"><span class="dim">not judged</span>' in html
+
+
+def test_answer_page_folds_a_long_rationale_and_says_why_there_is_no_verdict(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_stage(validate.STAGE, run_dir, Config(), small_run())
+    add_judgements(run_dir)  # q1s1: failed, with a long rationale; q2s1: a verdict that broke its schema
+    with review_server(run_dir) as server:
+        status, html, _ = http(f"{server.base}/answer/q1s1?token={server.token}")
+        assert status == 200
+        folded = re.search(r'<details id="judge-rationale"><summary>(.*?)</summary><pre class="text">(.*?)</pre>', html)
+        assert folded, "a long rationale is folded: its start shown, the whole on opening"
+        assert folded.group(1).startswith("The answer 3 is not 2") and folded.group(1).endswith(" …")
+        assert folded.group(2) == LONG_RATIONALE
+        status, html, _ = http(f"{server.base}/answer/q2s1?token={server.token}")
+        assert "no verdict (its reply broke the verdict schema)" in html and 'id="judge-rationale"' not in html
+        status, html, _ = http(f"{server.base}/?token={server.token}&judge=unjudged")
+        assert response_ids(html) == ["q2s0", "q2s1", "q3s0", "q4s0", "q4s1", "q5s0"]
+        assert "no verdict (the judge&#39;s call failed)" in html
+
+
 def test_paging_over_many_answers(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "big", 120, labels=12)
     with review_server(run_dir) as server:
@@ -262,6 +329,11 @@ def test_paging_over_many_answers(tmp_path: Path) -> None:
             assert status == 200
             pages.append(response_ids(html))
         assert [len(p) for p in pages] == [50, 50, 20]
+        status, html, _ = http(f"{server.base}/?token={server.token}")
+        assert "<th>judge</th>" not in html and 'id="judge"' not in html, "no judgements: no judge column or filter"
+        assert '<option value="judge"' not in html, "nor the judge's sort"
+        status, html, _ = http(f"{server.base}/answer/{pages[0][0]}?token={server.token}")
+        assert status == 200 and 'id="judge"' not in html
         assert len({rid for p in pages for rid in p}) == 120, "no answer twice, none missing"
         status, html, _ = http(f"{server.base}/?token={server.token}&page=2&invalid=1")
         assert 'id="prev-page" href="/?invalid=1"' in html.replace("&amp;", "&") and 'id="next-page"' not in html
@@ -304,7 +376,7 @@ def test_run_page_has_stages_and_accuracy_per_category(run_dir: Path) -> None:
         status, html, _ = http(f"{server.base}/run?token={server.token}")
     assert status == 200
     stages = re.findall(r"<tr><td>(\w+)</td><td>done</td>", html)
-    assert stages == ["ingest", "generate", "validate", "export"]
+    assert stages == ["ingest", "generate", "validate", "judge", "export"]
     assert "valid 35.7%" in html and "accuracy vs golden 85.7%" in html
     word = re.search(r"<tr><td>word_problem</td><td>2</td>\s*<td>100.0</td><td>0.0</td>", html)
     assert word, "per category: answers, valid %, accuracy %"

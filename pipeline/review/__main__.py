@@ -1,6 +1,7 @@
 """`python -m pipeline.review`: review a run folder's answers (terminal review, or a CSV sheet round trip).
 
     python -m pipeline.review tui RUN_DIR [--reviewer NAME] [--invalid] [--mismatched] [--category C] [--unreviewed]
+                                  [--judge passed|failed|unjudged|disagrees]   (a run with the LLM judge)
     python -m pipeline.review sheet-export RUN_DIR [-o SHEET.csv] [filters as above]
     python -m pipeline.review sheet-import RUN_DIR SHEET.csv [--reviewer NAME] [--overwrite]
     python -m pipeline.review web RUN_DIR [--reviewer NAME] [--port N]   (or a sweep folder: its leaderboard)
@@ -19,7 +20,7 @@ from rich.console import Console
 from pipeline import exit_codes
 from pipeline.errors import UserError
 from pipeline.labels import default_reviewer
-from pipeline.review.items import Filters
+from pipeline.review.items import JUDGE_FILTERS, Filters
 
 REVIEWER_HELP = "name on the labels (default: $DISTILLERY_REVIEWER, else your login)"
 
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--mismatched", action="store_true", help="only answers that do not match the golden answer")
         sub.add_argument("--category", action="append", default=[], help="only this category (repeatable)")
         sub.add_argument("--unreviewed", action="store_true", help="only answers without a label")
+        sub.add_argument(
+            "--judge",
+            choices=list(JUDGE_FILTERS),
+            default=None,
+            help="only answers the LLM judge passed, failed, gave no verdict, or whose label it contradicts",
+        )
 
     tui = commands.add_parser("tui", help="review answers one by one in the terminal")
     tui.add_argument("run_dir", type=Path)
@@ -56,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _filters(args: argparse.Namespace) -> Filters:
     return Filters(
-        invalid=args.invalid, mismatched=args.mismatched, categories=args.category, unreviewed=args.unreviewed
+        invalid=args.invalid,
+        mismatched=args.mismatched,
+        categories=args.category,
+        unreviewed=args.unreviewed,
+        judge=args.judge,
     )
 
 

@@ -1,4 +1,5 @@
-"""What a reviewer looks at: a run folder's final answers with their question, validation, score and label.
+"""What a reviewer looks at: a run folder's final answers with their question, validation, score and label,
+and the LLM judge's verdict when the run has a `judgements` table.
 
 Read straight from the run folder's Parquet tables with DuckDB, one item at a time, so a review of a large
 run never holds the whole run in memory (only the list of response ids to visit).
@@ -7,6 +8,7 @@ run never holds the whole run in memory (only the list of response ids to visit)
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,30 @@ from typing import Any
 from pipeline import duck, layout
 from pipeline.errors import UserError
 from pipeline.labels import all_labels, latest_sql
+from pipeline.tables import JUDGEMENTS, empty_sql
 
 REQUIRED = ("questions", "responses", "validations")  # the tables a review needs: the run got through validate
 ANSWER_COLUMNS = "response_id, content, reasoning_content, prompt_tokens, completion_tokens, cost_usd, latency_ms"
+# The judge's columns an item carries (null when the answer was not judged, or the run has no judge).
+JUDGE_SELECT = (
+    "j.status AS judge_status, j.verdict AS judge_verdict, j.passed AS judge_passed, j.score AS judge_score, "
+    "j.rationale AS judge_rationale, j.judge_model"
+)
+# --judge / the web's judge filter: name -> condition on an item. Every final answer is exactly one of
+# passed, failed and unjudged (no verdict: not judged, or the judge's call failed or broke its schema).
+JUDGE_FILTERS = {
+    "passed": "judge_passed",
+    "failed": "NOT judge_passed",
+    "unjudged": "judge_passed IS NULL",
+    "disagrees": "judge_passed IS NOT NULL AND is_correct IS NOT NULL AND judge_passed <> is_correct",
+}
+JUDGE_FILTER_NAMES = {  # how each reads in a list's description and the web's choices
+    "passed": "judge passed",
+    "failed": "judge failed",
+    "unjudged": "not judged",
+    "disagrees": "judge disagrees with the label",
+}
+RATIONALE_CHARS = 160  # a rationale shown short (the terminal review, the list's hover text)
 
 
 @dataclass
@@ -30,6 +53,7 @@ class Filters:
     unreviewed: bool = False  # only answers without a label
     labelled_by: str | None = None  # only answers whose latest label is this reviewer's
     search: str = ""  # only answers whose question or answer contains this text (case-insensitive)
+    judge: str | None = None  # only answers with this judge verdict: a JUDGE_FILTERS name
 
     def where(self) -> str:
         conditions = ["TRUE"]
@@ -47,6 +71,8 @@ class Filters:
         if self.search:
             text = duck.literal(self.search.lower())
             conditions.append(f"(contains(lower(question), {text}) OR contains(lower(coalesce(content, '')), {text}))")
+        if self.judge:
+            conditions.append(f"({JUDGE_FILTERS[self.judge]})")
         return " AND ".join(conditions)
 
     def describe(self) -> str:
@@ -65,6 +91,8 @@ class Filters:
             parts.append(f"labelled by {self.labelled_by}")
         if self.search:
             parts.append(f"containing {self.search!r}")
+        if self.judge:
+            parts.append(JUDGE_FILTER_NAMES[self.judge])
         return ", ".join(parts) or "all answers"
 
 
@@ -75,7 +103,8 @@ LOOKUP = "SELECT unnest(CAST($1 AS VARCHAR[])) AS response_id"
 class RunTables:
     """A run folder's tables as DuckDB views, for review."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, filters: Filters | None = None) -> None:
+        """Opens the tables; `filters` (the ones a command line gave) are checked against what the folder has."""
         self.run_dir = run_dir
         missing = [n for n in REQUIRED if not layout.table_path(run_dir, n).is_file()]
         if not run_dir.is_dir() or missing:
@@ -92,7 +121,23 @@ class RunTables:
         if layout.table_path(run_dir, "repairs").is_file():
             answers += f" UNION ALL SELECT {ANSWER_COLUMNS} FROM r_repairs"
         self.con.execute(f"CREATE VIEW r_answers AS {answers}")
+        judgements = layout.table_path(run_dir, "judgements")
+        self.has_judge = judgements.is_file()  # without it the tools show no judge column or filter
+        # The judge stage rewrites the table whole, one row per judged answer: it holds each answer's latest
+        # verdict. Should an answer ever have two rows, a verdict wins over a failed call (then a fixed order).
+        latest = (
+            f"SELECT * FROM read_parquet({duck.literal(judgements)}) QUALIFY row_number() OVER "
+            "(PARTITION BY response_id ORDER BY status = 'ok' DESC, judge_response_id) = 1"
+        )
+        self.con.execute(f"CREATE VIEW r_judgements AS {latest if self.has_judge else empty_sql(JUDGEMENTS)}")
         self.refresh_labels()
+        if filters is not None and filters.judge and not self.has_judge:
+            self.close()
+            raise UserError(
+                f"--judge {filters.judge}: {self.run_dir} has no judgements table; run the LLM judge first "
+                "(pipeline.stages=[ingest,generate,validate,judge,export], see the README's LLM judge) "
+                "or drop --judge"
+            )
 
     def refresh_labels(self) -> None:
         """Read the label log again (labels written elsewhere since)."""
@@ -107,11 +152,13 @@ class RunTables:
                 SELECT v.response_id, v.question_id, v.category, v.model_used, v.sample_index, v.round,
                        q.question, q.golden_answer, a.content, a.reasoning_content, v.is_valid, v.errors, v.parsed,
                        v.score, v.matches_golden, l.is_correct, l.reviewer, l.note, l.labeled_at,
-                       a.prompt_tokens, a.completion_tokens, a.cost_usd, a.latency_ms, v.root_response_id
+                       a.prompt_tokens, a.completion_tokens, a.cost_usd, a.latency_ms, v.root_response_id,
+                       {JUDGE_SELECT}
                 FROM r_validations v
                 JOIN r_questions q USING (question_id)
                 LEFT JOIN r_answers a USING (response_id)
                 LEFT JOIN r_labels l USING (response_id)
+                LEFT JOIN r_judgements j USING (response_id)
                 WHERE v.is_final {"AND v.response_id = $1" if one else ""}
             ) WHERE {filters.where()}
             ORDER BY question_id, sample_index, round, response_id
@@ -151,6 +198,23 @@ class RunTables:
 
 def errors_text(errors: Any) -> str:
     return "; ".join(f"{e['path']}: {e['message']}" for e in errors or [])
+
+
+def judge_text(item: dict[str, Any]) -> str:
+    """The judge's verdict on an item in a few words: `pass, score 0.9`, or why there is none."""
+    status = item.get("judge_status")
+    if status is None:
+        return "not judged"
+    if status != "ok":
+        why = "its reply broke the verdict schema" if status == "invalid" else "the judge's call failed"
+        return f"no verdict ({why})"
+    score = item["judge_score"]
+    return f"{item['judge_verdict']}" + ("" if score is None else f", score {score:g}")
+
+
+def short_rationale(item: dict[str, Any]) -> str:
+    """The judge's rationale on one line, cut to RATIONALE_CHARS."""
+    return textwrap.shorten(item.get("judge_rationale") or "", RATIONALE_CHARS, placeholder=" …")
 
 
 def pretty_answer(item: dict[str, Any]) -> str:

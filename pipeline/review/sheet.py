@@ -1,11 +1,11 @@
 """The review sheet: a CSV of answers for reviewers working elsewhere, and its import back as labels.
 
 The sheet has one row per final answer with what a reviewer needs (question, golden answer, answer,
-validation, score) and two columns to fill: `is_correct` (true/false, yes/no, 1/0, correct/incorrect; blank
-leaves the answer as it is; `clear` removes its label) and `note`. Import matches rows by `response_id`, checks
-the whole sheet first and writes nothing when a row names an unknown answer, has an unreadable value, or
-contradicts another row; a row that disagrees with another reviewer's current label is a conflict, reported
-and left alone unless `--overwrite`.
+validation, score; the LLM judge's status, verdict, score and rationale when the run has judgements) and two
+columns to fill: `is_correct` (true/false, yes/no, 1/0, correct/incorrect; blank leaves the answer as it is;
+`clear` removes its label) and `note`. Import matches rows by `response_id`, checks the whole sheet first and
+writes nothing when a row names an unknown answer, has an unreadable value, or contradicts another row; a row
+that disagrees with another reviewer's current label is a conflict, reported and left alone unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ COLUMNS = (
     "note",
     "labeled_by",
 )
+JUDGE_COLUMNS = ("judge_status", "judge_verdict", "judge_score", "judge_rationale")  # after matches_golden, when judged
 TRUE = {"true", "t", "yes", "y", "1", "correct"}
 FALSE = {"false", "f", "no", "n", "0", "incorrect"}
 CLEAR = {"clear", "null", "none", "unreviewed"}
@@ -53,14 +54,16 @@ def _cell(value: Any) -> Any:
 
 def export_sheet(run_dir: Path, out: Path, filters: Filters) -> int:
     """Write the sheet (UTF-8 with a BOM, so spreadsheet programs read it as UTF-8); returns its rows."""
-    tables = RunTables(run_dir)
+    tables = RunTables(run_dir, filters)
     rows = 0
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
+        at = COLUMNS.index("matches_golden") + 1
+        columns = (*COLUMNS[:at], *JUDGE_COLUMNS, *COLUMNS[at:]) if tables.has_judge else COLUMNS
         with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(COLUMNS)
+            writer.writerow(columns)
             for batch in tables.batches(filters):
                 for item in batch:
                     record = {
@@ -69,7 +72,7 @@ def export_sheet(run_dir: Path, out: Path, filters: Filters) -> int:
                         "errors": errors_text(item["errors"]),
                         "labeled_by": item["reviewer"],
                     }
-                    writer.writerow([_cell(record.get(c)) for c in COLUMNS])
+                    writer.writerow([_cell(record.get(c)) for c in columns])
                     rows += 1
         tmp.replace(out)
     finally:

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
-from pipeline.review.items import Filters, RunTables, pretty_answer
+from pipeline.review.items import Filters, RunTables, judge_text, pretty_answer, short_rationale
 
 KEYS = "[c] correct [i] incorrect [s] skip [b] back [g] go to [u] undo [n] note [q] quit"
 
@@ -79,7 +79,19 @@ def _label_text(value: bool | None) -> Text:
     return Text("correct", style="bold green") if value else Text("incorrect", style="bold red")
 
 
-def render(console: Console, session: Session, item: dict[str, Any], filters: Filters) -> None:
+def judge_line(item: dict[str, Any]) -> Text:
+    """The LLM judge's verdict and score, and its rationale cut short."""
+    passed = item["judge_passed"]
+    style = "dim" if passed is None else "bold green" if passed else "bold red"
+    line = Text.assemble(("judge ", "dim"), (judge_text(item), style))
+    if item["judge_model"]:
+        line.append(f" ({item['judge_model']})", style="dim")
+    if item["judge_rationale"]:
+        line.append(f": {short_rationale(item)}")
+    return line
+
+
+def render(console: Console, session: Session, item: dict[str, Any], filters: Filters, judged: bool = False) -> None:
     console.clear()
     total = len(session.ids)
     console.rule(Text(f"answer {session.index + 1}/{total}  ({filters.describe()})"))
@@ -111,7 +123,8 @@ def render(console: Console, session: Session, item: dict[str, Any], filters: Fi
     label = Text.assemble(("label ", "dim"), _label_text(value))
     if note:
         label.append(f"   note: {note}")
-    console.print(Group(validation, score, label))
+    lines = [validation, score, *([judge_line(item)] if judged else []), label]
+    console.print(Group(*lines))
     if session.message:
         console.print(Text(session.message, style="yellow"))
     console.print(Text(KEYS, style="bold"))
@@ -200,7 +213,7 @@ def review(run_dir: Path, reviewer: str, filters: Filters, console: Console | No
             "python -m pipeline.review sheet-export RUN_DIR, then sheet-import"
         )
     console = console or Console()
-    tables = RunTables(run_dir)
+    tables = RunTables(run_dir, filters)
     writer = LabelWriter(run_dir, source="tui")
     try:
         ids = tables.ids(filters)
@@ -214,7 +227,7 @@ def review(run_dir: Path, reviewer: str, filters: Filters, console: Console | No
         with cbreak(fd):
             try:
                 while session.index < len(ids):
-                    render(console, session, tables.item(ids[session.index]), filters)
+                    render(console, session, tables.item(ids[session.index]), filters, tables.has_judge)
                     session.message = ""
                     key = read_key(fd)
                     if key in ("c", "i", "x"):

@@ -29,8 +29,8 @@ from pipeline import layout
 from pipeline.config import STAGE_ORDER
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter
-from pipeline.review.items import pretty_answer
-from pipeline.review.web_data import PAGE_SIZE, SORTS, ReviewData, View, is_sweep_folder, leaderboard
+from pipeline.review.items import JUDGE_FILTER_NAMES, judge_text, pretty_answer, short_rationale
+from pipeline.review.web_data import PAGE_SIZE, ReviewData, View, is_sweep_folder, leaderboard
 from pipeline.review.web_json import render_json
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +50,7 @@ TEMPLATES = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+TEMPLATES.globals.update(judge_text=judge_text, short_rationale=short_rationale)  # worded as the terminal review
 SECURITY_HEADERS = {
     # Only this server's own files: no CDN, no inline script, no framing, no referrer carrying the token.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -127,7 +128,9 @@ async def list_view(request: web.Request) -> web.Response:
         first=(view.page - 1) * PAGE_SIZE + 1,
         categories=data.categories(),
         labellers=data.labellers(),
-        sorts=list(SORTS),
+        judged=data.judged,
+        judge_filters=JUDGE_FILTER_NAMES,
+        sorts=data.sorts(),
         keep=_query([p for p in keep if p[0] != "page"]),
         previous=_query(view.params(page=view.page - 1)) if view.page > 1 else None,
         next=_query(view.params(page=view.page + 1)) if view.page < pages else None,
@@ -159,6 +162,7 @@ async def answer_view(request: web.Request) -> web.Response:
         pretty=pretty_answer(item),
         chain=chain if len(chain) > 1 else [],
         labels=data.reviewers(response_id),
+        judged=data.judged,
         around=around,
         keep=keep,
         list_url="/" + keep,

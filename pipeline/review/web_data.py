@@ -16,7 +16,7 @@ from typing import Any
 from pipeline import duck, layout
 from pipeline.errors import UserError
 from pipeline.labels import all_labels
-from pipeline.review.items import Filters, RunTables
+from pipeline.review.items import JUDGE_FILTERS, Filters, RunTables
 
 PAGE_SIZE = 50
 KEY_ORDER = "question_id, sample_index, round, response_id"
@@ -27,10 +27,13 @@ SORTS = {  # name in the URL -> ORDER BY (the key order breaks ties, so every or
     "model": f"model_used NULLS LAST, {KEY_ORDER}",
     "labelled": f"labeled_at DESC NULLS LAST, {KEY_ORDER}",
     "cost": f"cost_usd DESC NULLS LAST, {KEY_ORDER}",
+    "judge": f"judge_score NULLS LAST, judge_passed NULLS LAST, {KEY_ORDER}",  # the judge's lowest scores first
 }
+JUDGE_SORTS = ("judge",)  # offered only for a run with judgements
 LIST_COLUMNS = (
     "response_id, question_id, category, model_used, sample_index, round, left(question, 160) AS question, "
-    "left(content, 160) AS content, is_valid, score, matches_golden, is_correct, reviewer, note"
+    "left(content, 160) AS content, is_valid, score, matches_golden, is_correct, reviewer, note, "
+    "judge_status, judge_verdict, judge_passed, judge_score, judge_model, judge_rationale"
 )
 
 
@@ -54,6 +57,7 @@ class View:
             unreviewed=flag("unreviewed"),
             labelled_by=query.get("labelled_by") or None,
             search=query.get("q", "").strip(),
+            judge=query.get("judge") if query.get("judge") in JUDGE_FILTERS else None,
         )
         sort = query.get("sort", "key")
         try:
@@ -67,7 +71,8 @@ class View:
         f = self.filters
         state: dict[str, Any] = {
             "invalid": f.invalid, "mismatched": f.mismatched, "unreviewed": f.unreviewed,
-            "labelled_by": f.labelled_by or "", "q": f.search, "sort": self.sort, "page": self.page,
+            "labelled_by": f.labelled_by or "", "q": f.search, "judge": f.judge or "", "sort": self.sort,
+            "page": self.page,
         }  # fmt: skip
         state.update(changes)
         pairs: list[tuple[str, str]] = [("category", c) for c in f.categories]
@@ -178,6 +183,14 @@ class ReviewData:
     def categories(self) -> list[str]:
         rows = self.con.execute("SELECT DISTINCT category FROM r_validations WHERE is_final ORDER BY 1").fetchall()
         return [str(r[0]) for r in rows if r[0] is not None]
+
+    @property
+    def judged(self) -> bool:
+        """The run has the LLM judge's judgements (else no judge column, filter or sort is shown)."""
+        return self.tables.has_judge
+
+    def sorts(self) -> list[str]:
+        return [s for s in SORTS if self.judged or s not in JUDGE_SORTS]
 
     def labellers(self) -> list[str]:
         self.refresh()
