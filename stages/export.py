@@ -70,8 +70,8 @@ def check_options(cfg: ExportConfig) -> dict[str, float]:
     if repeated:
         shown = ", ".join(cfg.formats)  # the text, not the Enums' reprs
         raise UserError(f"export.formats=[{shown}] names {', '.join(repeated)} twice: list each format once")
-    # config_check refuses a value outside the choices, but not one an interpolation gives (`${...}` is judged
-    # once resolved); the other keys here are Enums, which OmegaConf checks even then
+    # config_check refuses a value outside the choices, an interpolation's too, except one that resolves only inside
+    # the job (`${hydra:...}`); the other keys here are Enums, which OmegaConf checks even then
     if is_correct_rule(cfg) not in IS_CORRECT:
         raise UserError(f"export.is_correct={cfg.is_correct}: not one of {', '.join(IS_CORRECT)}")
     fractions = {name: float(getattr(cfg.split, name)) for name in SPLITS}  # config_check: each >= 0, sum 1

@@ -152,7 +152,7 @@ def build_scorer(cfg: ValidateConfig) -> tuple[str, Scorer | None]:
     spec = cfg.scorer
     if isinstance(spec, dict):
         return _user_function(spec)
-    if spec not in SCORERS:  # config_check leaves an interpolation (`${...}`) to be judged here, once resolved
+    if spec not in SCORERS:  # config_check cannot resolve an interpolation of `${hydra:...}`: judged here
         raise UserError(f"validate.scorer={spec}: not one of {', '.join(SCORERS)} or {{_target_: module.function}}")
     return str(spec), None if spec == "none" else _builtin(cfg, str(spec))
 

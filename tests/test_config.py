@@ -508,6 +508,28 @@ def test_every_key_with_choices_refuses_another_value_in_one_line(
             assert not str(exc).startswith(f"{key}="), f"a valid choice is refused: {exc}"
 
 
+def test_an_interpolation_outside_the_choices_is_refused_once_resolved(hydra_conf: None) -> None:
+    """Composing checks a StrEnum value only as given; an interpolation's value is judged by config_check once
+    resolved, where it resolves before the job, so it too is refused before any stage runs."""
+    from pipeline.config_check import check
+    from pipeline.errors import UserError
+
+    base = ["+experiment=math", "model=fake"]
+    for override, line in (
+        ("export.is_correct=${name}", "export.is_correct=${name} (math): not one of any, not_false, true"),
+        ("ingest.dedupe=${name}", "ingest.dedupe=${name} (math): not one of json_id, question, none"),
+    ):
+        with pytest.raises(UserError) as caught:
+            check(compose(config_name="config", overrides=[*base, override]))
+        assert str(caught.value) == line
+    for override in (
+        "ingest.dedupe=${export.dedupe}",  # none: a valid value once resolved
+        "export.is_correct=${oc.env:DISTILLERY_UNSET_IN_TESTS,true}",
+        "export.is_correct=${oc.env:DISTILLERY_UNSET_IN_TESTS}",  # not resolvable: left to the code that reads it
+    ):
+        check(compose(config_name="config", overrides=[*base, override]))
+
+
 def test_ranges_leave_null_and_interpolations_alone(hydra_conf: None) -> None:
     """None where the field is Optional means "no limit"; an interpolation is judged once resolved."""
     from pipeline.config_check import check
@@ -575,6 +597,7 @@ RANGE_MISTAKES = [
     # a key's choices, which the stages used to check again themselves
     ("ingest.dedupe=questions", "ingest.dedupe=questions: not one of json_id, question, none; did you mean question?"),
     ("export.is_correct=maybe", "export.is_correct=maybe: not one of any, not_false, true"),
+    ("ingest.dedupe=${name}", "ingest.dedupe=${name} (math): not one of json_id, question, none"),
     (
         "validate.scorer=numerc",
         "validate.scorer=numerc: not one of exact, normalized_text, numeric, json_field, none; did you mean numeric?",
