@@ -17,7 +17,7 @@ comment on each field below is its documentation. `python run.py model=NAME --cf
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -31,6 +31,11 @@ STAGE_ORDER = ("ingest", "generate", "repair", "validate", "judge", "export")
 def choices(*values: str) -> dict[str, tuple[str, ...]]:
     """Field metadata for a text key with a fixed set of values that cannot be an Enum (see the docstring)."""
     return {"choices": values}
+
+
+def choices_of(schema: type, name: str) -> tuple[str, ...]:
+    """The values a `choices` field takes, for the code that reads it (written once, in its metadata)."""
+    return next(tuple(f.metadata["choices"]) for f in fields(schema) if f.name == name)
 
 
 class StageName(StrEnum):

@@ -1,8 +1,9 @@
 """Every config mistake becomes one line before any stage runs: the key, the bad value, the closest valid keys.
 
 Two halves. `ConfigCheck`, a Hydra callback, checks what composing cannot: keys added with `+` that the
-schema does not declare (Hydra's `+` bypasses the schema's struct mode), text keys whose values are
-listed in their field's `choices` metadata, numbers outside their field's `min`/`max`/`above` metadata, and
+schema does not declare (Hydra's `+` bypasses the schema's struct mode), text values outside their field's
+`choices` metadata (and an interpolation's outside a StrEnum's values, which composing checks only when
+given as they are), numbers outside their field's `min`/`max`/`above` metadata, and
 values that cannot go together (`generate.workers=2` with `generate.executor=ray`). In a sweep it composes
 every job's config before the first job starts (and before the sweep folder exists), so a bad value in the
 last job fails as early as the first.
@@ -18,7 +19,7 @@ import difflib
 import re
 import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -36,6 +37,7 @@ from pipeline.exit_codes import USAGE
 HINT = "python run.py --cfg job lists every key"
 BOUNDS = {"min": "at least", "max": "at most", "above": "more than"}  # field metadata -> how the line says it
 METADATA_KEYS = frozenset({"choices", "min_items", *BOUNDS})  # every metadata key a schema field may carry
+Resolve = Callable[[str], Any]  # a dotted key -> its resolved value (None: not resolvable yet)
 _accepted = False  # set once the composed config (every job's, in a sweep) passed the checks
 
 
@@ -108,7 +110,7 @@ def _shown(value: Any) -> str:
 # -- what composing cannot catch -------------------------------------------------------------------------
 
 
-def _problems(node: Any, schema: type, prefix: str) -> Iterator[str]:
+def _problems(node: Any, schema: type, prefix: str, resolve: Resolve | None = None) -> Iterator[str]:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = _hints(schema)
     for key, value in node.items():
@@ -117,10 +119,12 @@ def _problems(node: Any, schema: type, prefix: str) -> Iterator[str]:
             near = did_you_mean(path, schema_keys(), HINT)
             yield f"{path}={_shown(value)}: no such key; {near}"
             continue
-        allowed = fields[key].metadata.get("choices")
-        if allowed and _outside(value, allowed):
-            near = did_you_mean(str(value), list(allowed), "")
-            yield f"{path}={_shown(value)}: not one of {', '.join(allowed)}" + (f"; {near}" if near else "")
+        allowed = fields[key].metadata.get("choices") or _enum_values(hints[key])
+        given = resolve(path) if resolve is not None and _interpolated(value) else value
+        if allowed and _outside(given, allowed):
+            near = did_you_mean(str(given), list(allowed), "")
+            shown = _shown(value) + (f" ({_shown(given)})" if given is not value else "")
+            yield f"{path}={shown}: not one of {', '.join(allowed)}" + (f"; {near}" if near else "")
         bounded = _out_of_bounds(value, fields[key].metadata, optional=type(None) in typing.get_args(hints[key]))
         if bounded:
             yield f"{path}={_shown(value)}: {bounded}"
@@ -128,19 +132,44 @@ def _problems(node: Any, schema: type, prefix: str) -> Iterator[str]:
         if inner is None:
             continue
         if isinstance(value, dict):
-            yield from _problems(value, inner, f"{path}.")
+            yield from _problems(value, inner, f"{path}.", resolve)
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, dict):
-                    yield from _problems(item, inner, f"{path}[{i}].")
+                    yield from _problems(item, inner, f"{path}[{i}].", resolve)
+
+
+def _enum_values(hint: Any) -> tuple[str, ...] | None:
+    """A StrEnum field's values: composing checks a value given as is, not one an interpolation gives."""
+    enum = next((a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and issubclass(a, Enum)), None)
+    return tuple(str(e.value) for e in enum) if enum is not None else None
+
+
+def _interpolated(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
 
 
 def _outside(value: Any, allowed: tuple[str, ...]) -> bool:
     """A text value not in `allowed` (any case: `export.is_correct=true` reaches us as "True"); an
-    interpolation is judged once resolved, by the stage; a dict (`validate.scorer`'s function form) is open."""
-    if not isinstance(value, str | bool) or (isinstance(value, str) and "${" in value):
+    interpolation that could not be resolved is judged by the code that reads it; a dict (`validate.scorer`'s
+    function form) is open."""
+    if not isinstance(value, str | bool) or _interpolated(value):
         return False
     return str(value).lower() not in allowed
+
+
+def _resolver(cfg: DictConfig) -> Resolve:
+    """The value at a dotted key once resolved, or None where it resolves only inside the job (`${hydra:...}`).
+    Resolved in an untyped copy, so that a StrEnum key gives its text rather than OmegaConf's own error."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+
+    def resolve(path: str) -> Any:
+        try:
+            return OmegaConf.select(plain, path)
+        except OmegaConfBaseException:
+            return None
+
+    return resolve
 
 
 def _number(value: Any) -> float | None:
@@ -181,12 +210,13 @@ def check_section(node: Any, schema: type, where: str) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Refuse keys the schema does not declare, text values outside their `choices` and numbers outside their
-    range (the first found), and values that cannot go together."""
+    """Refuse keys the schema does not declare, text values outside their `choices` (an interpolation's once
+    resolved, where it resolves before the job) and numbers outside their range (the first found), and values
+    that cannot go together."""
     tree = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(tree, dict)
     tree.pop("hydra", None)
-    for problem in _problems(tree, Config, ""):
+    for problem in _problems(tree, Config, "", _resolver(cfg)):
         raise UserError(problem)
     _check_batch_mode(tree)
     _check_ray(tree)

@@ -27,7 +27,7 @@ from jinja2.exceptions import TemplateError
 from pipeline import duck
 from pipeline.answers import extract_json
 from pipeline.card_hub import CARD_FILE
-from pipeline.config import Config, ExportConfig, as_plain
+from pipeline.config import Config, ExportConfig, as_plain, choices_of
 from pipeline.duck import literal
 from pipeline.errors import UserError
 from pipeline.prompts import compile_template
@@ -47,9 +47,7 @@ from stages.export_formats import (
 from stages.judge_figures import STEP as JUDGE_STEP
 from stages.judge_figures import judge_figures
 
-IS_CORRECT = ("any", "not_false", "true")
-DEDUPE = ("none", "answer", "question")
-REASONING = ("keep", "drop", "think")
+IS_CORRECT = choices_of(ExportConfig, "is_correct")
 SPLITS = ("train", "validation", "test")
 ANSWER_VARIABLES = ("content", "parsed", "reasoning", "answer")
 CONFIG_SECTIONS = ("name", "seed", "ingest", "model", "prompt", "generate", "repair", "validate", "export")
@@ -68,19 +66,14 @@ MATCH_ALWAYS = "matches its golden answer; answers without one dropped (export.r
 
 def check_options(cfg: ExportConfig) -> dict[str, float]:
     """Every option checked before any work; returns the splits in use with their fractions."""
-    unknown = [f for f in cfg.formats if f not in FORMATS]
-    if unknown:
-        raise UserError(f"export.formats={list(cfg.formats)}: use one or more of {', '.join(FORMATS)}")
     repeated = sorted({f for f in cfg.formats if list(cfg.formats).count(f) > 1})
     if repeated:
-        raise UserError(f"export.formats={list(cfg.formats)} names {', '.join(repeated)} twice: list each format once")
-    for key, value, allowed in (
-        ("is_correct", is_correct_rule(cfg), IS_CORRECT),
-        ("dedupe", cfg.dedupe, DEDUPE),
-        ("reasoning", cfg.reasoning, REASONING),
-    ):
-        if value not in allowed:
-            raise UserError(f"export.{key}={value!r}: use one of {', '.join(allowed)}")
+        shown = ", ".join(cfg.formats)  # the text, not the Enums' reprs
+        raise UserError(f"export.formats=[{shown}] names {', '.join(repeated)} twice: list each format once")
+    # config_check refuses a value outside the choices, an interpolation's too, except one that resolves only inside
+    # the job (`${hydra:...}`); the other keys here are Enums, which OmegaConf checks even then
+    if is_correct_rule(cfg) not in IS_CORRECT:
+        raise UserError(f"export.is_correct={cfg.is_correct}: not one of {', '.join(IS_CORRECT)}")
     fractions = {name: float(getattr(cfg.split, name)) for name in SPLITS}  # config_check: each >= 0, sum 1
     return {name: f for name, f in fractions.items() if f > 0}
 

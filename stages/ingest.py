@@ -40,8 +40,6 @@ from pipeline.tables import QUESTION_COLUMNS as OUTPUT
 from pipeline.tables import QUESTION_TARGETS as TARGETS
 
 RESERVED = ("question_id", "source", "source_row", "meta", ROW_DIGEST)  # set by ingest, never mapped
-DEDUPE = ("json_id", "question", "none")
-ON_DUPLICATE = ("error", "keep_first")
 MARK = "[ingest] "  # prefixes the errors our SQL raises with error(), to tell them from DuckDB's own
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NOT_FOUND = re.compile(r'Referenced column "([^"]+)" not found')
@@ -62,13 +60,6 @@ def _schema_problem(text: str) -> str | None:
     except SchemaError as exc:
         return exc.message
     return None
-
-
-def _check_options(cfg: IngestConfig) -> None:
-    if cfg.dedupe not in DEDUPE:
-        raise UserError(f"ingest.dedupe={cfg.dedupe!r}: use one of {', '.join(DEDUPE)}")
-    if cfg.on_duplicate not in ON_DUPLICATE:
-        raise UserError(f"ingest.on_duplicate={cfg.on_duplicate!r}: use one of {', '.join(ON_DUPLICATE)}")
 
 
 @dataclass
@@ -416,7 +407,6 @@ def _in_source_order(ctx: StageContext) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg.ingest
-    _check_options(cfg)
     source = ctx.source
     if source is None:
         raise RuntimeError("the ingest stage needs its source opened (Stage.needs_source)")

@@ -20,13 +20,13 @@ from typing import Any
 
 from pipeline import duck
 from pipeline.answers import Check, Validators, check_answer
-from pipeline.config import ValidateConfig
+from pipeline.config import ValidateConfig, choices_of
 from pipeline.errors import UserError
 from pipeline.stage_api import Stage, StageContext, StageResult
 from pipeline.tables import VALIDATIONS, answers_sql
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-SCORERS = ("exact", "normalized_text", "numeric", "json_field", "none")
+SCORERS = choices_of(ValidateConfig, "scorer")
 
 
 # -- scorers ---------------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ def build_scorer(cfg: ValidateConfig) -> tuple[str, Scorer | None]:
     spec = cfg.scorer
     if isinstance(spec, dict):
         return _user_function(spec)
-    if spec not in SCORERS:
-        raise UserError(f"validate.scorer={spec!r}: use one of {', '.join(SCORERS)} or {{_target_: module.function}}")
+    if spec not in SCORERS:  # config_check cannot resolve an interpolation of `${hydra:...}`: judged here
+        raise UserError(f"validate.scorer={spec}: not one of {', '.join(SCORERS)} or {{_target_: module.function}}")
     return str(spec), None if spec == "none" else _builtin(cfg, str(spec))
 
 

@@ -8,9 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import ModelConfig
-from pipeline.errors import UserError
-
-SERVED = ("fake", "llama_cpp")
 
 
 def with_identity(model: ModelConfig) -> ModelConfig:
@@ -44,7 +41,7 @@ def serving(model: ModelConfig, run_dir: Path) -> Iterator[ModelConfig]:
         )
         with FakeServer(settings) as server:
             yield replace(model, api_base=server.api_base)
-    elif model.serve == "llama_cpp":
+    else:  # llama_cpp, the other `Served` value (composing and `load_preset` refuse any other)
         from pipeline.llm.llama_server import serve_llama, weights_path
 
         local = model.local
@@ -57,5 +54,3 @@ def serving(model: ModelConfig, run_dir: Path) -> Iterator[ModelConfig]:
             log_path=run_dir / "llama_server.log",
         ) as api_base:
             yield replace(model, api_base=api_base)
-    else:
-        raise UserError(f"model.serve={model.serve!r}: use one of {', '.join(SERVED)} or null")

@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from pipeline.config import DocumentsOptions, IngestConfig
+from pipeline.config import IngestConfig
 from pipeline.errors import UserError
 from pipeline.sources.common import (
     OpenedSource,
@@ -34,7 +34,6 @@ from pipeline.sources.errors import ENCODING_HINT
 from pipeline.tokens import bundled_encoding
 
 BATCH_ROWS = 5_000
-UNITS = ("chars", "tokens")
 SCHEMA = pa.schema(
     [
         pa.field("document_id", pa.string()),
@@ -137,11 +136,6 @@ def _cl100k() -> Callable[[str], list[int]]:
     return starts
 
 
-def check_options(opts: DocumentsOptions) -> None:
-    if opts.unit not in UNITS:
-        raise UserError(f"ingest.documents.unit={opts.unit!r}: use one of {', '.join(UNITS)}")
-
-
 def _read(path: Path, name: str, encoding: str) -> str:
     data = path.read_bytes()
     try:
@@ -166,7 +160,6 @@ def read(con: duckdb.DuckDBPyConnection, cfg: IngestConfig) -> OpenedSource:
     """The files `ingest.path` names with one of `ingest.documents.extensions`, one row per chunk."""
     opts = cfg.documents
     files = resolve_files(cfg, tuple(e.lower() for e in opts.extensions))
-    check_options(opts)
     encoding = python_encoding(cfg.encoding)
     tokens = _cl100k() if opts.unit == "tokens" else None
     shown = display_names(files)
