@@ -222,6 +222,7 @@ def check(cfg: DictConfig) -> None:
     _check_ray(tree)
     _check_chunks(tree)
     _check_split(tree)
+    _check_formats(tree)
     _check_fake_faults(tree)
 
 
@@ -268,6 +269,16 @@ def _check_split(tree: dict[Any, Any]) -> None:
         return
     shown = ", ".join(f"{name}={f}" for name, f in fractions.items())
     raise UserError(f"export.split: {shown} must add up to 1")
+
+
+def _check_formats(tree: dict[Any, Any]) -> None:
+    """`export.formats`: each format once (each writes one file per split)."""
+    formats = [str(f) for f in (tree.get("export") or {}).get("formats") or []]
+    repeated = sorted({f for f in formats if formats.count(f) > 1})
+    if repeated:
+        raise UserError(
+            f"export.formats=[{', '.join(formats)}] names {', '.join(repeated)} twice: list each format once"
+        )
 
 
 def _check_fake_faults(tree: dict[Any, Any]) -> None:

@@ -66,10 +66,6 @@ MATCH_ALWAYS = "matches its golden answer; answers without one dropped (export.r
 
 def check_options(cfg: ExportConfig) -> dict[str, float]:
     """Every option checked before any work; returns the splits in use with their fractions."""
-    repeated = sorted({f for f in cfg.formats if list(cfg.formats).count(f) > 1})
-    if repeated:
-        shown = ", ".join(cfg.formats)  # the text, not the Enums' reprs
-        raise UserError(f"export.formats=[{shown}] names {', '.join(repeated)} twice: list each format once")
     # config_check refuses a value outside the choices, an interpolation's too, except one that resolves only inside
     # the job (`${hydra:...}`); the other keys here are Enums, which OmegaConf checks even then
     if is_correct_rule(cfg) not in IS_CORRECT:

@@ -567,6 +567,10 @@ def test_ranges_leave_null_and_interpolations_alone(hydra_conf: None) -> None:
             ["export.split.train=0.7", "export.split.test=0.2"],
             "export.split: train=0.7, validation=0.0, test=0.2 must add up to 1",
         ),
+        (
+            ["export.formats=[csv,openai_chat,csv]"],
+            "export.formats=[csv, openai_chat, csv] names csv twice: list each format once",
+        ),
     ],
 )
 def test_range_and_cross_field_lines(hydra_conf: None, overrides: list[str], line: str) -> None:

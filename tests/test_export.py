@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, RunResult, run_env, run_pipeline
 from test_validate import questions_table, responses_table, run_stage
 
-from pipeline.config import Config, ExportConfig, ExportFormat, FewShotExample, PromptConfig, SplitConfig
+from pipeline.config import Config, ExportConfig, FewShotExample, PromptConfig, SplitConfig
 from pipeline.errors import UserError
 from pipeline.labels import LabelWriter, open_label_view
 from stages import export, validate
@@ -468,10 +468,6 @@ def test_zero_selected_rows_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptu
     [
         # an interpolation's value, which config_check leaves to the stage (tests/test_config.py has the rest)
         (ExportConfig(is_correct="maybe"), "export.is_correct=maybe: not one of any, not_false, true"),
-        (
-            ExportConfig(formats=[ExportFormat.csv] * 2),
-            "export.formats=[csv, csv] names csv twice: list each format once",
-        ),
         (ExportConfig(student_template="{{ questoin }}"), "export.student_template uses questoin"),
         (ExportConfig(assistant_template="{{ parsed.answer }"), "export.assistant_template: template syntax error"),
     ],
