@@ -615,6 +615,7 @@ RANGE_MISTAKES = [
     ("validate.relative_tolerance=-0.1", "validate.relative_tolerance=-0.1: must be at least 0 (or null)"),
     ("repair.max_rounds=-1", "repair.max_rounds=-1: must be at least 0"),
     ("export.split.train=0.5", "export.split: train=0.5, validation=0.0, test=0.0 must add up to 1"),
+    ("export.formats=[alpaca,alpaca]", "export.formats=[alpaca, alpaca] names alpaca twice: list each format once"),
 ]
 
 

@@ -23,7 +23,6 @@ from test_validate import run_stage
 
 from pipeline.card_hub import hub_line, with_hub_id
 from pipeline.config import Config, ExportConfig, PromptConfig, SplitConfig
-from pipeline.errors import UserError
 from pipeline.hub_record import open_hub_view, read_repo_id, write_repo_id
 from pipeline.layout import HUB_RECORD
 from stages import export
@@ -119,12 +118,6 @@ def test_a_tabular_default_makes_the_other_tabular_formats_configs(tmp_path: Pat
     assert "Not configs, because `datasets` reads one file type per dataset: openai_chat, csv" in card.text
     loaded = load(run_dir / "export", tmp_path)
     assert loaded["train"][0] == metrics["exported"] == 7
-
-
-def test_a_format_named_twice_is_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"names alpaca twice: list each format once$"):
-        exported(tmp_path, ExportConfig(formats=["openai_chat", "alpaca", "alpaca"]))
-    assert not (tmp_path / "run" / "export").exists()
 
 
 def table_rows(text: str, first_header: str) -> list[str]:

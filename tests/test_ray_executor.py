@@ -220,4 +220,6 @@ def test_parallel_sweep_jobs_on_the_cluster_share_one_limit(cluster: LocalCluste
     print(f"\nray, 2 parallel sweep jobs: server {stats['by_status']}, {ok_rate:.2f} ok/s over {window:.1f}s")
     assert stats["by_status"].get("200", 0) == 2 * per_job
     assert stats["by_status"].get("429", 0) <= 1, stats
-    assert ok_rate >= 0.9 * rps, f"{ok_rate:.2f} ok/s = {ok_rate / rps:.2f} x the limit (want >= 0.9 x)"
+    # Not a speed target (bench/workers.py and bench/ray_executor.py measure those): a limit split instead of shared
+    # would halve the rate, which this still catches on a loaded machine (0.84 x was seen with other suites running).
+    assert ok_rate >= 0.75 * rps, f"{ok_rate:.2f} ok/s = {ok_rate / rps:.2f} x the limit (want >= 0.75 x)"

@@ -152,7 +152,7 @@ RATE_LIMIT_RPS = 20.0
 
 def check_shared_rate_limit(tmp_path: Path, label: str, *extra: str, max_429s: int = 2) -> None:
     """A server admitting 20 requests/s, told to the run (`extra` says how its calls run): at most `max_429s`
-    429s for the 120 calls, and at least 0.9 of the limit. Also the Ray executor's test (`test_ray_executor.py`)."""
+    429s for the 120 calls, and at least 0.75 of the limit. Also the Ray executor's test (`test_ray_executor.py`)."""
     rps = RATE_LIMIT_RPS
     with FakeServer(FakeServerConfig(latency_ms=20)) as server:
         server.configure(rate_limit_rps=rps, rate_limit_burst=2)
@@ -170,7 +170,9 @@ def check_shared_rate_limit(tmp_path: Path, label: str, *extra: str, max_429s: i
     print(f"\n[{label}]: server {stats['by_status']}, {ok_rate:.2f} ok/s over {window:.1f}s")
     assert stats["by_status"].get("200", 0) == QUESTIONS
     assert stats["by_status"].get("429", 0) <= max_429s, stats
-    assert ok_rate >= 0.9 * rps, f"{ok_rate:.2f} ok/s = {ok_rate / rps:.2f} x the limit (want >= 0.9 x)"
+    # Not a speed target (bench/workers.py and bench/ray_executor.py measure those): a limit split instead of shared
+    # would halve the rate, which this still catches on a loaded machine (0.84 x was seen with other suites running).
+    assert ok_rate >= 0.75 * rps, f"{ok_rate:.2f} ok/s = {ok_rate / rps:.2f} x the limit (want >= 0.75 x)"
 
 
 @pytest.mark.slow
