@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Mapping
 from typing import Any
 
 import duckdb
@@ -92,6 +92,11 @@ def ident(name: str) -> str:
 def literal_list(items: Iterable[PathText]) -> str:
     """A SQL list of string literals, e.g. the files a `read_parquet` scans."""
     return "[" + ", ".join(literal(item) for item in items) + "]"
+
+
+def json_columns(columns: Mapping[str, str]) -> str:
+    """`read_json`'s `columns` argument: each column's name and DuckDB type, so nothing is guessed from the data."""
+    return "{" + ", ".join(f"{literal(name)}: {literal(kind)}" for name, kind in columns.items()) + "}"
 
 
 def row_batches(

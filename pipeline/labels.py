@@ -23,7 +23,7 @@ import duckdb
 
 from pipeline import duck
 from pipeline.append_only import AppendOnlyFile
-from pipeline.duck import literal, literal_list
+from pipeline.duck import json_columns, literal_list
 from pipeline.layout import labels_folder
 from pipeline.tables import LABEL_COLUMNS, LABEL_VIEW, empty_sql
 
@@ -79,9 +79,9 @@ def all_labels(con: duckdb.DuckDBPyConnection, run_dir: Path) -> duckdb.DuckDBPy
     files = _files(run_dir)
     if not files:
         return con.sql(empty_sql(LABEL_COLUMNS))
-    spec = ", ".join(f"{literal(name)}: {literal(kind)}" for name, kind in LABEL_COLUMNS.items())
     return con.sql(
-        f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', columns={{{spec}}}, "
+        f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', "
+        f"columns={json_columns(LABEL_COLUMNS)}, "
         "ignore_errors=true) "
         "WHERE response_id IS NOT NULL AND created_at IS NOT NULL"
     )

@@ -153,11 +153,10 @@ class RowsToParquet:
         self._out.write(json.dumps(row, ensure_ascii=False, default=_not_json) + "\n")
 
     def _copy(self) -> int:
-        typed = "{" + ", ".join(f"{duck.literal(n)}: {duck.literal(t)}" for n, t in self._columns.items()) + "}"
         names = ", ".join(duck.ident(n) for n in self._columns)
         reader = (
             f"read_json({duck.literal(self._scratch)}, format = 'newline_delimited', auto_detect = false, "
-            f"columns = {typed}, maximum_object_size = {MAX_ROW_BYTES})"
+            f"columns = {duck.json_columns(self._columns)}, maximum_object_size = {MAX_ROW_BYTES})"
         )
         copied = self._con.execute(
             f"COPY (SELECT {names} FROM {reader}) TO {duck.literal(self._target)} (FORMAT parquet, COMPRESSION zstd)"

@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from pipeline.append_only import AppendOnlyFile
-from pipeline.duck import literal_list
+from pipeline.duck import json_columns, literal_list
 from pipeline.llm.records import JOURNAL_COLUMNS
 
 # Which of a unit's journal records settles it: an ok answer wins, then a final record, then the latest.
@@ -66,10 +66,9 @@ class ResultLog:
             pieces.append(f"SELECT {select} FROM read_parquet({literal_list(parts)})")
         journals = self.journal_files()
         if journals:
-            spec = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
             pieces.append(
                 f"SELECT {select} FROM read_json({literal_list(journals)}, format='newline_delimited', "
-                f"columns={{{spec}}}, ignore_errors=true, maximum_object_size=67108864)"
+                f"columns={json_columns(JOURNAL_COLUMNS)}, ignore_errors=true, maximum_object_size=67108864)"
             )
         if not pieces:
             empty = ", ".join(f"CAST(NULL AS {JOURNAL_COLUMNS[name]}) AS {name}" for name in wanted)
@@ -152,14 +151,14 @@ class ResultLog:
             files = self._finished_journals()
             if len(files) < min_files:
                 return 0
-            spec = ", ".join(f"'{name}': '{kind}'" for name, kind in JOURNAL_COLUMNS.items())
             part = (
                 self.folder
                 / f"part-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{len(self.part_files()):05d}.parquet"
             )
             tmp = part.with_name(f".{part.name}.tmp")
             con.sql(
-                f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', columns={{{spec}}}, "
+                f"SELECT * FROM read_json({literal_list(files)}, format='newline_delimited', "
+                f"columns={json_columns(JOURNAL_COLUMNS)}, "
                 "ignore_errors=true, maximum_object_size=67108864)"
             ).write_parquet(str(tmp), compression="zstd")
             os.replace(tmp, part)
